@@ -1,0 +1,109 @@
+"""The ``nnunet-rl`` command: one console script, nnU-Net-style flags, one sub-command per tool."""
+import argparse
+from pathlib import Path
+
+from nnunet_rl.errors import NnunetRLError
+
+
+def _env(args):
+    from nnunet_rl.discovery import install_startup_hook, shell_exports
+    if args.install_hook:
+        print(f"installed {install_startup_hook()}: nnU-Net in this environment now finds the nnunet_rl trainers")
+    else:
+        print(shell_exports())
+
+
+def _make_dataset(args):
+    from nnunet_rl.datasets.synthetic import make_dataset
+    folder = make_dataset(args.kind, args.id, dim=args.dim, cases=args.cases, size=args.size,
+                          rotate_aux=args.rotate_aux, seed=args.seed)
+    print(f"wrote {folder}")
+
+
+def _convert_mmwhs(args):
+    from nnunet_rl.datasets.mmwhs import convert_mmwhs
+    print(f"wrote {convert_mmwhs(Path(args.source), args.modality, args.id)}")
+
+
+def _plan(args):
+    from nnunet_rl.plans.planner import plan_rl
+    for path in plan_rl(args.dataset, args.c, plans_name=args.p, num_processes=args.np):
+        print(f"wrote the rl block into {path}")
+
+
+def _compare(args):
+    from nnunet_rl.compare import compare_trainers
+    out = compare_trainers(args.dataset, args.c, args.tr, folds=args.f, output_dir=args.o, plans=args.p)
+    print((Path(out) / "report.md").read_text())
+    print(f"report written to {out}")
+
+
+def _demo(args):
+    from nnunet_rl.demo import run_demo
+    run_demo(quick=args.quick, msd_folder=args.msd, device=args.device)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nnunet-rl", description="Reinforcement-learning tools for nnU-Net v2.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("env", help="print the environment nnU-Net needs to find the nnunet_rl trainers")
+    p.add_argument("--install-hook", action="store_true",
+                   help="write a .pth file into this Python environment so every nnU-Net command finds our "
+                        "trainers without exporting anything")
+    p.set_defaults(func=_env)
+
+    p = sub.add_parser("make-dataset", help="write a synthetic nnU-Net v2 raw dataset into $nnUNet_raw")
+    p.add_argument("--kind", choices=["multimodal", "imbalanced"], required=True)
+    p.add_argument("--id", type=int, required=True, help="dataset ID (the N in DatasetN_Name)")
+    p.add_argument("--dim", type=int, choices=[2, 3], default=3)
+    p.add_argument("--cases", type=int, default=None, help="number of training cases (default: kind-specific)")
+    p.add_argument("--size", type=int, default=None, help="edge length in voxels (default: kind-specific)")
+    p.add_argument("--rotate-aux", choices=["none", "fixed", "random"], default="none",
+                   help="multimodal only: turn the MRI channel by a cube rotation (one for all cases, or per case)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_make_dataset)
+
+    p = sub.add_parser("convert-mmwhs", help="convert an MM-WHS 2017 folder into an nnU-Net v2 raw dataset")
+    p.add_argument("source", help="folder with ct_train_1001_image.nii.gz / ct_train_1001_label.nii.gz ...")
+    p.add_argument("--modality", choices=["ct", "mr"], required=True)
+    p.add_argument("--id", type=int, required=True)
+    p.set_defaults(func=_convert_mmwhs)
+
+    p = sub.add_parser("plan", help="run nnU-Net planning where needed and write the rl block into the plans")
+    p.add_argument("dataset", help="dataset name or ID")
+    p.add_argument("-c", nargs="+", default=None, help="configurations (default: all in the plans)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("-np", type=int, default=1, help="processes for nnU-Net's preprocessing when it has to run")
+    p.set_defaults(func=_plan)
+
+    p = sub.add_parser("compare", help="compare trainers' nnU-Net validation predictions (Dice, IoU, HD95, ASD, "
+                                       "boundary IoU, Wilcoxon against the first trainer)")
+    p.add_argument("dataset", help="dataset name or ID")
+    p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
+    p.add_argument("-tr", nargs="+", required=True, help="trainers; the first is the reference (stock nnUNetTrainer)")
+    p.add_argument("-f", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="folds (default: 0 1 2 3 4)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("-o", default=None, help="output folder (default: $nnUNet_results/DATASET/comparison__CONFIG)")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("demo", help="synthetic (or MSD) dataset -> plan -> train stock and ours -> predict -> compare")
+    p.add_argument("--quick", action="store_true", help="tiny schedule for a smoke run (a few minutes on CPU)")
+    p.add_argument("--msd", default=None, help="an MSD task folder (e.g. Task04_Hippocampus) instead of synthetic data")
+    p.add_argument("-device", default=None, choices=["cuda", "cpu", "mps"],
+                   help="default: cuda when available, else cpu")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except NnunetRLError as e:
+        parser.exit(2, f"nnunet-rl {args.command}: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()
