@@ -1,0 +1,1 @@
+"""The plans' ``rl`` block: RL hyperparameters carried in nnU-Net plans, per configuration."""

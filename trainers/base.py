@@ -1,0 +1,86 @@
+"""What every nnunet_rl trainer shares: the plans' ``rl`` block, telemetry, and RL state in the checkpoint."""
+import os
+from contextlib import contextmanager
+from functools import cached_property
+from os.path import join
+from typing import Union
+from unittest import mock
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_rl.plans.rl_block import read_rl_block
+from nnunet_rl.telemetry import RLLocalLogger
+
+CHECKPOINT_KEY = "nnunet_rl"
+
+
+@contextmanager
+def extra_checkpoint_entries(entries: dict):
+    """Add ``entries`` to the dict nnU-Net's ``save_checkpoint`` passes to ``torch.save``, written atomically.
+
+    nnU-Net builds and writes its checkpoint dict in one method with no hook; intercepting the single
+    ``torch.save`` call keeps one write, one file and nnU-Net's own checkpoint layout. The file is written
+    next to its target and moved into place, so an interrupted save never leaves a truncated checkpoint.
+    """
+    save = torch.save
+
+    def save_with_entries(obj, filename, *args, **kwargs):
+        partial = f"{filename}.partial"
+        save({**obj, **entries}, partial, *args, **kwargs)
+        os.replace(partial, filename)
+
+    with mock.patch.object(torch, "save", save_with_entries):
+        yield
+
+
+class RLTrainerBase(nnUNetTrainer):
+    """Base of our trainers. Subclasses declare their state and telemetry; nnU-Net's loop does the rest.
+
+    - ``self.rl_block``: the configuration's ``rl`` block from the plans (derived when absent).
+    - ``register_telemetry(*keys)`` / ``log_telemetry(key, value)``: per-epoch scalars in nnU-Net's logger,
+      ``progress.png`` (extra panel) and W&B; keys not logged in an epoch get NaN.
+    - ``rl_state_dict()`` / ``load_rl_state_dict(state)``: saved inside nnU-Net's checkpoint under
+      ``"nnunet_rl"`` and restored by ``--c``.
+    """
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.logger.local_logger = RLLocalLogger(self.logger.local_logger.verbose)
+
+    @cached_property
+    def rl_block(self) -> dict:
+        gt_folder = join(self.preprocessed_dataset_folder_base, "gt_segmentations") \
+            if self.preprocessed_dataset_folder_base is not None else None
+        return read_rl_block(self.configuration_manager, self.dataset_json, gt_folder)
+
+    def register_telemetry(self, *keys: str) -> None:
+        for key in keys:
+            self.logger.local_logger.register(key)
+
+    def log_telemetry(self, key: str, value: float) -> None:
+        self.logger.log(key, float(value), self.current_epoch)
+
+    def rl_state_dict(self) -> dict:
+        """State of the RL components that nnU-Net's checkpoint does not hold already."""
+        return {}
+
+    def load_rl_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`rl_state_dict` returned."""
+
+    def on_epoch_end(self):
+        self.logger.local_logger.fill_missing(self.current_epoch)
+        super().on_epoch_end()
+
+    def save_checkpoint(self, filename: str) -> None:
+        with extra_checkpoint_entries({CHECKPOINT_KEY: self.rl_state_dict()}):
+            super().save_checkpoint(filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
+        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
+            torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+        super().load_checkpoint(checkpoint)
+        if CHECKPOINT_KEY not in checkpoint:
+            self.print_to_log_file("WARNING: the checkpoint holds no nnunet_rl state; RL components start afresh")
+        self.load_rl_state_dict(checkpoint.get(CHECKPOINT_KEY, {}))

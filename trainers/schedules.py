@@ -1,0 +1,51 @@
+"""Short-schedule variants, the nnU-Net way (``nnUNetTrainer_5epochs``), for tests, the demo and benchmarks.
+
+nnU-Net's own ``_Nepochs`` variants keep 250 iterations per epoch: minutes per epoch on a CPU. These also
+shorten the epoch and write ``checkpoint_latest.pth`` after every epoch so an interrupted run resumes
+with ``--c`` from where it stopped. Name: ``<trainer>_<epochs>epochs_<iterations>iters``.
+"""
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_rl.trainers.pam import nnUNetTrainerPAM
+
+
+class ShortSchedule:
+    """Mixin (first base) setting epochs, iterations per epoch and validation iterations from class attributes."""
+    epochs: int
+    iterations: int
+    val_iterations: int = 2
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = self.epochs
+        self.num_iterations_per_epoch = self.iterations
+        self.num_val_iterations_per_epoch = self.val_iterations
+        self.save_every = 1
+
+
+class Smoke(ShortSchedule):
+    """Seconds per epoch on a CPU: tests and ``nnunet-rl demo --quick``."""
+    epochs, iterations = 3, 2
+
+
+class Demo(ShortSchedule):
+    """A few minutes per trainer on a CPU: ``nnunet-rl demo``."""
+    epochs, iterations, val_iterations = 10, 20, 5
+
+
+class nnUNetTrainer_3epochs_2iters(Smoke, nnUNetTrainer):
+    pass
+
+
+class nnUNetTrainer_10epochs_20iters(Demo, nnUNetTrainer):
+    pass
+
+
+class nnUNetTrainerPAM_3epochs_2iters(Smoke, nnUNetTrainerPAM):
+    pass
+
+
+class nnUNetTrainerPAM_10epochs_20iters(Demo, nnUNetTrainerPAM):
+    pass
