@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-tr", nargs="+", required=True, help="trainers; the first is the reference (stock nnUNetTrainer)")
     p.add_argument("-f", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="folds (default: 0 1 2 3 4)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
-    p.add_argument("-o", default=None, help="output folder (default: $nnUNet_results/DATASET/comparison__CONFIG)")
+    p.add_argument("-o", default=None, help="output folder (default: $nnUNet_results/DATASET/comparison__PLANS__CONFIG)")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("demo", help="synthetic (or MSD) dataset -> plan -> train stock and ours -> predict -> compare")
