@@ -34,6 +34,17 @@ def extra_checkpoint_entries(entries: dict):
         yield
 
 
+@contextmanager
+def checkpoint_already_loaded(checkpoint: dict):
+    """Hand ``checkpoint`` to nnU-Net's ``load_checkpoint`` in place of its own ``torch.load``.
+
+    The file is read once, by us, for nnU-Net's entries and ours alike. It also lets a checkpoint dict be
+    passed, which nnU-Net 2.8's ``load_checkpoint`` accepts in its signature but fails on.
+    """
+    with mock.patch.object(torch, "load", lambda *args, **kwargs: checkpoint):
+        yield
+
+
 class RLTrainerBase(nnUNetTrainer):
     """Base of our trainers. Subclasses declare their state and telemetry; nnU-Net's loop does the rest.
 
@@ -80,7 +91,8 @@ class RLTrainerBase(nnUNetTrainer):
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
         checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
             torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
-        super().load_checkpoint(checkpoint)
+        with checkpoint_already_loaded(checkpoint):
+            super().load_checkpoint(filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "<dict>")
         if CHECKPOINT_KEY not in checkpoint:
             self.print_to_log_file("WARNING: the checkpoint holds no nnunet_rl state; RL components start afresh")
         self.load_rl_state_dict(checkpoint.get(CHECKPOINT_KEY, {}))

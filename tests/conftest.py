@@ -1,0 +1,37 @@
+"""Shared fixtures: nnU-Net folders in a temporary directory and one tiny planned dataset per session."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("nnUNet_compile", "f")
+os.environ.setdefault("nnUNet_n_proc_DA", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+PLANNED_DATASET_ID = 951
+
+
+def set_nnunet_folders(base: Path) -> dict[str, str]:
+    """Point nnU-Net's three folder variables at subfolders of ``base`` (in this process); returns them."""
+    folders = {name: str(base / name) for name in NNUNET_FOLDERS}
+    for name, folder in folders.items():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        os.environ[name] = folder
+    return folders
+
+
+@pytest.fixture(scope="session")
+def planned_dataset(tmp_path_factory) -> str:
+    """A 6-case 32^3 two-channel synthetic dataset, planned and preprocessed for 2d and 3d_fullres.
+
+    The nnU-Net folder variables stay set for the session (nnU-Net reads them at call time).
+    """
+    from nnunet_rl.datasets.synthetic import make_dataset
+    from nnunet_rl.plans.planner import plan_rl
+
+    set_nnunet_folders(tmp_path_factory.mktemp("nnunet"))
+    folder = make_dataset("multimodal", PLANNED_DATASET_ID, cases=6, size=32)
+    plan_rl(folder.name, ["2d", "3d_fullres"])
+    return folder.name

@@ -1,0 +1,65 @@
+"""nnU-Net's own resolver finds every trainer we ship, in a fresh process, as the one class of ours."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from nnunet_rl import discovery, trainers
+
+RESOLVE_ALL = """
+import pickle, sys
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+import nnunet_rl.trainers as ours
+for name in sys.argv[1:]:
+    found = recursive_find_trainer_class_by_name(name)
+    assert found is getattr(ours, name), (found, found.__module__)
+    assert found.__module__.startswith("nnunet_rl.trainers."), found.__module__
+    assert pickle.loads(pickle.dumps(found)) is found
+print("resolved", len(sys.argv) - 1)
+"""
+
+
+def clean_environment(**extra) -> dict:
+    """Only PATH and HOME: no nnU-Net or nnunet_rl variables from this shell."""
+    return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **extra}
+
+
+def resolve_all_in_subprocess(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", RESOLVE_ALL, *trainers.__all__], env=env, capture_output=True,
+                          text=True, cwd="/")
+
+
+def test_env_export_makes_nnunet_find_every_trainer():
+    variable = discovery.ext_trainer_value(None)
+    result = resolve_all_in_subprocess(clean_environment(nnUNet_extTrainer=variable))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"resolved {len(trainers.__all__)}" in result.stdout
+
+
+def test_startup_hook_makes_discovery_automatic():
+    hook = discovery.Path(discovery.sysconfig.get_paths()["purelib"]) / discovery.STARTUP_HOOK_NAME
+    if not hook.is_file():
+        pytest.skip("the .pth hook is not installed in this environment (`make` / `nnunet-rl env --install-hook`)")
+    result = resolve_all_in_subprocess(clean_environment())
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_ext_trainer_value_keeps_user_folders_and_adds_ours_once():
+    value = discovery.ext_trainer_value(f"/my/trainers{os.pathsep}/other")
+    assert value.split(os.pathsep) == ["/my/trainers", "/other", str(discovery.EXT_TRAINER_FOLDER)]
+    assert discovery.ext_trainer_value(value) == value
+
+
+def test_shell_exports_print_the_export_line(monkeypatch):
+    monkeypatch.delenv("nnUNet_extTrainer", raising=False)
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    text = discovery.shell_exports()
+    assert f'export nnUNet_extTrainer="{discovery.EXT_TRAINER_FOLDER}"' in text
+    assert "nnUNet_raw is unset" in text
+
+
+def test_ext_trainer_folder_holds_only_the_thin_module():
+    modules = sorted(p.name for p in discovery.EXT_TRAINER_FOLDER.iterdir() if p.suffix == ".py")
+    assert modules == ["__init__.py", "nnunet_rl_trainers.py"]
+    assert all(not name.startswith("nnUNetTrainer") or name in trainers.__all__ for name in dir(trainers))

@@ -1,0 +1,164 @@
+"""The shared trainer plumbing: the plans' rl block, telemetry in nnU-Net's logger, RL state in checkpoints."""
+import math
+import os
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+
+from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.plans.rl_block import channel_split, label_fractions, read_rl_block
+from nnunet_rl.telemetry import RLLocalLogger
+from nnunet_rl.trainers.base import CHECKPOINT_KEY, RLTrainerBase
+
+
+class CountingTrainer(RLTrainerBase):
+    """A trainer with RL-like state: a tensor, an optimiser of its own and a plain counter."""
+
+    def initialize(self):
+        super().initialize()
+        self.agent = torch.nn.Linear(3, 2)
+        self.agent_optimizer = torch.optim.Adam(self.agent.parameters(), lr=1e-3)
+        self.updates = 0
+        self.register_telemetry("agent/reward")
+
+    def rl_state_dict(self) -> dict:
+        return {"agent": self.agent.state_dict(), "agent_optimizer": self.agent_optimizer.state_dict(),
+                "updates": self.updates}
+
+    def load_rl_state_dict(self, state: dict) -> None:
+        self.agent.load_state_dict(state["agent"])
+        self.agent_optimizer.load_state_dict(state["agent_optimizer"])
+        self.updates = state["updates"]
+
+
+def make_trainer(dataset: str, trainer_class=CountingTrainer, configuration="3d_fullres", plans_name="nnUNetPlans"):
+    folder = os.path.join(os.environ["nnUNet_preprocessed"], dataset)
+    plans = load_json(os.path.join(folder, f"{plans_name}.json"))
+    plans["continue_training"] = False
+    return trainer_class(plans, configuration, 0, load_json(os.path.join(folder, "dataset.json")),
+                         torch.device("cpu"))
+
+
+def test_rl_state_round_trips_through_nnunet_checkpoint(planned_dataset, tmp_path):
+    trainer = make_trainer(planned_dataset)
+    trainer.initialize()
+    torch.nn.init.constant_(trainer.agent.weight, 0.25)
+    trainer.agent(torch.ones(1, 3)).sum().backward()
+    trainer.agent_optimizer.step()
+    trainer.updates = 7
+    checkpoint_file = str(tmp_path / "checkpoint_latest.pth")
+    trainer.save_checkpoint(checkpoint_file)
+
+    saved = torch.load(checkpoint_file, weights_only=False)
+    assert saved[CHECKPOINT_KEY]["updates"] == 7 and saved["trainer_name"] == "CountingTrainer"
+    assert not (tmp_path / "checkpoint_latest.pth.partial").exists()
+
+    resumed = make_trainer(planned_dataset)
+    resumed.load_checkpoint(checkpoint_file)
+    assert resumed.updates == 7
+    torch.testing.assert_close(resumed.agent.weight, trainer.agent.weight)
+    assert resumed.agent_optimizer.state_dict()["state"][0]["step"] == 1
+
+
+def test_checkpoint_without_rl_state_loads_and_says_so(planned_dataset, tmp_path):
+    trainer = make_trainer(planned_dataset, RLTrainerBase)
+    trainer.initialize()
+    file = str(tmp_path / "checkpoint.pth")
+    trainer.save_checkpoint(file)
+    checkpoint = torch.load(file, weights_only=False)
+    del checkpoint[CHECKPOINT_KEY]
+    fresh = make_trainer(planned_dataset, RLTrainerBase)
+    fresh.load_checkpoint(checkpoint)  # a dict, which nnU-Net's own load_checkpoint cannot take
+    assert fresh.current_epoch == 1
+    with open(fresh.log_file) as log:
+        assert "holds no nnunet_rl state" in log.read()
+
+
+def test_telemetry_reaches_the_log_and_the_progress_plot(planned_dataset, tmp_path):
+    trainer = make_trainer(planned_dataset)
+    trainer.initialize()
+    logger = trainer.logger
+    for epoch in range(2):
+        trainer.current_epoch = epoch
+        for key in ("mean_fg_dice", "train_losses", "val_losses", "lrs", "epoch_start_timestamps"):
+            logger.log(key, 0.5, epoch)
+        logger.log("dice_per_class_or_region", [0.5], epoch)
+        if epoch == 0:
+            trainer.log_telemetry("agent/reward", 1.5)
+        logger.log("epoch_end_timestamps", 1.0, epoch)
+        logger.local_logger.fill_missing(epoch)
+    values = logger.get_value("agent/reward", step=None)
+    assert values[0] == 1.5 and math.isnan(values[1])
+
+    RLLocalLogger.plot_progress_png(logger.local_logger, str(tmp_path))
+    with_panel = plt.imread(str(tmp_path / "progress.png")).shape
+    plain = RLLocalLogger()
+    plain.load_checkpoint(logger.get_checkpoint())
+    plain.extra_keys = []
+    plain.plot_progress_png(str(tmp_path))
+    assert with_panel[0] > plt.imread(str(tmp_path / "progress.png")).shape[0]
+
+
+def test_logger_checkpoint_without_extra_keys_is_padded():
+    logger = RLLocalLogger()
+    logger.register("agent/reward")
+    stock = RLLocalLogger().get_checkpoint()
+    stock = {k: [1.0, 2.0] for k in stock}
+    logger.load_checkpoint(stock)
+    assert len(logger.get_value("agent/reward", None)) == 2
+
+
+def test_rl_block_is_read_from_plans_and_derived_when_absent(planned_dataset):
+    trainer = make_trainer(planned_dataset)
+    planned = trainer.configuration_manager.configuration["rl"]
+    assert trainer.rl_block == planned
+    assert planned["dataset"]["primary_channels"] == ["CT"]
+    assert planned["dataset"]["auxiliary_channels"] == ["MRI"]
+    del trainer.configuration_manager.configuration["rl"]
+    gt = os.path.join(os.environ["nnUNet_preprocessed"], planned_dataset, "gt_segmentations")
+    assert read_rl_block(trainer.configuration_manager, trainer.dataset_json, gt) == planned
+
+
+def test_rl_block_of_another_version_is_refused(planned_dataset):
+    trainer = make_trainer(planned_dataset)
+    trainer.configuration_manager.configuration["rl"]["version"] = 99
+    with pytest.raises(NnunetRLError, match="version 99"):
+        _ = trainer.rl_block
+
+
+def test_channel_split_by_name():
+    channels = {"0": "T2", "1": "ADC", "2": "DWI"}
+    assert channel_split(channels) == {"primary_channels": ["T2"], "auxiliary_channels": ["ADC", "DWI"]}
+    assert channel_split(channels, ["T2"]) == {"primary_channels": ["ADC", "DWI"], "auxiliary_channels": ["T2"]}
+    with pytest.raises(NnunetRLError, match="FLAIR"):
+        channel_split(channels, ["FLAIR"])
+
+
+def test_label_fractions_are_mean_voxel_fractions(tmp_path):
+    from nnunet_rl.datasets.common import write_image
+    first, second = np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8)
+    first[0] = 1                      # 1/4 of the voxels
+    second[:2] = 1
+    second[0, 0, 0] = 2               # 1/2 - 1/64 and 1/64
+    write_image(first, tmp_path / "a.nii.gz", (1, 1, 1))
+    write_image(second, tmp_path / "b.nii.gz", (1, 1, 1))
+    dataset_json = {"labels": {"background": 0, "organ": 1, "lesion": 2}, "file_ending": ".nii.gz"}
+    fractions = label_fractions(tmp_path, dataset_json)
+    assert fractions == pytest.approx({"organ": (0.25 + 0.5 - 1 / 64) / 2, "lesion": 1 / 128})
+
+
+def test_plan_writes_the_block_into_each_configuration(planned_dataset):
+    plans = load_json(os.path.join(os.environ["nnUNet_preprocessed"], planned_dataset, "nnUNetPlans.json"))
+    assert {"2d", "3d_fullres"} <= {c for c, v in plans["configurations"].items() if "rl" in v}
+    fractions = plans["configurations"]["3d_fullres"]["rl"]["dataset"]["label_fractions"]
+    assert set(fractions) == {"LV", "RV", "LA", "RA", "myocardium", "aorta", "pulmonary_artery"}
+    assert all(0 < f < 0.5 for f in fractions.values())
+
+
+def test_plan_refuses_unknown_configuration(planned_dataset):
+    from nnunet_rl.plans.planner import plan_rl
+    with pytest.raises(NnunetRLError, match="3d_huge"):
+        plan_rl(planned_dataset, ["3d_huge"])
