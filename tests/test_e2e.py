@@ -1,0 +1,129 @@
+"""End to end through the real commands a user types: make-dataset -> plan -> nnUNetv2_train (killed and
+resumed with --c) -> nnUNetv2_predict -> nnunet-rl compare; and the demo on real MSD Hippocampus data."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import NNUNET_FOLDERS, SHARED
+
+pytestmark = pytest.mark.e2e
+
+BIN = Path(sys.executable).parent
+DATASET_ID = "961"
+CONFIGURATION = "3d_fullres"
+STOCK = "nnUNetTrainer_3epochs_2iters"
+OURS = "nnUNetTrainerPAM_3epochs_2iters"
+HIPPOCAMPUS = SHARED / "data" / "Task04_Hippocampus"
+
+
+def user_environment(base: Path) -> dict:
+    """A user's shell: nnU-Net's folders exported, CPU settings; discovery comes from the installed hook or the
+    export `nnunet-rl env` prints."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
+    env.update({name: str(base / name) for name in NNUNET_FOLDERS})
+    env.update(nnUNet_compile="f", nnUNet_n_proc_DA="1")
+    exports = subprocess.run([BIN / "nnunet-rl", "env"], env=env, capture_output=True, text=True, check=True).stdout
+    env["nnUNet_extTrainer"] = exports.split('nnUNet_extTrainer="')[1].split('"')[0]
+    return env
+
+
+def cli(*command, env) -> str:
+    result = subprocess.run([str(BIN / command[0]), *command[1:]], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def fold_folder(env: dict, trainer: str) -> Path:
+    dataset = next(Path(env["nnUNet_results"]).glob(f"Dataset{DATASET_ID}_*"))
+    return dataset / f"{trainer}__nnUNetPlans__{CONFIGURATION}" / "fold_0"
+
+
+def train_until_second_epoch_then_kill(env: dict, trainer: str) -> None:
+    """Start nnUNetv2_train, wait until epoch 1 has started (epoch 0's checkpoint is written), kill -9 it."""
+    process = subprocess.Popen([str(BIN / "nnUNetv2_train"), DATASET_ID, CONFIGURATION, "0", "-tr", trainer,
+                                "-device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and process.poll() is None:
+            logs = list(fold_folder(env, trainer).glob("training_log_*.txt")) if _results_exist(env) else []
+            if logs and re.search(r": Epoch 1\s", logs[0].read_text()):
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "training ended before it could be interrupted"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _results_exist(env: dict) -> bool:
+    return any(Path(env["nnUNet_results"]).glob(f"Dataset{DATASET_ID}_*"))
+
+
+def test_pam_trains_resumes_predicts_and_compares(tmp_path):
+    env = user_environment(tmp_path)
+    cli("nnunet-rl", "make-dataset", "--kind", "multimodal", "--id", DATASET_ID, "--cases", "6", "--size", "32",
+        env=env)
+    cli("nnunet-rl", "plan", DATASET_ID, "-c", CONFIGURATION, env=env)
+
+    train_until_second_epoch_then_kill(env, OURS)
+    interrupted = torch.load(fold_folder(env, OURS) / "checkpoint_latest.pth", weights_only=False)
+    assert interrupted["current_epoch"] >= 1 and "nnunet_rl" in interrupted
+    assert not (fold_folder(env, OURS) / "checkpoint_final.pth").exists()
+
+    cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", OURS, "-device", "cpu", "--c", env=env)
+    final = torch.load(fold_folder(env, OURS) / "checkpoint_final.pth", weights_only=False)
+    assert final["current_epoch"] == 3 and final["trainer_name"] == OURS
+    assert len(final["logging"]["train_losses"]) == 3
+    resumed_logs = list(fold_folder(env, OURS).glob("training_log_*.txt"))
+    assert len(resumed_logs) == 2  # one per process: the interrupted run and the resumed one
+
+    cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", STOCK, "-device", "cpu", env=env)
+
+    raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*"))
+    predictions = tmp_path / "predictions"
+    cli("nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(predictions), "-d", DATASET_ID, "-c",
+        CONFIGURATION, "-tr", OURS, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", env=env)
+    assert sorted(p.name for p in predictions.glob("*.nii.gz")) == sorted(p.name for p in
+                                                                        (raw / "labelsTs").glob("*.nii.gz"))
+
+    report = tmp_path / "report"
+    out = cli("nnunet-rl", "compare", DATASET_ID, "-c", CONFIGURATION, "-tr", STOCK, OURS, "-f", "0", "-o",
+              str(report), env=env)
+    assert "Wilcoxon" in out
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["trainers"] == [STOCK, OURS]
+    assert len(summary["cases"]) == 2  # fold 0's validation cases of 6 training cases
+    for name in ("report.md", "metrics.csv", "summary.json", "boxplot_Dice.png"):
+        assert (report / name).is_file(), name
+
+
+@pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason=f"real MSD data not found at {HIPPOCAMPUS} (../shared)")
+def test_demo_quick_on_msd_hippocampus(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
+    result = subprocess.run([str(BIN / "nnunet-rl"), "demo", "--quick", "--msd", str(HIPPOCAMPUS), "-device",
+                             "cpu"], env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "nnU-Net's folder variables are unset" in result.stdout
+    report = next((tmp_path / "nnunet_rl_data" / "results").glob("Dataset900_*/demo/comparison"))
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["trainers"] == ["nnUNetTrainer_3epochs_2iters", "nnUNetTrainerPAM_3epochs_2iters"]
+    assert summary["classes"] == {"1": "Anterior", "2": "Posterior"}
+    assert len(summary["cases"]) == 12  # the held-out fifth of 60 cases, predicted with nnUNetv2_predict
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_demo_quick_on_gpu(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
+    result = subprocess.run([str(BIN / "nnunet-rl"), "demo", "--quick", "-device", "cuda"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
