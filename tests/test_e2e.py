@@ -49,7 +49,7 @@ def fold_folder(env: dict, trainer: str) -> Path:
 def train_until_second_epoch_then_kill(env: dict, trainer: str) -> None:
     """Start nnUNetv2_train, wait until epoch 1 has started (epoch 0's checkpoint is written), kill -9 it."""
     process = subprocess.Popen([str(BIN / "nnUNetv2_train"), DATASET_ID, CONFIGURATION, "0", "-tr", trainer,
-                                "-device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                "-device", "cpu", "--npz"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.time() + 600
     try:
@@ -79,14 +79,14 @@ def test_pam_trains_resumes_predicts_and_compares(tmp_path):
     assert interrupted["current_epoch"] >= 1 and "nnunet_rl" in interrupted
     assert not (fold_folder(env, OURS) / "checkpoint_final.pth").exists()
 
-    cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", OURS, "-device", "cpu", "--c", env=env)
+    cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", OURS, "-device", "cpu", "--npz", "--c", env=env)
     final = torch.load(fold_folder(env, OURS) / "checkpoint_final.pth", weights_only=False)
     assert final["current_epoch"] == 3 and final["trainer_name"] == OURS
     assert len(final["logging"]["train_losses"]) == 3
     resumed_logs = list(fold_folder(env, OURS).glob("training_log_*.txt"))
     assert len(resumed_logs) == 2  # one per process: the interrupted run and the resumed one
 
-    cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", STOCK, "-device", "cpu", env=env)
+    cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", STOCK, "-device", "cpu", "--npz", env=env)
 
     raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*"))
     predictions = tmp_path / "predictions"
@@ -104,6 +104,14 @@ def test_pam_trains_resumes_predicts_and_compares(tmp_path):
     assert len(summary["cases"]) == 2  # fold 0's validation cases of 6 training cases
     for name in ("report.md", "metrics.csv", "summary.json", "boxplot_Dice.png"):
         assert (report / name).is_file(), name
+
+    # nnU-Net's model selection ensembles the two trainers' cross-validation probabilities (nnUNetv2_ensemble)
+    cli("nnUNetv2_find_best_configuration", DATASET_ID, "-c", CONFIGURATION, "-tr", STOCK, OURS, "-f", "0",
+        "-np", "1", env=env)
+    dataset_results = fold_folder(env, OURS).parents[1]
+    best = json.loads((dataset_results / "inference_information.json").read_text())
+    assert best["best_model_or_ensemble"]["selected_model_or_models"]
+    assert {m["trainer"] for m in best["best_model_or_ensemble"]["selected_model_or_models"]} <= {STOCK, OURS}
 
 
 @pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason=f"real MSD data not found at {HIPPOCAMPUS} (../shared)")
