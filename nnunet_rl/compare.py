@@ -6,7 +6,6 @@ Written into the output folder: metrics.csv, summary.json, report.md and boxplot
 """
 import csv
 import json
-import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -16,10 +15,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
 from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 from scipy.stats import wilcoxon
 
 from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.nnunet_folders import dataset_name as nnunet_dataset_name, require_nnunet_folders
 from nnunet_rl.metrics import DEFAULT_BOUNDARY_DISTANCE_MM, METRICS, case_metrics
 
 HIGHER_IS_BETTER = {"Dice": True, "IoU": True, "HD95": False, "ASD": False, "BoundaryIoU": True}
@@ -36,8 +35,8 @@ def compare_trainers(dataset: Union[int, str], configuration: str, trainers: lis
     """Compare the validation predictions of ``trainers`` over ``folds`` (cases pooled across folds) in nnU-Net's
     folder layout. The first trainer is the reference. Default ``output_dir``:
     ``$nnUNet_results/<DatasetName>/comparison__<plans>__<configuration>``."""
-    results, preprocessed = _nnunet_folders()
-    dataset_name = _dataset_name(dataset)
+    results, preprocessed = require_nnunet_folders("nnUNet_results", "nnUNet_preprocessed")
+    dataset_name = nnunet_dataset_name(dataset)
     _check_trainers(trainers)
     dataset_json = _load_dataset_json(preprocessed / dataset_name / "dataset.json")
     file_ending = dataset_json["file_ending"]
@@ -83,22 +82,6 @@ def _compare(prediction_files: dict[str, dict[str, Path]], reference_folder: Pat
 
 
 # ---------------------------------------------------------------- nnU-Net's folder layout
-
-def _nnunet_folders() -> tuple[Path, Path]:
-    """$nnUNet_results and $nnUNet_preprocessed."""
-    unset = [name for name in ("nnUNet_results", "nnUNet_preprocessed") if not os.environ.get(name)]
-    if unset:
-        raise NnunetRLError(f"{' and '.join(unset)} not set; export nnU-Net's environment variables as for "
-                            f"training (nnU-Net's documentation/setting_up_paths.md)")
-    return Path(os.environ["nnUNet_results"]), Path(os.environ["nnUNet_preprocessed"])
-
-
-def _dataset_name(dataset: Union[int, str]) -> str:
-    try:
-        return maybe_convert_to_dataset_name(dataset)
-    except (ValueError, RuntimeError) as error:
-        raise NnunetRLError(f"cannot resolve dataset {dataset!r}: {error}") from error
-
 
 def _load_dataset_json(file: Path) -> dict:
     if not file.is_file():

@@ -16,8 +16,9 @@ from batchgenerators.utilities.file_and_folder_operations import load_json, save
 from nnunet_rl.compare import compare_prediction_folders
 from nnunet_rl.datasets.common import free_dataset_id
 from nnunet_rl.datasets.synthetic import make_dataset
-from nnunet_rl.discovery import NNUNET_FOLDER_VARIABLES, register_ext_trainer
+from nnunet_rl.discovery import register_ext_trainer
 from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.nnunet_folders import NNUNET_FOLDER_VARIABLES
 from nnunet_rl.plans.planner import plan_rl
 
 DEMO_DATA_FOLDER = "nnunet_rl_data"  # git-ignored, in the working directory, used when nnU-Net's folders are unset

@@ -17,9 +17,10 @@ import os
 import sysconfig
 from pathlib import Path
 
+from nnunet_rl.nnunet_folders import NNUNET_FOLDER_VARIABLES
+
 EXT_TRAINER_FOLDER = Path(__file__).resolve().parent / "ext_trainer"
 STARTUP_HOOK_NAME = "nnunet_rl_ext_trainer.pth"
-NNUNET_FOLDER_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
 def ext_trainer_value(current: str | None) -> str:

@@ -4,23 +4,12 @@ from pathlib import Path
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
                                                                    preprocess)
-from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
-from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+from nnunetv2.paths import nnUNet_preprocessed
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.nnunet_folders import dataset_name as nnunet_dataset_name, require_nnunet_folders
 from nnunet_rl.plans.rl_block import RL_BLOCK_KEY, derive_rl_block
-
-
-def _dataset_name(dataset: str | int) -> str:
-    for variable in (nnUNet_raw, nnUNet_preprocessed):
-        if not variable.is_set():
-            raise NnunetRLError(f"{variable.env_var_name} is not set: run `eval \"$(nnunet-rl env)\"` and set "
-                                f"nnU-Net's folders first")
-    try:
-        return maybe_convert_to_dataset_name(dataset)
-    except RuntimeError as e:
-        raise NnunetRLError(str(e)) from e
 
 
 def run_nnunet_planning_where_missing(dataset_name: str, configurations: list[str] | None, plans_name: str,
@@ -51,7 +40,8 @@ def run_nnunet_planning_where_missing(dataset_name: str, configurations: list[st
 def plan_rl(dataset: str | int, configurations: list[str] | None = None, plans_name: str = "nnUNetPlans",
             num_processes: int = 1) -> list[Path]:
     """Plan (where needed) and write the ``rl`` block into each requested configuration of the plans."""
-    dataset_name = _dataset_name(dataset)
+    require_nnunet_folders("nnUNet_raw", "nnUNet_preprocessed")
+    dataset_name = nnunet_dataset_name(dataset)
     plans_file = run_nnunet_planning_where_missing(dataset_name, configurations, plans_name, num_processes)
     plans = load_json(str(plans_file))
     folder = plans_file.parent

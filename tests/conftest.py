@@ -9,7 +9,7 @@ os.environ.setdefault("nnUNet_n_proc_DA", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
-NNUNET_FOLDERS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+from nnunet_rl.nnunet_folders import NNUNET_FOLDER_VARIABLES as NNUNET_FOLDERS
 PLANNED_DATASET_ID = 951
 
 

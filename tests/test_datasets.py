@@ -157,7 +157,7 @@ def test_bad_arguments(raw, kwargs, message):
 
 def test_needs_nnunet_raw(monkeypatch):
     monkeypatch.delenv("nnUNet_raw", raising=False)
-    with pytest.raises(NnunetRLError, match=r"\$nnUNet_raw is not set"):
+    with pytest.raises(NnunetRLError, match="nnUNet_raw not set"):
         _small("imbalanced", 5, 2)
 
 

@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
-from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.plans.rl_block import channel_split, label_fractions, read_rl_block

@@ -9,9 +9,9 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.nnunet_folders import NNUNET_FOLDER_VARIABLES, require_nnunet_folders
 
 MAX_DATASET_ID = 999
-NNUNET_FOLDER_VARIABLES = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 # Labels of the heart datasets (synthetic multimodal and MM-WHS), shared so that models transfer between them.
 HEART_LABELS = {"background": 0, "LV": 1, "RV": 2, "LA": 3, "RA": 4, "myocardium": 5, "aorta": 6,
@@ -20,11 +20,7 @@ HEART_LABELS = {"background": 0, "LV": 1, "RV": 2, "LA": 3, "RA": 4, "myocardium
 
 def raw_root() -> Path:
     """The nnU-Net raw folder, $nnUNet_raw."""
-    value = os.environ.get("nnUNet_raw")
-    if not value:
-        raise NnunetRLError("$nnUNet_raw is not set: export nnUNet_raw=/path/to/nnUNet_raw (the folder that holds "
-                            "the Dataset<ID>_<Name> folders)")
-    return Path(value)
+    return require_nnunet_folders("nnUNet_raw")[0]
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:
