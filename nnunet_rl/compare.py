@@ -16,10 +16,12 @@ from matplotlib.patches import Patch
 from nnunetv2.imageio.base_reader_writer import BaseReaderWriter
 from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
 from scipy.stats import wilcoxon
+from tqdm import tqdm
 
 from nnunet_rl.errors import NnunetRLError
-from nnunet_rl.nnunet_folders import dataset_name as nnunet_dataset_name, require_nnunet_folders
 from nnunet_rl.metrics import DEFAULT_BOUNDARY_DISTANCE_MM, METRICS, case_metrics
+from nnunet_rl.nnunet_folders import dataset_name as nnunet_dataset_name
+from nnunet_rl.nnunet_folders import require_nnunet_folders
 
 HIGHER_IS_BETTER = {"Dice": True, "IoU": True, "HD95": False, "ASD": False, "BoundaryIoU": True}
 METRIC_LABELS = {"Dice": "Dice", "IoU": "IoU", "HD95": "HD95 (mm)", "ASD": "ASD (mm)",
@@ -212,7 +214,7 @@ def _without_ignored(prediction: np.ndarray, reference: np.ndarray,
 def _metric_table(prediction_files: dict[str, dict[str, Path]], reference_files: dict[str, Path],
                   labels: dict[int, str], reader: BaseReaderWriter, ignore_label: Optional[int]) -> MetricTable:
     table = {trainer: {} for trainer in prediction_files}
-    for case, reference_file in reference_files.items():
+    for case, reference_file in tqdm(reference_files.items(), desc="metrics per case", unit="case"):
         reference, spacing = _read_segmentation(reader, reference_file)
         for trainer, files in prediction_files.items():
             prediction = _read_prediction(reader, files[case], reference_file, reference, spacing)

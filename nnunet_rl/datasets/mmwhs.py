@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+from tqdm import tqdm
 
 from nnunet_rl.datasets.common import HEART_LABELS, write_dataset_atomically, write_like
 from nnunet_rl.errors import NnunetRLError
@@ -112,7 +113,7 @@ def _convert_case(folder: Path, split: str, case: str, files: CaseFiles) -> None
 def _fill(folder: Path, source: Path, modality: str, cases: dict[tuple[str, str], CaseFiles]) -> None:
     """Convert every case into folder and write dataset.json, or raise one error listing all problems."""
     problems = []
-    for (split, number), files in sorted(cases.items()):
+    for (split, number), files in tqdm(sorted(cases.items()), desc="MM-WHS cases", unit="case"):
         try:
             _convert_case(folder, split, f"{modality}_{number}", files)
         except NnunetRLError as e:

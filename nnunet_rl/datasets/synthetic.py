@@ -34,6 +34,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 from scipy.ndimage import gaussian_filter
+from tqdm import tqdm
 
 from nnunet_rl.datasets.common import HEART_LABELS, write_dataset_atomically, write_image
 from nnunet_rl.errors import NnunetRLError
@@ -252,7 +253,7 @@ def _fill(folder: Path, kind: str, dim: int, cases: int, size: int, rotate_aux: 
     spacing = SPACING_2D if dim == 2 else SPACING_3D if rotate_aux == "none" else SPACING_3D_ISOTROPIC
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (folder / sub).mkdir()
-    for i, (case, rng) in enumerate(zip(names, case_rngs)):
+    for i, (case, rng) in enumerate(tqdm(list(zip(names, case_rngs)), desc=f"{kind} cases", unit="case")):
         label, channels = spec.make_case(rng, (size,) * dim)
         if rotation_indices is not None:
             channels[AUX_CHANNEL] = rotate_array(channels[AUX_CHANNEL], rotations[rotation_indices[i]])
