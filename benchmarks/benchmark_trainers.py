@@ -14,8 +14,13 @@ Every trainer runs in its own subprocess (so peak memory is per trainer) through
 5. **predict**: sliding-window prediction of one preprocessed case (first case of the fold's validation split)
    with ``nnUNetPredictor.manual_initialization`` on the trainer's (untrained) network, as nnU-Net's final
    validation does: tile step 0.5, Gaussian weighting, mirroring over the trainer's inference mirror axes.
-6. **peak memory**: CPU: ``ru_maxrss`` of the subprocess (whole process, torch libraries included); CUDA:
-   ``torch.cuda.max_memory_allocated`` for training and for prediction.
+6. **peak memory**: CPU: ``ru_maxrss`` of the subprocess (whole process, torch libraries and allocator caches
+   included, so it varies by some 10 % between runs); CUDA: ``torch.cuda.max_memory_allocated`` for training and
+   for prediction. Also, exactly and on any device: the activations one training forward pass keeps for backward.
+
+Train steps also report the process CPU time (all threads) next to the wall time, and every run records the load
+average: on a shared CPU, other processes stretch the wall time of multi-threaded steps many times over (see
+docs/benchmarks.md), so compare only runs made on an otherwise idle machine, or use ``--rounds``.
 
 Seconds per epoch are *derived*: mean train-step time x ``trainer.num_iterations_per_epoch`` (no validation
 iterations, no data loading).
@@ -46,6 +51,7 @@ from pathlib import Path
 
 DEFAULT_TRAINERS = ["nnUNetTrainer", "nnUNetTrainerPAM"]
 WORKER_FLAG = "--_worker"
+LOADER_BATCHES = 20  # batches timed for the data loader (after one untimed)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -56,6 +62,7 @@ def _summary(values: list[float]) -> dict:
     values = [float(v) for v in values]
     return {"mean": statistics.fmean(values) if values else float("nan"),
             "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "median": statistics.median(values) if values else float("nan"),
             "min": min(values) if values else float("nan"),
             "n": len(values), "values": values}
 
@@ -75,7 +82,29 @@ def _shutdown_dataloaders(trainer) -> None:
 
 def _batch_generator(loader):
     """The nnUNetDataLoader behind nnU-Net's (NonDet)MultiThreadedAugmenter or SingleThreadedAugmenter."""
-    return getattr(loader, "generator", None) or getattr(loader, "data_loader")
+    return loader.generator if hasattr(loader, "generator") else loader.data_loader
+
+
+def _saved_activation_mib(network, data) -> float:
+    """MiB of the tensors one training forward pass keeps for backward (unique storages, parameters excluded);
+    under autocast on CUDA, as ``train_step`` runs it."""
+    from contextlib import nullcontext
+
+    import torch
+    parameters = {p.untyped_storage().data_ptr() for p in network.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            torch.autocast("cuda") if data.device.type == "cuda" else nullcontext():
+        output = network(data)
+    del output
+    return sum(storages.values()) / 2 ** 20
 
 
 def run_worker(args) -> dict:
@@ -102,7 +131,8 @@ def run_worker(args) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    result = {"trainer": args.trainer, "device": args.device, "torch_threads": torch.get_num_threads()}
+    result = {"trainer": args.trainer, "device": args.device, "torch_threads": torch.get_num_threads(),
+              "loadavg_start": os.getloadavg()[0]}
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
@@ -131,6 +161,10 @@ def run_worker(args) -> dict:
     total = args.warmup + args.iterations
 
     try:
+        batch = next(trainer.dataloader_train)
+        network = getattr(trainer.network, "_orig_mod", trainer.network)  # not through torch.compile
+        result["activation_mib"] = _saved_activation_mib(network, batch["data"].to(device))
+        del batch, network
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         # 2. nnU-Net's inner training loop, background augmentation running; the first step is the cold one
@@ -153,20 +187,23 @@ def run_worker(args) -> dict:
         # 3. train_step alone on pre-fetched batches, augmentation workers stopped
         batches = [next(trainer.dataloader_train) for _ in range(total)]
         _shutdown_dataloaders(trainer)
-        steps, losses = [], []
+        steps, cpu_steps, losses = [], [], []
         for i, batch in enumerate(batches):
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = trainer.train_step(batch)
             sync()
+            t1, c1 = time.perf_counter(), time.process_time()
             if first_step is None and i == 0:
-                first_step = time.perf_counter() - t0
+                first_step = t1 - t0
             if i >= args.warmup:
-                steps.append(time.perf_counter() - t0)
+                steps.append(t1 - t0)
+                cpu_steps.append(c1 - c0)
             losses.append(float(out["loss"]))
         del batches
         result["first_step_s"] = first_step
         result["train_step_s"] = _summary(steps)
+        result["train_step_cpu_s"] = _summary(cpu_steps)  # CPU time of the process (all its threads)
         result["epoch_s_derived"] = result["train_step_s"]["mean"] * trainer.num_iterations_per_epoch
         if loop:
             result["loop_s"] = _summary(loop)
@@ -178,9 +215,11 @@ def run_worker(args) -> dict:
         generator = _batch_generator(trainer.dataloader_train)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # as in a background worker
+        np.random.seed(args.seed)  # the same sequence of samples and augmentations for every trainer
+        torch.manual_seed(args.seed)
         next(generator)
         loader = []
-        for _ in range(max(3, min(args.iterations, 10))):
+        for _ in range(LOADER_BATCHES):
             t0 = time.perf_counter()
             next(generator)
             loader.append(time.perf_counter() - t0)
@@ -222,6 +261,7 @@ def run_worker(args) -> dict:
                 result["peak_mem_predict_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
     finally:
         _shutdown_dataloaders(trainer)
+    result["loadavg_end"] = os.getloadavg()[0]
     result["peak_mem_mib"] = max(result.get("peak_mem_train_mib", 0), result.get("peak_mem_predict_mib", 0)) \
         if cuda else _peak_rss_mib()
     return result
@@ -279,8 +319,8 @@ def run_trainer_subprocess(args, trainer: str, dataset: str, results_dir: Path, 
     env = dict(os.environ, nnUNet_results=str(results_dir))
     t0 = time.perf_counter()
     with open(log, "a") as log_file:
-        process = subprocess.run(command, env=env, stdout=None if args.verbose else log_file,
-                                 stderr=subprocess.STDOUT if not args.verbose else None)
+        process = subprocess.run(command, check=False, env=env, stdout=None if args.verbose else log_file,
+                                 stderr=None if args.verbose else subprocess.STDOUT)
     if process.returncode != 0 or not out.is_file():
         tail = "" if args.verbose else "".join(log.read_text().splitlines(keepends=True)[-40:])
         raise SystemExit(f"benchmark_trainers: {trainer} failed (exit code {process.returncode}); "
@@ -293,11 +333,11 @@ def run_trainer_subprocess(args, trainer: str, dataset: str, results_dir: Path, 
 def merge_rounds(runs: list[dict]) -> dict:
     """One trainer's result over ``--rounds`` runs: timings pooled, memory the maximum."""
     merged = dict(runs[-1])
-    for key in ("train_step_s", "loop_s", "loop_fetch_s", "loader_batch_s", "predict_s"):
+    for key in ("train_step_s", "train_step_cpu_s", "loop_s", "loop_fetch_s", "loader_batch_s", "predict_s"):
         if key in runs[0]:
             merged[key] = _summary([v for r in runs for v in r[key]["values"]])
             merged[key]["round_means"] = [r[key]["mean"] for r in runs]
-    for key in ("setup_s", "first_step_s", "wall_s"):
+    for key in ("setup_s", "first_step_s", "wall_s", "loadavg_start", "loadavg_end"):
         merged[key] = statistics.fmean(r[key] for r in runs if r.get(key) is not None) \
             if any(r.get(key) is not None for r in runs) else None
     for key in ("peak_mem_mib", "peak_mem_train_mib", "peak_mem_predict_mib"):
@@ -314,9 +354,13 @@ def _ms(summary: dict | None) -> str:
     return f"{summary['mean'] * 1000:.0f} ± {summary['sd'] * 1000:.0f}"
 
 
-ROWS = [  # (label, getter of a comparable number, formatter of the cell)
+ROWS = [  # (label, getter of a comparable number or None for no ratio, formatter of the cell)
     ("parameters (M)", lambda r: r["parameters"], lambda r: f"{r['parameters'] / 1e6:.2f}"),
     ("train step, ms/it (mean ± sd)", lambda r: r["train_step_s"]["mean"], lambda r: _ms(r["train_step_s"])),
+    ("train step, ms/it (median)", lambda r: r["train_step_s"]["median"],
+     lambda r: f"{r['train_step_s']['median'] * 1000:.0f}"),
+    ("train step, CPU ms/it (process CPU time)", lambda r: r["train_step_cpu_s"]["mean"],
+     lambda r: _ms(r["train_step_cpu_s"])),
     ("epoch, s (derived: train step × iters/epoch)", lambda r: r["epoch_s_derived"],
      lambda r: f"{r['epoch_s_derived']:.1f} ({r['num_iterations_per_epoch']} it)"),
     ("nnU-Net loop, ms/it (next() + train step, DA workers on)", lambda r: (r.get("loop_s") or {}).get("mean"),
@@ -327,9 +371,12 @@ ROWS = [  # (label, getter of a comparable number, formatter of the cell)
      lambda r: _ms(r["loader_batch_s"])),
     ("prediction of one case, ms", lambda r: (r.get("predict_s") or {}).get("mean"), lambda r: _ms(r.get("predict_s"))),
     ("peak memory, MiB", lambda r: r["peak_mem_mib"], lambda r: f"{r['peak_mem_mib']:.0f}"),
+    ("activations saved for backward, MiB", lambda r: r["activation_mib"], lambda r: f"{r['activation_mib']:.0f}"),
     ("first (cold) train step, ms", lambda r: r.get("first_step_s"),
      lambda r: "-" if r.get("first_step_s") is None else f"{r['first_step_s'] * 1000:.0f}"),
     ("setup: initialize + on_train_start, s", lambda r: r["setup_s"], lambda r: f"{r['setup_s']:.1f}"),
+    ("load average (1 min) at start → end", None,
+     lambda r: f"{r['loadavg_start']:.1f} → {r['loadavg_end']:.1f}"),
 ]
 
 
@@ -347,6 +394,8 @@ def ratios(results: list[dict]) -> dict:
     for result in results[1:]:
         out[result["trainer"]] = {}
         for label, get, _ in ROWS:
+            if get is None:
+                continue
             a, b = get(result), get(reference)
             out[result["trainer"]][label] = (a / b) if (a is not None and b) else None
     return out
@@ -358,7 +407,9 @@ def ratio_table(results: list[dict]) -> str:
         return ""
     names = list(table)
     lines = [f"| ratio vs {results[0]['trainer']} | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for label, _, _ in ROWS:
+    for label, get, _ in ROWS:
+        if get is None:
+            continue
         cells = ["-" if table[n][label] is None else f"{table[n][label]:.2f}×" for n in names]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -370,17 +421,17 @@ def machine_info(device: str) -> dict:
             "cpu_count": multiprocessing.cpu_count(), "device": device,
             "nnUNet_compile": os.environ.get("nnUNet_compile"), "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA")}
     try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                           if line.startswith("model name"))
+        with open("/proc/cpuinfo") as cpuinfo:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    from importlib.metadata import PackageNotFoundError, version
     try:
-        from importlib.metadata import version
         info["nnunetv2"] = version("nnunetv2")
-    except Exception:
-        pass
+    except PackageNotFoundError:
+        info["nnunetv2"] = None
     return info
 
 
@@ -454,7 +505,8 @@ def main(argv=None) -> dict:
             print(f"[benchmark] round {round_ + 1}/{args.rounds}: {trainer} ...", end=" ", flush=True)
             result = run_trainer_subprocess(args, trainer, dataset, work / "nnUNet_results", work)
             runs[trainer].append(result)
-            print(f"train step {_ms(result['train_step_s'])} ms, {result['wall_s']:.0f} s", flush=True)
+            print(f"train step {_ms(result['train_step_s'])} ms, {result['wall_s']:.0f} s, load average "
+                  f"{result['loadavg_start']:.1f} → {result['loadavg_end']:.1f}", flush=True)
     shutil.rmtree(work, ignore_errors=True)  # kept when a trainer failed (its log is there)
     results = [merge_rounds(runs[t]) for t in args.tr]
 
@@ -463,6 +515,10 @@ def main(argv=None) -> dict:
           f"batch {first['batch_size']}, device {args.device} ({info.get('gpu') or info['cpu']}), "
           f"torch {info['torch']}, {first['torch_threads']} torch threads")
     print(markdown_table(results))
+    if first.get("predict_case"):
+        case = first["predict_case"]
+        print(f"prediction: case {case['identifier']}, shape {case['shape']}, {case['tiles']} tile(s) × "
+              f"{2 ** len(case['mirror_axes'])} mirrorings = {case['forward_passes']} forward passes, tile step 0.5")
     if len(results) > 1:
         print()
         print(ratio_table(results))
