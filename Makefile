@@ -1,9 +1,10 @@
 # The whole set-up on a fresh machine: `make demo` or `make test` create .venv and install everything.
+# The tests run on the CPU: no torch.compile, one augmentation worker, two processes for nnU-Net's exports.
+CPU_ENV := nnUNet_compile=f nnUNet_n_proc_DA=1 nnUNet_def_n_proc=2
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-export nnUNet_compile ?= f
-export nnUNet_n_proc_DA ?= 1
+BENCHMARK_ARGS ?= -d 4 -c 3d_fullres --prepare-msd ../shared/data/Task04_Hippocampus
 
 .PHONY: install demo demo-quick test test-fast benchmark clean
 
@@ -23,13 +24,13 @@ demo-quick: install
 	$(BIN)/nnunet-rl demo --quick
 
 test: install
-	$(BIN)/python -m pytest -ra
+	$(CPU_ENV) $(BIN)/python -m pytest -ra
 
 test-fast: install
-	$(BIN)/python -m pytest -ra -m "not e2e"
+	$(CPU_ENV) $(BIN)/python -m pytest -ra -m "not e2e"
 
-benchmark: install
-	$(BIN)/python benchmarks/benchmark_trainers.py
+benchmark: install  # needs nnU-Net's folder variables; converts and plans MSD Hippocampus there when missing
+	$(BIN)/python benchmarks/benchmark_trainers.py $(BENCHMARK_ARGS)
 
 clean:
 	rm -rf $(VENV) nnunet_rl_data

@@ -117,6 +117,7 @@ def run_demo(quick: bool = False, msd_folder: str | None = None, device: str | N
     if device == "cpu":
         os.environ.setdefault("nnUNet_compile", "f")
         os.environ.setdefault("nnUNet_n_proc_DA", "1")
+        os.environ.setdefault("nnUNet_def_n_proc", str(os.cpu_count()))  # nnU-Net's 8 spawned exporters swamp a CPU
     register_ext_trainer()
     trainers = TRAINERS[schedule]
     steps = DemoSteps(3 + 2 * len(trainers))

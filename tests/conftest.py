@@ -6,6 +6,7 @@ import pytest
 
 os.environ.setdefault("nnUNet_compile", "f")
 os.environ.setdefault("nnUNet_n_proc_DA", "1")
+os.environ.setdefault("nnUNet_def_n_proc", "2")  # nnU-Net's default spawns 8 export processes: minutes on 2 cores
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -29,7 +29,7 @@ def user_environment(base: Path) -> dict:
     export `nnunet-rl env` prints."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
     env.update({name: str(base / name) for name in NNUNET_FOLDERS})
-    env.update(nnUNet_compile="f", nnUNet_n_proc_DA="1")
+    env.update(nnUNet_compile="f", nnUNet_n_proc_DA="1", nnUNet_def_n_proc="2")
     exports = subprocess.run([BIN / "nnunet-rl", "env"], env=env, capture_output=True, text=True, check=True).stdout
     env["nnUNet_extTrainer"] = exports.split('nnUNet_extTrainer="')[1].split('"')[0]
     return env
