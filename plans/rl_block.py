@@ -27,6 +27,10 @@ RL_BLOCK_KEY = "rl"
 RL_BLOCK_VERSION = 1
 MAX_CASES_FOR_LABEL_FRACTIONS = 50  # enough for a stable mean; keeps planning fast on large datasets
 
+# One section per RL component: {component: {hyperparameter: paper default}}. Each component adds its own entry
+# (with the paper's equation or table in a comment) when it lands; `nnunet-rl plan` writes them all.
+PAPER_DEFAULTS: dict[str, dict] = {}
+
 
 def channel_split(channel_names: dict, auxiliary: list[str] | None = None) -> dict:
     """Primary/auxiliary channel groups by name; default: channel 0 primary, the rest auxiliary."""
@@ -63,7 +67,22 @@ def derive_rl_block(dataset_json: dict, gt_folder: Path | None) -> dict:
             **channel_split(dataset_json["channel_names"]),
             "label_fractions": label_fractions(gt_folder, dataset_json) if gt_folder is not None else None,
         },
+        **{component: dict(defaults) for component, defaults in PAPER_DEFAULTS.items()},
     }
+
+
+def rl_section(block: dict, component: str) -> dict:
+    """A component's hyperparameters: its paper defaults, overridden by the values in the block.
+
+    A key the component does not know is refused, so a typo in an edited plans file cannot pass silently.
+    """
+    defaults = PAPER_DEFAULTS[component]
+    given = block.get(component, {})
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise NnunetRLError(f"unknown {component} hyperparameters {unknown} in the plans' rl block; "
+                            f"known: {sorted(defaults)}")
+    return {**defaults, **given}
 
 
 def read_rl_block(configuration_manager: ConfigurationManager, dataset_json: dict,

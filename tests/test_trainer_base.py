@@ -122,6 +122,18 @@ def test_rl_block_is_read_from_plans_and_derived_when_absent(planned_dataset):
     assert read_rl_block(trainer.configuration_manager, trainer.dataset_json, gt) == planned
 
 
+def test_component_sections_take_paper_defaults_and_plans_overrides(planned_dataset, monkeypatch):
+    from nnunet_rl.plans import rl_block
+    monkeypatch.setitem(rl_block.PAPER_DEFAULTS, "toy_agent", {"lr": 5e-5, "clip": 0.2})
+    trainer = make_trainer(planned_dataset)
+    trainer.configuration_manager.configuration["rl"]["toy_agent"] = {"clip": 0.1}
+    assert trainer.rl_hyperparameters("toy_agent") == {"lr": 5e-5, "clip": 0.1}
+    assert rl_block.derive_rl_block(trainer.dataset_json, None)["toy_agent"] == {"lr": 5e-5, "clip": 0.2}
+    trainer.configuration_manager.configuration["rl"]["toy_agent"] = {"clipp": 0.1}
+    with pytest.raises(NnunetRLError, match="clipp"):
+        trainer.rl_hyperparameters("toy_agent")
+
+
 def test_rl_block_of_another_version_is_refused(planned_dataset):
     trainer = make_trainer(planned_dataset)
     trainer.configuration_manager.configuration["rl"]["version"] = 99

@@ -9,7 +9,7 @@ from unittest import mock
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_rl.plans.rl_block import read_rl_block
+from nnunet_rl.plans.rl_block import read_rl_block, rl_section
 from nnunet_rl.telemetry import RLLocalLogger
 
 CHECKPOINT_KEY = "nnunet_rl"
@@ -48,7 +48,8 @@ def checkpoint_already_loaded(checkpoint: dict):
 class RLTrainerBase(nnUNetTrainer):
     """Base of our trainers. Subclasses declare their state and telemetry; nnU-Net's loop does the rest.
 
-    - ``self.rl_block``: the configuration's ``rl`` block from the plans (derived when absent).
+    - ``self.rl_block``: the configuration's ``rl`` block from the plans (derived when absent);
+      ``rl_hyperparameters(component)``: one component's section, paper defaults overridden by the plans.
     - ``register_telemetry(*keys)`` / ``log_telemetry(key, value)``: per-epoch scalars in nnU-Net's logger,
       ``progress.png`` (extra panel) and W&B; keys not logged in an epoch get NaN.
     - ``rl_state_dict()`` / ``load_rl_state_dict(state)``: saved inside nnU-Net's checkpoint under
@@ -65,6 +66,10 @@ class RLTrainerBase(nnUNetTrainer):
         gt_folder = join(self.preprocessed_dataset_folder_base, "gt_segmentations") \
             if self.preprocessed_dataset_folder_base is not None else None
         return read_rl_block(self.configuration_manager, self.dataset_json, gt_folder)
+
+    def rl_hyperparameters(self, component: str) -> dict:
+        """The component's section of the rl block: paper defaults overridden by the plans."""
+        return rl_section(self.rl_block, component)
 
     def register_telemetry(self, *keys: str) -> None:
         for key in keys:
