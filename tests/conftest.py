@@ -23,6 +23,17 @@ def set_nnunet_folders(base: Path) -> dict[str, str]:
     return folders
 
 
+def make_trainer(dataset: str, trainer_class, configuration: str = "3d_fullres"):
+    """A trainer on the CPU for a planned dataset, constructed as nnUNetv2_train constructs it."""
+    import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+
+    folder = Path(os.environ["nnUNet_preprocessed"]) / dataset
+    plans = load_json(str(folder / "nnUNetPlans.json"))
+    plans["continue_training"] = False
+    return trainer_class(plans, configuration, 0, load_json(str(folder / "dataset.json")), torch.device("cpu"))
+
+
 @pytest.fixture(scope="session")
 def planned_dataset(tmp_path_factory) -> str:
     """A 6-case 32^3 two-channel synthetic dataset, planned and preprocessed for 2d and 3d_fullres.

@@ -7,6 +7,8 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from conftest import make_trainer
+
 from nnunet_rl.pam import GatedDecoderStage, PixelAttentionGate, add_pixel_attention
 from nnunet_rl.trainers import nnUNetTrainerPAM
 
@@ -66,3 +68,18 @@ def test_trainer_builds_the_planned_network_with_pam(planned_dataset, configurat
     assert sum(isinstance(m, PixelAttentionGate) for m in network.modules()) == n_skips
     x = torch.randn(1, 2, *configuration_manager.patch_size)
     assert network(x).shape == (1, 8, *configuration_manager.patch_size)
+
+
+@pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
+def test_nnunet_train_step_fits_a_fixed_batch(planned_dataset, configuration):
+    """nnU-Net's own train_step (deep supervision, loss, optimiser) runs on the PAM network and its loss falls."""
+    torch.manual_seed(0)
+    trainer = make_trainer(planned_dataset, nnUNetTrainerPAM, configuration)
+    trainer.initialize()
+    patch = trainer.configuration_manager.patch_size
+    data = torch.randn(2, 2, *patch)
+    target = torch.randint(0, 8, (2, 1, *patch)).float()
+    scales = trainer._get_deep_supervision_scales()
+    targets = [torch.nn.functional.interpolate(target, scale_factor=s, mode="nearest") for s in scales]
+    losses = [trainer.train_step({"data": data, "target": targets})["loss"] for _ in range(6)]
+    assert losses[-1] < losses[0]

@@ -8,6 +8,8 @@ import pytest
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
+from conftest import make_trainer
+
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.plans.rl_block import channel_split, label_fractions, read_rl_block
 from nnunet_rl.telemetry import RLLocalLogger
@@ -34,16 +36,8 @@ class CountingTrainer(RLTrainerBase):
         self.updates = state["updates"]
 
 
-def make_trainer(dataset: str, trainer_class=CountingTrainer, configuration="3d_fullres", plans_name="nnUNetPlans"):
-    folder = os.path.join(os.environ["nnUNet_preprocessed"], dataset)
-    plans = load_json(os.path.join(folder, f"{plans_name}.json"))
-    plans["continue_training"] = False
-    return trainer_class(plans, configuration, 0, load_json(os.path.join(folder, "dataset.json")),
-                         torch.device("cpu"))
-
-
 def test_rl_state_round_trips_through_nnunet_checkpoint(planned_dataset, tmp_path):
-    trainer = make_trainer(planned_dataset)
+    trainer = make_trainer(planned_dataset, CountingTrainer)
     trainer.initialize()
     torch.nn.init.constant_(trainer.agent.weight, 0.25)
     trainer.agent(torch.ones(1, 3)).sum().backward()
@@ -56,7 +50,7 @@ def test_rl_state_round_trips_through_nnunet_checkpoint(planned_dataset, tmp_pat
     assert saved[CHECKPOINT_KEY]["updates"] == 7 and saved["trainer_name"] == "CountingTrainer"
     assert not (tmp_path / "checkpoint_latest.pth.partial").exists()
 
-    resumed = make_trainer(planned_dataset)
+    resumed = make_trainer(planned_dataset, CountingTrainer)
     resumed.load_checkpoint(checkpoint_file)
     assert resumed.updates == 7
     torch.testing.assert_close(resumed.agent.weight, trainer.agent.weight)
@@ -78,7 +72,7 @@ def test_checkpoint_without_rl_state_loads_and_says_so(planned_dataset, tmp_path
 
 
 def test_telemetry_reaches_the_log_and_the_progress_plot(planned_dataset, tmp_path):
-    trainer = make_trainer(planned_dataset)
+    trainer = make_trainer(planned_dataset, CountingTrainer)
     trainer.initialize()
     logger = trainer.logger
     for epoch in range(2):
@@ -112,7 +106,7 @@ def test_logger_checkpoint_without_extra_keys_is_padded():
 
 
 def test_rl_block_is_read_from_plans_and_derived_when_absent(planned_dataset):
-    trainer = make_trainer(planned_dataset)
+    trainer = make_trainer(planned_dataset, CountingTrainer)
     planned = trainer.configuration_manager.configuration["rl"]
     assert trainer.rl_block == planned
     assert planned["dataset"]["primary_channels"] == ["CT"]
@@ -125,7 +119,7 @@ def test_rl_block_is_read_from_plans_and_derived_when_absent(planned_dataset):
 def test_component_sections_take_paper_defaults_and_plans_overrides(planned_dataset, monkeypatch):
     from nnunet_rl.plans import rl_block
     monkeypatch.setitem(rl_block.PAPER_DEFAULTS, "toy_agent", {"lr": 5e-5, "clip": 0.2})
-    trainer = make_trainer(planned_dataset)
+    trainer = make_trainer(planned_dataset, CountingTrainer)
     trainer.configuration_manager.configuration["rl"]["toy_agent"] = {"clip": 0.1}
     assert trainer.rl_hyperparameters("toy_agent") == {"lr": 5e-5, "clip": 0.1}
     assert rl_block.derive_rl_block(trainer.dataset_json, None)["toy_agent"] == {"lr": 5e-5, "clip": 0.2}
@@ -135,7 +129,7 @@ def test_component_sections_take_paper_defaults_and_plans_overrides(planned_data
 
 
 def test_rl_block_of_another_version_is_refused(planned_dataset):
-    trainer = make_trainer(planned_dataset)
+    trainer = make_trainer(planned_dataset, CountingTrainer)
     trainer.configuration_manager.configuration["rl"]["version"] = 99
     with pytest.raises(NnunetRLError, match="version 99"):
         _ = trainer.rl_block
