@@ -58,15 +58,17 @@ def test_rl_state_round_trips_through_nnunet_checkpoint(planned_dataset, tmp_pat
 
 
 def test_checkpoint_without_rl_state_loads_and_says_so(planned_dataset, tmp_path):
-    trainer = make_trainer(planned_dataset, RLTrainerBase)
+    trainer = make_trainer(planned_dataset, CountingTrainer)
     trainer.initialize()
+    trainer.updates = 5
     file = str(tmp_path / "checkpoint.pth")
     trainer.save_checkpoint(file)
     checkpoint = torch.load(file, weights_only=False)
     del checkpoint[CHECKPOINT_KEY]
-    fresh = make_trainer(planned_dataset, RLTrainerBase)
+    fresh = make_trainer(planned_dataset, CountingTrainer)
     fresh.load_checkpoint(checkpoint)  # a dict, which nnU-Net's own load_checkpoint cannot take
     assert fresh.current_epoch == 1
+    assert fresh.updates == 0  # the RL state starts afresh instead of failing on the missing entry
     with open(fresh.log_file) as log:
         assert "holds no nnunet_rl state" in log.read()
 

@@ -63,6 +63,7 @@ class RLTrainerBase(nnUNetTrainer):
 
     @cached_property
     def rl_block(self) -> dict:
+        """The configuration's rl block, read (or derived) on first use."""
         gt_folder = join(self.preprocessed_dataset_folder_base, "gt_segmentations") \
             if self.preprocessed_dataset_folder_base is not None else None
         return read_rl_block(self.configuration_manager, self.dataset_json, gt_folder)
@@ -94,10 +95,13 @@ class RLTrainerBase(nnUNetTrainer):
             super().save_checkpoint(filename)
 
     def load_checkpoint(self, filename_or_checkpoint: Union[dict, str]) -> None:
+        if not self.was_initialized:  # before torch.load is redirected: nothing else may receive the checkpoint
+            self.initialize()
         checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
             torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
         with checkpoint_already_loaded(checkpoint):
             super().load_checkpoint(filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else "<dict>")
-        if CHECKPOINT_KEY not in checkpoint:
+        if CHECKPOINT_KEY in checkpoint:
+            self.load_rl_state_dict(checkpoint[CHECKPOINT_KEY])
+        else:
             self.print_to_log_file("WARNING: the checkpoint holds no nnunet_rl state; RL components start afresh")
-        self.load_rl_state_dict(checkpoint.get(CHECKPOINT_KEY, {}))
