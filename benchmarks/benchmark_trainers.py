@@ -278,17 +278,18 @@ def _dataset_id(dataset: str) -> int | None:
 
 def resolve_dataset(dataset: str, configuration: str, plans: str, prepare_msd: str | None) -> str:
     """The preprocessed dataset's name; with ``prepare_msd``, convert + plan + preprocess it when it is missing."""
-    for name in ("nnUNet_raw", "nnUNet_preprocessed"):
-        if not os.environ.get(name):
-            sys.exit(f"benchmark_trainers: ${name} is not set (nnU-Net's folders: see benchmarks/README.md)")
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunet_rl.errors import NnunetRLError
+    from nnunet_rl.nnunet_folders import dataset_name, require_nnunet_folders
     try:
-        name = maybe_convert_to_dataset_name(dataset)
-    except RuntimeError:
+        _, preprocessed = require_nnunet_folders("nnUNet_raw", "nnUNet_preprocessed")
+    except NnunetRLError as error:
+        sys.exit(f"benchmark_trainers: {error}")
+    try:
+        name = dataset_name(dataset)
+    except NnunetRLError:
         name = None
-    ready = name is not None and \
-        (Path(os.environ["nnUNet_preprocessed"]) / name / f"{plans}.json").is_file() and \
-        (Path(os.environ["nnUNet_preprocessed"]) / name / f"{plans}_{configuration}").is_dir()
+    ready = name is not None and (preprocessed / name / f"{plans}.json").is_file() and \
+        (preprocessed / name / f"{plans}_{configuration}").is_dir()
     if ready:
         return name
     if not prepare_msd:
@@ -299,7 +300,7 @@ def resolve_dataset(dataset: str, configuration: str, plans: str, prepare_msd: s
         dataset_id = _dataset_id(dataset)
         print(f"[benchmark] converting {prepare_msd} with nnU-Net's MSD converter (ID {dataset_id})", flush=True)
         convert_msd_dataset(str(Path(prepare_msd).resolve()), overwrite_target_id=dataset_id, num_processes=2)
-        name = maybe_convert_to_dataset_name(dataset_id if dataset_id is not None else dataset)
+        name = dataset_name(dataset_id if dataset_id is not None else dataset)
     print(f"[benchmark] planning and preprocessing {name} {configuration} (nnunet-rl plan)", flush=True)
     from nnunet_rl.plans.planner import plan_rl
     plan_rl(name, [configuration], plans_name=plans, num_processes=2)

@@ -5,6 +5,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json, save
 from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
                                                                    preprocess)
 from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_rl.errors import NnunetRLError
@@ -15,7 +16,7 @@ from nnunet_rl.plans.rl_block import RL_BLOCK_KEY, derive_rl_block
 def run_nnunet_planning_where_missing(dataset_name: str, configurations: list[str] | None, plans_name: str,
                                       num_processes: int) -> Path:
     """Run nnU-Net's own fingerprinting, planning and preprocessing for whatever is not there yet."""
-    dataset_id = int(dataset_name[len("Dataset"):len("Dataset") + 3])
+    dataset_id = convert_dataset_name_to_id(dataset_name)
     folder = Path(str(nnUNet_preprocessed)) / dataset_name
     if not (folder / "dataset_fingerprint.json").is_file():
         extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=True)
