@@ -7,6 +7,8 @@ Layout (version 1)::
         "dataset": {                          # derived from the dataset, never a paper default
             "primary_channels": ["CT"],       # channel 0 by default
             "auxiliary_channels": ["MRI"],    # all other channels
+            "primary_indices": [0],           # the same split as input-channel indices
+            "auxiliary_indices": [1],
             "label_fractions": {"LV": 0.04, ...}   # mean voxel fraction per foreground label
         },
         "<component>": {...}                  # one section per RL component, paper defaults
@@ -29,18 +31,60 @@ MAX_CASES_FOR_LABEL_FRACTIONS = 50  # enough for a stable mean; keeps planning f
 
 # One section per RL component: {component: {hyperparameter: paper default}}. Each component adds its own entry
 # (with the paper's equation or table in a comment) when it lands; `nnunet-rl plan` writes them all.
-PAPER_DEFAULTS: dict[str, dict] = {}
+PAPER_DEFAULTS: dict[str, dict] = {
+    # RL-U2Net (paper 000); choices where the paper is silent are ours and explained in docs/rl_u2net.md.
+    "rl_u2net": {
+        "aligned_stages": None,            # encoder stages followed by RL-XAlign; None: the deepest 4, never stage 0
+        "fusion_directions": ["primary", "auxiliary"],  # both branches take the other in (Fig. 9); one: one way
+        "window_size": 4,                  # CMA window w (eqs. 1-5); ours
+        "k_sel": 2,                        # rotations sampled per forward and averaged (PoseAlign); ours
+        "temperature": 0.1,                # τ of π = softmax(θ/τ); ours
+        "fusion_weight": 0.3,              # λ of eq. 7, best in the paper's sweep (Fig. 9)
+        "use_cma": True,
+        "policy_lr": 5e-5,                 # PPO (eqs. 10-13, Algorithm 1): the paper's settings
+        "value_lr": 2e-4,
+        "clip": 0.2,                       # ε of eq. 11; ours (PPO's usual value)
+        "gamma": 0.99,                     # γ of eqs. 10, 13; ours
+        "rollout_samples": 16,             # N samples per PPO round
+        "ppo_epochs": 10,                  # K mini-epochs
+        "minibatch": 64,                   # M
+        "rl_fraction": 0.2,                # RL in the first 100 of 500 epochs; θ frozen after
+        "seed": 0,                         # rotation sampling and PPO mini-batches
+        "agwd": True,                      # AGWD (eqs. 18-19)
+        "agwd_gamma": 1.0,                 # γ, δ of eq. 18; ours
+        "agwd_delta": 0.0,
+        "alignment_weight": 0.1,           # λ₁ of eq. 20; ours
+        "infonce_weight": 1.0,             # α, β of eq. 17; ours
+        "cosine_weight": 1.0,
+        "infonce_temperature": 0.1,
+    },
+    # AWSnet's DAS (paper 003); see docs/rl_deep_supervision.md.
+    "rl_deep_supervision": {
+        "candidates": 10,                  # K weightings sampled per round
+        "lr": 1e-3,                        # Adam on the controllers' θ
+        "init_std": 0.001,                 # θ ~ N(0, 0.001)
+        "baseline_gamma": 0.99,            # moving baseline B_t
+        "warmup_fraction": 0.75,           # fixed nnU-Net weights first: 150 of 200 epochs
+        "rl_steps_per_epoch": 1,           # look-ahead rounds per RL epoch (the paper: one round per epoch)
+        "seed": 0,                         # controller initialisation and sampling
+    },
+}
 
 
 def channel_split(channel_names: dict, auxiliary: list[str] | None = None) -> dict:
-    """Primary/auxiliary channel groups by name; default: channel 0 primary, the rest auxiliary."""
+    """Primary/auxiliary channel groups by name and by input index; default: channel 0 primary, the rest auxiliary.
+
+    The indices are what a network needs: ``build_network_architecture`` sees the plans but not dataset.json.
+    """
     names = [channel_names[k] for k in sorted(channel_names, key=int)]
     if auxiliary is None:
         auxiliary = names[1:]
     unknown = sorted(set(auxiliary) - set(names))
     if unknown:
         raise NnunetRLError(f"auxiliary channels {unknown} are not among the dataset's channels {names}")
-    return {"primary_channels": [n for n in names if n not in auxiliary], "auxiliary_channels": list(auxiliary)}
+    return {"primary_channels": [n for n in names if n not in auxiliary], "auxiliary_channels": list(auxiliary),
+            "primary_indices": [i for i, n in enumerate(names) if n not in auxiliary],
+            "auxiliary_indices": [i for i, n in enumerate(names) if n in auxiliary]}
 
 
 def label_fractions(gt_folder: Path, dataset_json: dict) -> dict[str, float] | None:

@@ -139,8 +139,10 @@ def test_rl_block_of_another_version_is_refused(planned_dataset):
 
 def test_channel_split_by_name():
     channels = {"0": "T2", "1": "ADC", "2": "DWI"}
-    assert channel_split(channels) == {"primary_channels": ["T2"], "auxiliary_channels": ["ADC", "DWI"]}
-    assert channel_split(channels, ["T2"]) == {"primary_channels": ["ADC", "DWI"], "auxiliary_channels": ["T2"]}
+    assert channel_split(channels) == {"primary_channels": ["T2"], "auxiliary_channels": ["ADC", "DWI"],
+                                       "primary_indices": [0], "auxiliary_indices": [1, 2]}
+    assert channel_split(channels, ["T2"]) == {"primary_channels": ["ADC", "DWI"], "auxiliary_channels": ["T2"],
+                                               "primary_indices": [1, 2], "auxiliary_indices": [0]}
     with pytest.raises(NnunetRLError, match="FLAIR"):
         channel_split(channels, ["FLAIR"])
 

@@ -49,12 +49,15 @@ class RLTrainerBase(nnUNetTrainer):
     """Base of our trainers. Subclasses declare their state and telemetry; nnU-Net's loop does the rest.
 
     - ``self.rl_block``: the configuration's ``rl`` block from the plans (derived when absent);
-      ``rl_hyperparameters(component)``: one component's section, paper defaults overridden by the plans.
+      ``rl_hyperparameters(component)``: one component's section, paper defaults overridden by the plans, then by
+      the class's ``rl_overrides`` (how variants such as ablations pin a hyperparameter, nnU-Net style).
     - ``register_telemetry(*keys)`` / ``log_telemetry(key, value)``: per-epoch scalars in nnU-Net's logger,
       ``progress.png`` (extra panel) and W&B; keys not logged in an epoch get NaN.
     - ``rl_state_dict()`` / ``load_rl_state_dict(state)``: saved inside nnU-Net's checkpoint under
       ``"nnunet_rl"`` and restored by ``--c``.
     """
+
+    rl_overrides: dict[str, dict] = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -68,9 +71,22 @@ class RLTrainerBase(nnUNetTrainer):
             if self.preprocessed_dataset_folder_base is not None else None
         return read_rl_block(self.configuration_manager, self.dataset_json, gt_folder)
 
+    @classmethod
+    def hyperparameters_from(cls, block: dict, component: str) -> dict:
+        """A component's section of ``block`` with this class's overrides; usable where only the plans are at hand
+        (``build_network_architecture`` is called by nnU-Net's predictor without a trainer instance)."""
+        pinned = {**block.get(component, {}), **cls.rl_overrides.get(component, {})}
+        return rl_section({**block, component: pinned}, component)
+
     def rl_hyperparameters(self, component: str) -> dict:
-        """The component's section of the rl block: paper defaults overridden by the plans."""
-        return rl_section(self.rl_block, component)
+        """The component's section of the rl block: paper defaults overridden by the plans and the class."""
+        return self.hyperparameters_from(self.rl_block, component)
+
+    @property
+    def bare_network(self) -> torch.nn.Module:
+        """The network without nnU-Net's DDP and torch.compile wrappers."""
+        network = self.network.module if self.is_ddp else self.network
+        return getattr(network, "_orig_mod", network)
 
     def register_telemetry(self, *keys: str) -> None:
         for key in keys:

@@ -8,6 +8,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_rl.trainers.pam import nnUNetTrainerPAM
+from nnunet_rl.trainers.rl_deep_supervision import nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_faithful
 
 
 class ShortSchedule:
@@ -28,11 +29,13 @@ class ShortSchedule:
 class Smoke(ShortSchedule):
     """Seconds per epoch on a CPU: tests and ``nnunet-rl demo --quick``."""
     epochs, iterations = 3, 2
+    suffix = "_3epochs_2iters"
 
 
 class Demo(ShortSchedule):
     """A few minutes per trainer on a CPU: ``nnunet-rl demo``."""
     epochs, iterations, val_iterations = 10, 20, 5
+    suffix = "_10epochs_20iters"
 
 
 class nnUNetTrainer_3epochs_2iters(Smoke, nnUNetTrainer):
@@ -48,4 +51,20 @@ class nnUNetTrainerPAM_3epochs_2iters(Smoke, nnUNetTrainerPAM):
 
 
 class nnUNetTrainerPAM_10epochs_20iters(Demo, nnUNetTrainerPAM):
+    pass
+
+
+class nnUNetTrainerRLDeepSup_3epochs_2iters(Smoke, nnUNetTrainerRLDeepSup):
+    pass
+
+
+class nnUNetTrainerRLDeepSup_10epochs_20iters(Demo, nnUNetTrainerRLDeepSup):
+    pass
+
+
+class nnUNetTrainerRLDeepSup_faithful_3epochs_2iters(Smoke, nnUNetTrainerRLDeepSup_faithful):
+    pass
+
+
+class nnUNetTrainerRLDeepSup_faithful_10epochs_20iters(Demo, nnUNetTrainerRLDeepSup_faithful):
     pass

@@ -1,0 +1,135 @@
+"""RL-U2Net's dual-branch U-Net (paper 000, Fig. 6), built from nnU-Net's planned topology.
+
+Each branch is the planned network (PlainConvUNet or a ResEnc U-Net, with the plans' stages, features, kernels,
+strides, norm and deep supervision) fed by one channel group: the primary channels or the auxiliary ones. After
+the chosen encoder stages an :class:`~nnunet_rl.rl_xalign.RLXAlign` module fuses the other branch's aligned
+features into a branch (eq. 7); the fused map is both the next stage's input and the skip to the decoder, as the
+paper's RL-XAlign sits between encoder stages. By default both directions are fused (each branch takes the other
+as its auxiliary, the paper's Fig. 9 reports both).
+
+In training mode the network returns a :class:`DualBranchOutput` (both branches' deep-supervision outputs and, per
+RL-XAlign module, the features the alignment loss and the PPO state need); in eval mode it returns the soft vote of
+the two branches (eqs. 14-16) as log-probabilities, which nnU-Net's predictor and validation treat as logits.
+"""
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from torch import nn
+
+from nnunet_rl.rl_xalign import RLXAlign, feature_similarity
+from nnunet_rl.u2net_losses import soft_vote
+
+FUSION_DIRECTIONS = ("primary", "auxiliary")  # "primary": the primary branch takes in the auxiliary one; and back
+
+
+@dataclass
+class Alignment:
+    """What one RL-XAlign module did in a forward pass: the receiving branch's features and the aligned ones."""
+    key: str
+    own: torch.Tensor
+    aligned: torch.Tensor
+
+    def similarity(self) -> torch.Tensor:
+        """S_similarity of eqs. 8-9 for this module, averaged over the batch (detached)."""
+        return feature_similarity(self.own.detach(), self.aligned.detach()).mean()
+
+
+@dataclass
+class DualBranchOutput:
+    """Training-mode output: deep-supervision outputs of both branches (full resolution first) and alignments."""
+    primary: list[torch.Tensor]
+    auxiliary: list[torch.Tensor]
+    alignments: list[Alignment]
+
+
+def default_aligned_stages(num_stages: int) -> list[int]:
+    """The paper aligns after each of its 4 encoder stages, which start below full resolution (Swin's patch
+    embedding); here: the deepest 4 of the planned stages, never the full-resolution stage 0."""
+    return list(range(max(1, num_stages - 4), num_stages))
+
+
+def _encoder_stage(encoder: nn.Module, stage: int, x: torch.Tensor) -> torch.Tensor:
+    """One stage of a dynamic-network-architectures encoder (the ResEnc stem belongs to stage 0)."""
+    if stage == 0 and getattr(encoder, "stem", None) is not None:
+        x = encoder.stem(x)
+    return encoder.stages[stage](x)
+
+
+class DualBranchUNet(nn.Module):
+    """Two planned U-Nets on two channel groups, joined by RL-XAlign modules between encoder stages.
+
+    ``set_actions`` chooses the PoseAlign rotations of the next forward pass per module (``{key: LongTensor}``);
+    ``None`` (the default, and always in eval mode) uses each module's deterministic rule, the most probable
+    rotation, so predictions are reproducible.
+    """
+
+    def __init__(self, primary: nn.Module, auxiliary: nn.Module, primary_channels: Sequence[int],
+                 auxiliary_channels: Sequence[int], aligned_stages: Sequence[int], directions: Sequence[str],
+                 window_size: int, k_sel: int, temperature: float, fusion_weight: float, use_cma: bool):
+        super().__init__()
+        unknown = sorted(set(directions) - set(FUSION_DIRECTIONS))
+        if unknown:
+            raise ValueError(f"unknown fusion directions {unknown}; choose from {FUSION_DIRECTIONS}")
+        self.primary_branch, self.auxiliary_branch = primary, auxiliary
+        self.primary_channels, self.auxiliary_channels = list(primary_channels), list(auxiliary_channels)
+        features = primary.encoder.output_channels
+        self.num_stages = len(features)
+        bad = [s for s in aligned_stages if not 0 <= s < self.num_stages]
+        if bad:
+            raise ValueError(f"aligned stages {bad} are outside the planned encoder's stages 0..{self.num_stages - 1}")
+        self.aligned_stages = sorted(aligned_stages)
+        dim = convert_conv_op_to_dim(primary.encoder.conv_op)
+        self.xalign = nn.ModuleDict({
+            self.module_key(direction, stage): RLXAlign(features[stage], dim, window_size, k_sel, temperature,
+                                                        fusion_weight, use_cma)
+            for stage in self.aligned_stages for direction in directions})
+        for module in self.xalign.values():  # θ is trained by PPO only, never by the segmentation loss (nor DDP)
+            module.pose.theta.requires_grad_(False)
+        self.actions: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def module_key(direction: str, stage: int) -> str:
+        return f"{direction}_stage{stage}"
+
+    def set_actions(self, actions: dict[str, torch.Tensor] | None) -> None:
+        self.actions = actions
+
+    def action(self, key: str) -> torch.Tensor:
+        if self.training and self.actions is not None:
+            return self.actions[key]
+        return self.xalign[key].pose.greedy_action()
+
+    def set_deep_supervision(self, enabled: bool) -> None:
+        self.primary_branch.decoder.deep_supervision = enabled
+        self.auxiliary_branch.decoder.deep_supervision = enabled
+
+    def _align(self, direction: str, stage: int, own: torch.Tensor, other: torch.Tensor,
+               alignments: list[Alignment]) -> torch.Tensor:
+        key = self.module_key(direction, stage)
+        if key not in self.xalign:
+            return own
+        fused, aligned = self.xalign[key](own, other, self.action(key))
+        alignments.append(Alignment(key, own, aligned))
+        return fused
+
+    def forward(self, x: torch.Tensor):
+        primary, auxiliary = x[:, self.primary_channels], x[:, self.auxiliary_channels]
+        primary_skips, auxiliary_skips, alignments = [], [], []
+        for stage in range(self.num_stages):
+            primary = _encoder_stage(self.primary_branch.encoder, stage, primary)
+            auxiliary = _encoder_stage(self.auxiliary_branch.encoder, stage, auxiliary)
+            if stage in self.aligned_stages:
+                primary, auxiliary = (self._align("primary", stage, primary, auxiliary, alignments),
+                                      self._align("auxiliary", stage, auxiliary, primary, alignments))
+            primary_skips.append(primary)
+            auxiliary_skips.append(auxiliary)
+        primary_out = self.primary_branch.decoder(primary_skips)
+        auxiliary_out = self.auxiliary_branch.decoder(auxiliary_skips)
+        if self.training:
+            as_list = (lambda out: out if isinstance(out, (list, tuple)) else [out])
+            return DualBranchOutput(as_list(primary_out), as_list(auxiliary_out), alignments)
+        if isinstance(primary_out, (list, tuple)):
+            return [soft_vote(a, b) for a, b in zip(primary_out, auxiliary_out)]
+        return soft_vote(primary_out, auxiliary_out)

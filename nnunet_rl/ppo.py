@@ -1,0 +1,194 @@
+"""PPO for RL-XAlign's PoseAlign policy (RL-U2Net, paper 000, eqs. 8-13 and Algorithm 1).
+
+A rollout is one transition ``(s, s', a, log π_old(a), r)``: ``s`` the state with PoseAlign disabled, ``s'`` the
+state with it enabled, both ``[1 − L_Dice, S_similarity, epoch / E]`` (eq. 8), ``r = (1 − L_Dice) + S_similarity``
+(eq. 9). The critic is a small MLP ``V(s)``; the update runs ``ppo_epochs`` mini-epochs over shuffled mini-batches:
+
+    V̂ = r + γ·V(s')                                       (eq. 13, V(s') detached)
+    A = V̂ − V(s), normalised to mean 0, std 1              (eq. 10)
+    L_policy = −mean(min(ρ·A, clip(ρ, 1−ε, 1+ε)·A)),  ρ = exp(log π_new − log π_old)   (eq. 11)
+    L_value = mean((V(s) − V̂)²)                           (eq. 12)
+
+The policy is any module with ``log_prob(actions) -> (N,)`` and ``entropy() -> scalar`` (PoseAlign: a state-free
+softmax over the 24 cube rotations); the paper has no entropy bonus, so entropy is only reported. The paper's
+settings are the defaults: policy lr 5e-5, value lr 2e-4, 10 mini-epochs, mini-batch 64; ε and γ are not given,
+so we take PPO's usual ε = 0.2 and γ = 0.99.
+"""
+import torch
+from torch import nn
+
+STATE_DIM = 3  # eq. 8: [1 − L_Dice, S_similarity, epoch / E]
+FIELDS = ("state", "next_state", "actions", "log_prob_old", "reward")  # one transition, in Algorithm 1's order
+FLOAT_FIELDS = ("state", "next_state", "log_prob_old", "reward")  # the fields that must stay finite
+
+
+def normalise_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Advantages shifted to mean 0 and scaled to std 1 (eq. 10, "standardized"); one sample is returned as is."""
+    if advantages.numel() < 2:
+        return advantages
+    return (advantages - advantages.mean()) / (advantages.std() + eps)
+
+
+def policy_loss(log_prob_new: torch.Tensor, log_prob_old: torch.Tensor, advantages: torch.Tensor,
+                clip: float) -> torch.Tensor:
+    """The clipped surrogate −mean(min(ρ·A, clip(ρ, 1−ε, 1+ε)·A)), ρ = exp(log π_new − log π_old) (eq. 11)."""
+    ratio = torch.exp(log_prob_new - log_prob_old)
+    return -torch.min(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages).mean()
+
+
+def require_finite(name: str, tensor: torch.Tensor) -> None:
+    """Raise ValueError if ``tensor`` holds NaN or ±inf: one bad reward would poison both networks."""
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise ValueError(f"PPO {name} must be finite: {bad} of {tensor.numel()} values are NaN or inf")
+
+
+class Critic(nn.Module):
+    """V_φ(s): Linear-Tanh-Linear-Tanh-Linear on the state vector; ``(N, state_dim) -> (N,)``."""
+
+    def __init__(self, state_dim: int = STATE_DIM, hidden: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(state_dim, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, 1))
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.net(state).squeeze(-1)
+
+
+class RolloutBuffer:
+    """Preallocated storage for ``capacity`` transitions (Algorithm 1, lines 1-14), on the CPU.
+
+    ``add`` takes one transition (state ``(3,)``, actions ``(k_sel,)``, scalar log-prob and reward) or a batch of
+    them (leading dimension N). The write position is part of ``state_dict`` so a resumed run continues exactly.
+    """
+
+    def __init__(self, capacity: int, k_sel: int, state_dim: int = STATE_DIM):
+        self.capacity, self.k_sel, self.size = capacity, k_sel, 0
+        self.state = torch.zeros(capacity, state_dim)
+        self.next_state = torch.zeros(capacity, state_dim)
+        self.actions = torch.zeros(capacity, k_sel, dtype=torch.long)
+        self.log_prob_old = torch.zeros(capacity)
+        self.reward = torch.zeros(capacity)
+
+    def add(self, state: torch.Tensor, next_state: torch.Tensor, actions: torch.Tensor,
+            log_prob_old: torch.Tensor, reward: torch.Tensor) -> None:
+        state_dim = self.state.shape[1]
+        rows = {"state": state.detach().reshape(-1, state_dim),
+                "next_state": next_state.detach().reshape(-1, state_dim),
+                "actions": actions.detach().reshape(-1, self.k_sel),
+                "log_prob_old": log_prob_old.detach().reshape(-1),
+                "reward": torch.as_tensor(reward).detach().reshape(-1)}
+        n = rows["state"].shape[0]
+        sizes = {name: value.shape[0] for name, value in rows.items()}
+        if set(sizes.values()) != {n}:
+            raise ValueError(f"transition parts disagree on the number of transitions: {sizes}")
+        if self.size + n > self.capacity:
+            raise ValueError(f"buffer holds {self.size} of {self.capacity} transitions, cannot add {n}")
+        for name in FLOAT_FIELDS:
+            require_finite(name, rows[name])
+        for name, value in rows.items():
+            getattr(self, name)[self.size:self.size + n] = value.to("cpu")
+        self.size += n
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def full(self) -> bool:
+        return self.size == self.capacity
+
+    def clear(self) -> None:
+        """Start a new round; the storage is overwritten, not reallocated."""
+        self.size = 0
+
+    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(state, next_state, actions, log_prob_old, reward)`` of the transitions at ``index``."""
+        return tuple(getattr(self, name)[index] for name in FIELDS)
+
+    def state_dict(self) -> dict:
+        return {"size": self.size} | {name: getattr(self, name).clone() for name in FIELDS}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict["actions"].shape != self.actions.shape:
+            raise ValueError(f"buffer of shape {tuple(state_dict['actions'].shape)} (capacity, k_sel) cannot be loaded "
+                             f"into one of shape {tuple(self.actions.shape)}")
+        for name in FIELDS:
+            getattr(self, name).copy_(state_dict[name])
+        self.size = int(state_dict["size"])
+
+
+class PPOAgent:
+    """The critic, one Adam optimiser for the policy and one for the critic, and the PPO update (Algorithm 1).
+
+    ``update(buffer)`` runs lines 17-31 and returns the mean statistics of its mini-batches; the caller clears the
+    buffer for the next round. The policy's own parameters are saved with the network that holds it; this
+    agent's ``state_dict`` holds the critic, both optimisers and the shuffling generator. Under DDP every rank
+    must update on the same buffer with the same seed (``nnunet_rl.distributed.mean_across_ranks`` before ``add``)
+    to keep policy and critic identical.
+    """
+
+    def __init__(self, policy: nn.Module, policy_lr: float = 5e-5, value_lr: float = 2e-4, clip: float = 0.2,
+                 gamma: float = 0.99, ppo_epochs: int = 10, minibatch: int = 64, seed: int = 0):
+        self.policy = policy
+        self.critic = Critic()
+        self.clip, self.gamma, self.ppo_epochs, self.minibatch = clip, gamma, ppo_epochs, minibatch
+        self.policy_optimizer = torch.optim.Adam(policy.parameters(), lr=policy_lr)
+        self.value_optimizer = torch.optim.Adam(self.critic.parameters(), lr=value_lr)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def update(self, buffer: RolloutBuffer) -> dict[str, float]:
+        """``ppo_epochs`` passes over the buffer in shuffled mini-batches, each one step of both optimisers.
+
+        Returns the means over mini-batches of ``policy_loss`` (eq. 11), ``value_loss`` (eq. 12), ``entropy`` of
+        the policy, ``approx_kl`` and ``clip_fraction`` (as Stable-Baselines3 logs them), and ``mean_reward``.
+        """
+        n = len(buffer)
+        if n == 0:
+            raise ValueError("PPO update on an empty buffer")
+        for name in FLOAT_FIELDS:
+            require_finite(name, getattr(buffer, name)[:n])
+        critic_device = next(self.critic.parameters()).device
+        policy_device = next(self.policy.parameters()).device
+        size = min(self.minibatch, n)
+        totals = dict.fromkeys(("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"), 0.0)
+        steps = 0
+        for _ in range(self.ppo_epochs):
+            order = torch.randperm(n, generator=self.generator)
+            for start in range(0, n, size):
+                state, next_state, actions, log_prob_old, reward = buffer.batch(order[start:start + size])
+                state, next_state, reward = (t.to(critic_device) for t in (state, next_state, reward))
+                value_now = self.critic(state)
+                with torch.no_grad():
+                    target = reward + self.gamma * self.critic(next_state)  # eq. 13
+                advantages = normalise_advantages(target - value_now.detach()).to(policy_device)  # eq. 10
+                log_prob_new = self.policy.log_prob(actions.to(policy_device))
+                log_prob_old = log_prob_old.to(policy_device)
+                actor_loss = policy_loss(log_prob_new, log_prob_old, advantages, self.clip)
+                value_loss = torch.mean((value_now - target) ** 2)  # eq. 12
+                self.policy_optimizer.zero_grad(set_to_none=True)
+                actor_loss.backward()
+                self.policy_optimizer.step()
+                self.value_optimizer.zero_grad(set_to_none=True)
+                value_loss.backward()
+                self.value_optimizer.step()
+                with torch.no_grad():
+                    log_ratio = log_prob_new - log_prob_old
+                    totals["policy_loss"] += actor_loss.item()
+                    totals["value_loss"] += value_loss.item()
+                    totals["entropy"] += self.policy.entropy().item()
+                    totals["approx_kl"] += torch.mean(torch.expm1(log_ratio) - log_ratio).item()
+                    totals["clip_fraction"] += torch.mean(((log_ratio.exp() - 1).abs() > self.clip).float()).item()
+                steps += 1
+        stats = {key: value / steps for key, value in totals.items()}
+        stats["mean_reward"] = buffer.reward[:n].mean().item()
+        return stats
+
+    def state_dict(self) -> dict:
+        return {"critic": self.critic.state_dict(), "policy_optimizer": self.policy_optimizer.state_dict(),
+                "value_optimizer": self.value_optimizer.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.critic.load_state_dict(state_dict["critic"])
+        self.policy_optimizer.load_state_dict(state_dict["policy_optimizer"])
+        self.value_optimizer.load_state_dict(state_dict["value_optimizer"])
+        self.generator.set_state(state_dict["generator"])

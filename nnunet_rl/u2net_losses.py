@@ -1,0 +1,113 @@
+"""RL-U2Net's losses beyond Dice + CE (paper 000): AGWD (eqs. 18-19), the alignment loss (eq. 17), soft voting.
+
+The final loss (eq. 20) is ``AGWD.balance("dice", ...) + AGWD.balance("ce", ...) + λ₁·Σᵢ alignment_loss(...)``
+over the aligned stages i; the ensemble decision averages the two branches' probabilities (``soft_vote``).
+The paper gives none of γ, δ, α, β or the InfoNCE temperature; our defaults are documented where they are used.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def agwd_weight(loss_slow: torch.Tensor | float, loss_fast: torch.Tensor | float, gamma: float,
+                delta: float) -> torch.Tensor:
+    """w = tanh(γ·(L_slow − L_fast − δ)) (eq. 18), in (−1, 1)."""
+    return torch.tanh(gamma * (torch.as_tensor(loss_slow) - torch.as_tensor(loss_fast) - delta))
+
+
+class AGWD:
+    """Adaptive Gradient Weight Distributor: rebalances one loss kind between the two branches (eqs. 18-19).
+
+    For each loss kind ("dice", "ce") it keeps a detached running mean (EMA with ``momentum``; the first call
+    takes the loss itself) of each branch's loss. The branch with the higher running loss is the slow one;
+    w = tanh(γ(L̄_slow − L̄_fast − δ)) is computed from the running values and detached, and the balanced loss is
+    L_fast·(1 − w) + L_slow·(1 + w) (eq. 19) of the current losses, so gradients reach both branches.
+
+    Our defaults (the paper gives none): γ = 1 (losses of order 1 give w of order 0.1-0.7, never saturated),
+    δ = 0 (no dead zone: any gap shifts weight to the slow branch), momentum 0.9 (a gap must persist over about
+    ten iterations, not one noisy batch, to move w; 0 uses the current losses as the paper's formula reads).
+    """
+
+    def __init__(self, gamma: float = 1.0, delta: float = 0.0, momentum: float = 0.9):
+        self.gamma, self.delta, self.momentum = gamma, delta, momentum
+        self.running: dict[str, torch.Tensor] = {}  # kind -> (2,) running losses of branches a, b
+        self.last_weight: dict[str, float] = {}  # telemetry: kind -> w of the last call
+        self.last_slow: dict[str, int] = {}  # telemetry: kind -> 0 if branch a was slow, 1 if b
+
+    def balance(self, kind: str, loss_a: torch.Tensor, loss_b: torch.Tensor) -> torch.Tensor:
+        """Update the running losses of ``kind`` and return the balanced loss of eq. 19 (differentiable)."""
+        current = torch.stack((loss_a.detach(), loss_b.detach())).float()
+        previous = self.running.get(kind)
+        running = current if previous is None else \
+            self.momentum * previous.to(current.device) + (1 - self.momentum) * current
+        self.running[kind] = running
+        a_is_slow = running[0] >= running[1]
+        slow, fast = torch.where(a_is_slow, loss_a, loss_b), torch.where(a_is_slow, loss_b, loss_a)
+        weight = agwd_weight(running.max(), running.min(), self.gamma, self.delta)
+        self.last_weight[kind] = weight.item()
+        self.last_slow[kind] = int(not a_is_slow)
+        return fast * (1 - weight) + slow * (1 + weight)
+
+    def state_dict(self) -> dict:
+        return {"running": {kind: value.cpu().clone() for kind, value in self.running.items()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.running = {kind: value.clone() for kind, value in state_dict["running"].items()}
+
+
+def sample_tokens(a: torch.Tensor, b: torch.Tensor, max_tokens: int,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The channel vectors of ``a`` and ``b`` at the same ≤ max_tokens voxels of the batch, each ``(n, C)``."""
+    if a.shape != b.shape:
+        raise ValueError(f"aligned features must share one grid, got {tuple(a.shape)} and {tuple(b.shape)}")
+    channels = a.shape[1]
+    tokens_a = a.movedim(1, -1).reshape(-1, channels)
+    tokens_b = b.movedim(1, -1).reshape(-1, channels)
+    if tokens_a.shape[0] > max_tokens:
+        keep = torch.randperm(tokens_a.shape[0], generator=generator)[:max_tokens].to(a.device)
+        tokens_a, tokens_b = tokens_a[keep], tokens_b[keep]
+    return tokens_a, tokens_b
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1, max_tokens: int = 256,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE between ``a`` and ``b`` (B, C, *spatial) on one grid (eq. 17's L_InfoNCE).
+
+    Tokens are the L2-normalised channel vectors at up to ``max_tokens`` voxels of the batch (a random subset,
+    drawn with ``generator`` on the CPU, when there are more; the same voxels in a and b). Logits a_i·b_j / T over
+    all sampled tokens; the positive of token i is token i of the other map; the loss is the mean of the a→b and
+    b→a cross-entropies. Our defaults: T = 0.1 (the usual 0.07-0.2 of contrastive learning), 256 tokens (a 256²
+    logit matrix, negligible beside the network).
+    """
+    tokens_a, tokens_b = sample_tokens(a, b, max_tokens, generator)
+    tokens_a, tokens_b = F.normalize(tokens_a.float(), dim=1), F.normalize(tokens_b.float(), dim=1)
+    logits = tokens_a @ tokens_b.T / temperature
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def cosine_alignment(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1 − the mean over voxels of the cosine similarity of the channel vectors of ``a`` and ``b`` (L_Cosine)."""
+    if a.shape != b.shape:
+        raise ValueError(f"aligned features must share one grid, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return 1 - F.cosine_similarity(a.float(), b.float(), dim=1).mean()
+
+
+def alignment_loss(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, beta: float = 1.0, temperature: float = 0.1,
+                   max_tokens: int = 256, generator: torch.Generator | None = None) -> torch.Tensor:
+    """L_align = α·L_InfoNCE + β·L_Cosine (eq. 17). Our defaults α = β = 1: the paper calls them equilibrium
+    weights without values; both terms are O(1) at the start (InfoNCE ≤ log(max_tokens), cosine ≤ 2)."""
+    return alpha * info_nce(a, b, temperature, max_tokens, generator) + beta * cosine_alignment(a, b)
+
+
+def soft_vote(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """The two branches' ensemble as logits: log((softmax(a) + softmax(b)) / 2) over the channel axis (dim 1).
+
+    Computed as logsumexp of the two log-softmaxes minus log 2, so it stays finite for logits of any size;
+    softmax of the result is the averaged probability, so nnU-Net's predictor can treat it as logits.
+    """
+    if logits_a.shape != logits_b.shape:
+        raise ValueError(f"branch logits differ in shape: {tuple(logits_a.shape)} and {tuple(logits_b.shape)}")
+    log_probs = torch.stack((F.log_softmax(logits_a, dim=1), F.log_softmax(logits_b, dim=1)))
+    return torch.logsumexp(log_probs, dim=0) - math.log(2)

@@ -1,0 +1,223 @@
+"""``nnUNetTrainerRLDeepSup``: nnU-Net's deep-supervision weights learned per dataset by AWSnet's DAS (paper 003).
+
+The loss stays nnU-Net's ``DeepSupervisionWrapper(DC_and_CE)``; only its ``weight_factors`` change, to
+α = softmax(β) over the outputs nnU-Net supervises (its zero-weight lowest output stays at its stock value). After a
+warm-up with nnU-Net's fixed weights, each RL round samples K weightings from the controllers, rewards each with a
+cubed validation Dice, updates the controllers by REINFORCE against a moving baseline and keeps the best weighting
+(:mod:`nnunet_rl.deep_supervision_rl`). The two trainers differ only in how a candidate's validation Dice is found:
+
+- ``nnUNetTrainerRLDeepSup_faithful``: the paper's bilevel scheme. Every RL epoch trains K copies of the network for
+  one epoch each from the same start, scores each on the same validation batches and continues from the best copy.
+- ``nnUNetTrainerRLDeepSup`` (default): a one-step look-ahead. Per RL step, the gradients g_l of each output's loss
+  on a training batch and the gradient h of the soft Dice on a validation batch give, to first order, the Dice
+  after training with weighting α: D(α) ≈ D − η Σ_l α_l ⟨g_l, h⟩, η the SGD step size summed over the iterations
+  until the next RL step. All K candidates are scored from L + 1 backward passes. docs/rl_deep_supervision.md
+  explains why this optimises the same objective.
+
+Validation data: batches drawn from nnU-Net's own validation dataloader of the fold (the fold's validation cases of
+``splits_final.json``, patches sampled as nnU-Net samples them for its per-epoch pseudo Dice), never the test set.
+"""
+import copy
+import json
+import math
+from os.path import join
+
+import numpy as np
+import torch
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
+from nnunet_rl.deep_supervision_rl import (DASControllers, DeepSupervisionWeights, MovingBaseline, cubed_reward,
+                                           num_controlled)
+from nnunet_rl.distributed import mean_across_ranks
+from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.trainers.base import RLTrainerBase
+
+COMPONENT = "rl_deep_supervision"
+WEIGHTS_FILE = "rl_deep_supervision.json"
+
+
+def soft_foreground_dice(dice_loss: torch.nn.Module, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """nnU-Net's soft Dice (its Dice term is the negative soft Dice over the foreground classes)."""
+    return -dice_loss(output, target)
+
+
+class DeepSupervisionRLTrainer(RLTrainerBase):
+    """What both DAS trainers share: weights, controllers, baseline, telemetry, state; subclasses score candidates."""
+
+    def initialize(self) -> None:
+        super().initialize()
+        if not isinstance(self.loss, DeepSupervisionWrapper):
+            raise NnunetRLError(f"{type(self).__name__} learns deep-supervision weights, but this configuration "
+                                f"trains without deep supervision")
+        hp = self.rl_hyperparameters(COMPONENT)
+        num_outputs = len(self.loss.weight_factors)
+        self.zero_output_weight = self.loss.weight_factors[-1] if num_outputs > 1 else None  # 0, or 1e-6 under DDP
+        self.das_weights = DeepSupervisionWeights.stock(num_outputs)
+        self.controllers = DASControllers(num_controlled(num_outputs), hp["lr"], hp["init_std"], hp["seed"])
+        self.baseline = MovingBaseline(hp["baseline_gamma"])
+        self.candidates = hp["candidates"]
+        self.rl_start_epoch = math.floor(hp["warmup_fraction"] * self.num_epochs)
+        self.rl_steps_per_epoch = hp["rl_steps_per_epoch"]
+        self.register_telemetry(*(f"rl_deep_supervision/alpha_{i}" for i in range(num_outputs)),
+                                *(f"rl_deep_supervision/entropy_{i}" for i in range(self.das_weights.num_controlled)),
+                                "rl_deep_supervision/reward")
+        self._apply_weights()
+
+    def _apply_weights(self) -> None:
+        """Write α into nnU-Net's DeepSupervisionWrapper, keeping the stock weight of its unsupervised output."""
+        alpha = self.das_weights.alpha()
+        if self.zero_output_weight is None:
+            self.loss.weight_factors = tuple(alpha)
+        else:
+            self.loss.weight_factors = (*(alpha * (1 - self.zero_output_weight)), self.zero_output_weight)
+
+    def in_rl_phase(self) -> bool:
+        return self.current_epoch >= self.rl_start_epoch
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._iteration = 0
+        self._rewards: list[float] = []
+
+    def rl_round(self, score) -> None:
+        """One DAS round: K candidates, scored by ``score(betas) -> dice per candidate``; REINFORCE; keep the best."""
+        actions, betas = self.das_weights.candidates(self.controllers, self.candidates)
+        rewards = [cubed_reward(float(d)) for d in score(betas)]
+        self.controllers.update(actions, rewards, self.baseline)
+        self.das_weights.keep(betas[int(np.argmax(rewards))])
+        self._apply_weights()
+        self._rewards.extend(rewards)
+
+    def learned_weights(self) -> dict:
+        return {"order": "nnU-Net's deep-supervision outputs, full resolution first",
+                "alpha": [float(w) for w in self.loss.weight_factors],
+                "beta": [float(b) for b in self.das_weights.beta],
+                "stock_alpha": [float(w) for w in DeepSupervisionWeights.stock(len(self.loss.weight_factors)).alpha()],
+                "controller_probabilities": self.controllers.probabilities().tolist(),
+                "actions": "delta beta -0.15, 0, +0.15"}
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        super().on_train_epoch_end(train_outputs)
+        for i, weight in enumerate(self.loss.weight_factors):
+            self.log_telemetry(f"rl_deep_supervision/alpha_{i}", weight)
+        for i, entropy in enumerate(self.controllers.entropies().tolist()):
+            self.log_telemetry(f"rl_deep_supervision/entropy_{i}", entropy)
+        if self._rewards:
+            self.log_telemetry("rl_deep_supervision/reward", float(np.mean(self._rewards)))
+
+    def on_train_end(self) -> None:
+        if self.local_rank == 0:
+            with open(join(self.output_folder, WEIGHTS_FILE), "w") as file:
+                json.dump(self.learned_weights(), file, indent=2)
+        super().on_train_end()
+
+    def rl_state_dict(self) -> dict:
+        return {"controllers": self.controllers.state_dict(), "weights": self.das_weights.state_dict(),
+                "baseline": self.baseline.state_dict()}
+
+    def load_rl_state_dict(self, state: dict) -> None:
+        self.controllers.load_state_dict(state["controllers"])
+        self.das_weights.load_state_dict(state["weights"])
+        self.baseline.load_state_dict(state["baseline"])
+        self._apply_weights()
+
+
+class nnUNetTrainerRLDeepSup(DeepSupervisionRLTrainer):
+    """DAS with candidates scored by a one-step look-ahead: ``rl_steps_per_epoch`` rounds per RL epoch."""
+
+    def train_step(self, batch: dict) -> dict:
+        steps_every = max(1, self.num_iterations_per_epoch // self.rl_steps_per_epoch)
+        if self.in_rl_phase() and self._iteration % steps_every == 0:
+            self.rl_round(lambda betas: self.look_ahead_dice(batch, next(self.dataloader_val), betas, steps_every))
+        self._iteration += 1
+        return super().train_step(batch)
+
+    def look_ahead_dice(self, batch: dict, val_batch: dict, betas: np.ndarray, steps: int) -> np.ndarray:
+        """First-order validation Dice after ``steps`` SGD steps with each candidate weighting (float32, no AMP).
+
+        D(α) ≈ D_val − η·steps·Σ_l α_l ⟨g_l, h⟩, g_l = ∇ L_l(train batch), h = ∇ softDice(val batch), on the
+        network without its DDP wrapper; ⟨g_l, h⟩ and D_val are averaged over ranks so every rank scores alike.
+        """
+        network = self.bare_network
+        parameters = [p for p in network.parameters() if p.requires_grad]
+        data, target = self._to_device(batch)
+        val_data, val_target = self._to_device(val_batch)
+        outputs = network(data)
+        losses = [self.loss.loss(outputs[i], target[i]) for i in range(self.das_weights.num_controlled)]
+        val_output = network(val_data)[0]
+        dice = soft_foreground_dice(self.loss.loss.dc, val_output, val_target[0])
+        dice_gradient = torch.autograd.grad(dice, parameters, allow_unused=True)
+        alignment = torch.stack([
+            sum((g * h).sum() for g, h in zip(torch.autograd.grad(loss, parameters, retain_graph=True,
+                                                                  allow_unused=True), dice_gradient)
+                if g is not None and h is not None)
+            for loss in losses])
+        summary = mean_across_ranks(torch.cat([dice.detach()[None], alignment.detach()]).double().cpu()).numpy()
+        step_size = self.optimizer.param_groups[0]["lr"] * steps
+        alphas = np.exp(betas - betas.max(axis=1, keepdims=True))
+        alphas /= alphas.sum(axis=1, keepdims=True)
+        network.zero_grad(set_to_none=True)
+        return np.clip(summary[0] - step_size * alphas @ summary[1:], 0.0, 1.0)
+
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return batch["data"].to(self.device, non_blocking=True), \
+            [t.to(self.device, non_blocking=True) for t in batch["target"]]
+
+
+class nnUNetTrainerRLDeepSup_faithful(DeepSupervisionRLTrainer):
+    """The paper's bilevel DAS: K copies trained one epoch each per RL epoch, the best one continues (≈ K× cost)."""
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._best_outputs = None
+        if self.in_rl_phase():
+            self.rl_round(self.train_candidates)
+
+    def train_candidates(self, betas: np.ndarray) -> list[float]:
+        """Train one epoch per candidate from the same start; score each on the same validation batches.
+
+        The best copy's weights, optimizer state and training losses become this epoch's; nnU-Net's loop then
+        skips its own training iterations for this epoch and goes on to its validation.
+        """
+        start = self._training_state()
+        val_batches = [next(self.dataloader_val) for _ in range(self.num_val_iterations_per_epoch)]
+        dice, best = [], None
+        for beta in betas:
+            self._load_training_state(start)
+            self.das_weights.keep(beta)
+            self._apply_weights()
+            outputs = [self.train_step(next(self.dataloader_train))
+                       for _ in range(self.num_iterations_per_epoch)]
+            dice.append(self._validation_dice(val_batches))
+            if best is None or dice[-1] > best[0]:
+                best = (dice[-1], self._training_state(), outputs)
+        self._load_training_state(best[1])
+        self._best_outputs = best[2]
+        self._scheduled_iterations, self.num_iterations_per_epoch = self.num_iterations_per_epoch, 0
+        return dice
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        if self._best_outputs is not None:
+            train_outputs, self.num_iterations_per_epoch = self._best_outputs, self._scheduled_iterations
+        super().on_train_epoch_end(train_outputs)
+
+    def _training_state(self) -> dict:
+        return copy.deepcopy({"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
+                              "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler else None})
+
+    def _load_training_state(self, state: dict) -> None:
+        self.network.load_state_dict(state["network"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.grad_scaler is not None:
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+
+    def _validation_dice(self, val_batches: list[dict]) -> float:
+        """Mean foreground Dice over the batches, as nnU-Net's per-epoch pseudo Dice (tp/fp/fn summed, all ranks)."""
+        self.network.eval()
+        with torch.no_grad():
+            counts = [self.validation_step(batch) for batch in val_batches]
+        self.network.train()
+        tp, fp, fn = (mean_across_ranks(torch.tensor(np.sum([c[key] for c in counts], axis=0), dtype=torch.float64))
+                      for key in ("tp_hard", "fp_hard", "fn_hard"))
+        per_class = 2 * tp / (2 * tp + fp + fn)
+        return float(torch.nanmean(per_class))

@@ -1,0 +1,229 @@
+"""``nnUNetTrainerRLU2Net``: RL-U2Net (paper 000) on nnU-Net's planned topology, data, augmentation and loop.
+
+The trainer only wires components into nnU-Net's hooks:
+
+- ``build_network_architecture``: :class:`~nnunet_rl.dual_branch.DualBranchUNet` from the plans (also used by
+  ``nnUNetv2_predict``, which then gets the branches' soft vote as logits);
+- ``_build_loss``: :class:`~nnunet_rl.dual_branch_loss.DualBranchLoss` (eq. 20, AGWD eqs. 18-19);
+- ``train_step``: during the RL phase, PoseAlign rotations are sampled per module; on rollout iterations a
+  no-grad forward with PoseAlign disabled gives the baseline state, nnU-Net's own training step gives the next
+  state and the reward (Algorithm 1, lines 5-14), and a full buffer triggers the PPO update (lines 17-31);
+- ``on_train_end``: ``rl_policy.json`` with every module's rotation probabilities and matrices.
+"""
+import json
+import math
+from contextlib import contextmanager
+from os.path import join
+
+import numpy as np
+import torch
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from nnunetv2.utilities.helpers import dummy_context
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import autocast, nn
+
+from nnunet_rl.distributed import mean_across_ranks
+from nnunet_rl.dual_branch import DualBranchUNet, default_aligned_stages
+from nnunet_rl.dual_branch_loss import DualBranchLoss
+from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
+from nnunet_rl.ppo import PPOAgent, RolloutBuffer
+from nnunet_rl.trainers.base import RLTrainerBase
+from nnunet_rl.u2net_losses import AGWD
+
+COMPONENT = "rl_u2net"
+POLICY_FILE = "rl_policy.json"
+SINGLE_CHANNEL_TRAINERS = ("nnUNetTrainer", "nnUNetTrainerPAM", "nnUNetTrainerRLDeepSup")
+
+
+def channel_indices(block: dict, num_input_channels: int) -> tuple[list[int], list[int]]:
+    """Primary and auxiliary input channels from the rl block; channel 0 and the rest when the plans have none."""
+    split = block.get("dataset", {})
+    if "primary_indices" in split:
+        return split["primary_indices"], split["auxiliary_indices"]
+    return [0], list(range(1, num_input_channels))
+
+
+@contextmanager
+def trainable(parameter: nn.Parameter):
+    """θ takes gradients only inside the PPO update; the segmentation loss and DDP never see it."""
+    parameter.requires_grad_(True)
+    try:
+        yield
+    finally:
+        parameter.requires_grad_(False)
+
+
+class nnUNetTrainerRLU2Net(RLTrainerBase):
+    """Dual-branch U-Net with RL-XAlign (CMA + PoseAlign + PPO), AGWD and the alignment loss (paper 000)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        if len(dataset_json["channel_names"]) < 2:
+            raise NnunetRLError(
+                f"{type(self).__name__} needs paired multi-channel data (a primary and an auxiliary modality); this "
+                f"dataset has the single channel {list(dataset_json['channel_names'].values())}. For single-channel "
+                f"data use {', '.join(SINGLE_CHANNEL_TRAINERS)}.")
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        block = configuration_manager.configuration.get(RL_BLOCK_KEY, {})
+        hp = cls.hyperparameters_from(block, COMPONENT)
+        primary, auxiliary = channel_indices(block, num_input_channels)
+
+        def branch(channels: int) -> nn.Module:
+            return get_network_from_plans(configuration_manager.network_arch_class_name,
+                                          configuration_manager.network_arch_init_kwargs,
+                                          configuration_manager.network_arch_init_kwargs_req_import,
+                                          channels, num_output_channels, allow_init=True,
+                                          deep_supervision=enable_deep_supervision)
+
+        first = branch(len(primary))
+        stages = hp["aligned_stages"]
+        if stages is None:
+            stages = default_aligned_stages(len(first.encoder.output_channels))
+        return DualBranchUNet(first, branch(len(auxiliary)), primary, auxiliary, stages, hp["fusion_directions"],
+                              hp["window_size"], hp["k_sel"], hp["temperature"], hp["fusion_weight"], hp["use_cma"])
+
+    def _do_i_compile(self) -> bool:
+        """Not compiled: the PoseAlign actions change per step and the training output is a dataclass."""
+        return False
+
+    def _build_loss(self) -> nn.Module:
+        hp = self.rl_hyperparameters(COMPONENT)
+        agwd = AGWD(hp["agwd_gamma"], hp["agwd_delta"]) if hp["agwd"] else None
+        return DualBranchLoss(super()._build_loss(), agwd, hp["alignment_weight"], hp["infonce_weight"],
+                              hp["cosine_weight"], hp["infonce_temperature"])
+
+    def set_deep_supervision_enabled(self, enabled: bool) -> None:
+        self.bare_network.set_deep_supervision(enabled)
+
+    def initialize(self) -> None:
+        super().initialize()
+        hp = self.rl_hyperparameters(COMPONENT)
+        modules = self.bare_network.xalign
+        self.pose_generator = torch.Generator().manual_seed(hp["seed"])
+        self.agents = {key: PPOAgent(module.pose, hp["policy_lr"], hp["value_lr"], hp["clip"], hp["gamma"],
+                                     hp["ppo_epochs"], hp["minibatch"], seed=hp["seed"])
+                       for key, module in modules.items()}
+        self.buffers = {key: RolloutBuffer(hp["rollout_samples"], hp["k_sel"]) for key in modules}
+        self.rl_epochs = math.ceil(hp["rl_fraction"] * self.num_epochs)
+        self.sample_stride = max(1, self.num_iterations_per_epoch // hp["rollout_samples"])
+        self.register_telemetry("rl_u2net/agwd_w_dice", "rl_u2net/agwd_w_ce", "rl_u2net/alignment_loss")
+        if modules:
+            self.register_telemetry("rl_u2net/reward", "rl_u2net/value_loss", "rl_u2net/policy_loss",
+                                    "rl_u2net/entropy", *(f"rl_u2net/{key}/top_probability" for key in modules))
+        self._epoch_records: dict[str, list[float]] = {}
+
+    def in_rl_phase(self) -> bool:
+        return bool(self.agents) and self.current_epoch < self.rl_epochs
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._iteration = 0
+        self._epoch_records = {}
+
+    def _record(self, key: str, value: float) -> None:
+        self._epoch_records.setdefault(key, []).append(value)
+
+    def _disabled_pose_measurement(self, batch: dict) -> tuple[dict, dict]:
+        """Baseline state (Algorithm 1, lines 6-9): a no-grad forward with every PoseAlign at the identity."""
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = [t.to(self.device, non_blocking=True) for t in batch["target"]] \
+            if isinstance(batch["target"], list) else batch["target"].to(self.device, non_blocking=True)
+        network = self.bare_network
+        network.set_actions({key: torch.zeros(1, dtype=torch.long, device=self.device) for key in network.xalign})
+        with torch.no_grad(), autocast(self.device.type, enabled=True) if self.device.type == "cuda" \
+                else dummy_context():
+            return self.loss.measure(self.network(data), target)
+
+    def train_step(self, batch: dict) -> dict:
+        if not self.in_rl_phase():
+            result = super().train_step(batch)
+        else:
+            network = self.bare_network
+            collect = self._iteration % self.sample_stride == 0
+            before = self._disabled_pose_measurement(batch) if collect else None
+            actions = {key: module.pose.sample(self.pose_generator).to(self.device)
+                       for key, module in network.xalign.items()}
+            network.set_actions(actions)
+            try:
+                result = super().train_step(batch)
+            finally:
+                network.set_actions(None)
+            if collect:
+                self._store_rollout(before, (self.loss.last_dice, self.loss.last_similarity), actions)
+        self._iteration += 1
+        if self.loss.agwd is not None:
+            for kind in ("dice", "ce"):
+                self._record(f"rl_u2net/agwd_w_{kind}", self.loss.agwd.last_weight.get(kind, math.nan))
+        self._record("rl_u2net/alignment_loss", self.loss.last_alignment_loss)
+        return result
+
+    def _store_rollout(self, before: tuple[dict, dict], after: tuple[dict, dict], actions: dict) -> None:
+        """One (s, a, r, s') per module (eqs. 8-9): s from the disabled forward, s' and r from the training step."""
+        (dice_before, similarity_before), (dice_after, similarity_after) = before, after
+        progress, next_progress = self.current_epoch / self.num_epochs, (self.current_epoch + 1) / self.num_epochs
+        for key, buffer in self.buffers.items():
+            branch = key.split("_stage")[0]
+            sample = mean_across_ranks(torch.tensor([  # identical buffers, hence identical policies, on all ranks
+                dice_before[branch], similarity_before[key], progress,
+                dice_after[branch], similarity_after[key], next_progress,
+                dice_after[branch] + similarity_after[key]], dtype=torch.float64)).float()
+            pose = self.bare_network.xalign[key].pose
+            with torch.no_grad():
+                log_prob = pose.log_prob(actions[key][None]).cpu()
+            buffer.add(sample[:3], sample[3:6], actions[key].cpu(), log_prob[0], sample[6])
+            self._record("rl_u2net/reward", float(sample[6]))
+            if buffer.full:
+                with trainable(pose.theta):
+                    stats = self.agents[key].update(buffer)
+                buffer.clear()
+                for name in ("value_loss", "policy_loss", "entropy"):
+                    self._record(f"rl_u2net/{name}", stats[name])
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        super().on_train_epoch_end(train_outputs)
+        for key, values in self._epoch_records.items():
+            self.log_telemetry(key, float(np.nanmean(values)) if not np.all(np.isnan(values)) else math.nan)
+        for key, module in self.bare_network.xalign.items():
+            self.log_telemetry(f"rl_u2net/{key}/top_probability", float(module.pose.probabilities().max()))
+
+    def rl_policy(self) -> dict:
+        """Per module, the rotation probabilities and matrices as applied to the auxiliary features."""
+        modules = {}
+        for key, module in self.bare_network.xalign.items():
+            probabilities = module.pose.probabilities().detach().cpu().numpy()
+            order = np.argsort(-probabilities, kind="stable")
+            direction, stage = key.split("_stage")
+            modules[key] = {
+                "receiving_branch": direction, "encoder_stage": int(stage),
+                "greedy_index": int(module.pose.greedy_action()),
+                "rotations": [{"index": int(i), "probability": float(probabilities[i]),
+                               "matrix": module.pose.rotations[i].cpu().int().tolist()} for i in order]}
+        return {"convention": "matrices in the feature maps' array-axis order; the auxiliary feature at centred "
+                              "index x moves to matrix @ x (nnunet_rl.rotations); inference uses greedy_index",
+                "modules": modules}
+
+    def on_train_end(self) -> None:
+        if self.local_rank == 0:
+            with open(join(self.output_folder, POLICY_FILE), "w") as file:
+                json.dump(self.rl_policy(), file, indent=2)
+        super().on_train_end()
+
+    def rl_state_dict(self) -> dict:
+        return {"agents": {key: agent.state_dict() for key, agent in self.agents.items()},
+                "buffers": {key: buffer.state_dict() for key, buffer in self.buffers.items()},
+                "agwd": self.loss.agwd.state_dict() if self.loss.agwd is not None else None,
+                "pose_generator": self.pose_generator.get_state()}
+
+    def load_rl_state_dict(self, state: dict) -> None:
+        for key, agent in self.agents.items():
+            agent.load_state_dict(state["agents"][key])
+            self.buffers[key].load_state_dict(state["buffers"][key])
+        if self.loss.agwd is not None:
+            self.loss.agwd.load_state_dict(state["agwd"])
+        self.pose_generator.set_state(state["pose_generator"])
