@@ -43,6 +43,11 @@ def _demo(args):
     run_demo(quick=args.quick, msd_folder=args.msd, device=args.device)
 
 
+def _ablation(args):
+    from nnunet_rl.ablation import run_ablation
+    run_ablation(args.dataset, args.c, args.f, args.schedule, args.sweep, args.p, args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nnunet-rl", description="Reinforcement-learning tools for nnU-Net v2.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,6 +91,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     p.add_argument("-o", default=None, help="output folder (default: $nnUNet_results/DATASET/comparison__PLANS__CONFIG)")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("ablation", help="train (or reuse) RL-U2Net's ablation variants and stock nnU-Net on one fold, "
+                                        "compare them, write the paper's Table 2 layout (table2.md)")
+    p.add_argument("dataset", help="dataset name or ID (multi-channel)")
+    p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
+    p.add_argument("-f", type=int, required=True, help="fold")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("--schedule", choices=["full", "demo", "quick"], default="full",
+                   help="full: nnU-Net's 1000 epochs; demo: _10epochs_20iters; quick: _3epochs_2iters")
+    p.add_argument("--sweep", action="store_true", help="also the fusion-weight sweep λ = 0.1 ... 0.5 (Fig. 9)")
+    p.add_argument("-device", default=None, choices=["cuda", "cpu", "mps"], help="passed to nnUNetv2_train")
+    p.set_defaults(func=_ablation)
 
     p = sub.add_parser("demo", help="synthetic (or MSD) dataset -> plan -> train stock and ours -> predict -> compare")
     p.add_argument("--quick", action="store_true", help="tiny schedule for a smoke run (a few minutes on CPU)")

@@ -23,6 +23,14 @@ def set_nnunet_folders(base: Path) -> dict[str, str]:
     return folders
 
 
+def free_port() -> int:
+    """A free local TCP port for a gloo process group."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
 def make_trainer(dataset: str, trainer_class, configuration: str = "3d_fullres"):
     """A trainer on the CPU for a planned dataset, constructed as nnUNetv2_train constructs it."""
     import torch

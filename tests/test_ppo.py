@@ -2,13 +2,14 @@
 import copy
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
+from conftest import free_port
 
 from nnunet_rl.distributed import broadcast_module_, mean_across_ranks
 from nnunet_rl.ppo import FIELDS, Critic, PPOAgent, RolloutBuffer, normalise_advantages, policy_loss
@@ -189,12 +190,6 @@ def test_mean_across_ranks_and_broadcast_are_identities_without_a_process_group(
     before = [p.clone() for p in critic.parameters()]
     assert broadcast_module_(critic) is critic
     assert all(torch.equal(a, b) for a, b in zip(before, critic.parameters()))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        return sock.getsockname()[1]
 
 
 def ddp_rank(rank: int, port: int, folder: str) -> None:

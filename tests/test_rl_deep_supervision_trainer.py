@@ -20,8 +20,8 @@ class TinySchedule:
     rl_overrides = {COMPONENT: {"warmup_fraction": 0.0, "rl_steps_per_epoch": 4}}
     epochs, iterations = 3, 4
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = \
             self.epochs, self.iterations, 1
         self.save_every = 1
@@ -62,7 +62,7 @@ def test_controllers_lower_the_weight_of_a_useless_output(planned_dataset):
     trainer = trained(planned_dataset, NoisyOutputDeepSup)
     learned = json.load(open(os.path.join(trainer.output_folder, WEIGHTS_FILE)))
     assert learned["alpha"][NOISY_OUTPUT] < stock_alpha(trainer)[NOISY_OUTPUT]
-    assert trainer.logger.my_fantastic_logging[f"rl_deep_supervision/alpha_{NOISY_OUTPUT}"][-1] == \
+    assert trainer.logger.local_logger.my_fantastic_logging[f"rl_deep_supervision/alpha_{NOISY_OUTPUT}"][-1] == \
         pytest.approx(learned["alpha"][NOISY_OUTPUT])
 
 
@@ -70,9 +70,9 @@ def test_clean_data_keeps_a_valid_distribution_and_loss_decreases(planned_datase
     trainer = trained(planned_dataset, CleanDeepSup)
     weights = np.array(trainer.loss.weight_factors)
     assert np.all(weights >= 0) and weights.sum() == pytest.approx(1.0) and weights[-1] == 0
-    losses = trainer.logger.my_fantastic_logging["train_losses"]
+    losses = trainer.logger.local_logger.my_fantastic_logging["train_losses"]
     assert losses[-1] < losses[0]
-    rewards = trainer.logger.my_fantastic_logging["rl_deep_supervision/reward"]
+    rewards = trainer.logger.local_logger.my_fantastic_logging["rl_deep_supervision/reward"]
     assert all(0 <= r <= 1 for r in rewards)
 
 
@@ -89,7 +89,7 @@ def test_resume_restores_controllers_weights_and_baseline(planned_dataset):
 
 def test_faithful_mode_trains_candidates_and_continues_from_the_best(planned_dataset):
     trainer = trained(planned_dataset, FaithfulTwoCandidates)
-    log = trainer.logger.my_fantastic_logging
+    log = trainer.logger.local_logger.my_fantastic_logging
     assert len(log["train_losses"]) == FaithfulTwoCandidates.epochs and np.all(np.isfinite(log["train_losses"]))
     assert trainer.num_iterations_per_epoch == FaithfulTwoCandidates.iterations
     assert not np.allclose(trainer.das_weights.alpha(), stock_alpha(trainer)[:-1])
