@@ -1,0 +1,153 @@
+"""RL-U2Net: the dual-branch network from nnU-Net plans, its loss, the trainer's RL loop, state and policy file."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+
+from conftest import make_trainer
+from test_pam import unet_kwargs
+
+from nnunet_rl.dual_branch import DualBranchOutput, DualBranchUNet, default_aligned_stages
+from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.rotations import cube_rotations
+from nnunet_rl.trainers import (nnUNetTrainerRLU2Net, nnUNetTrainerRLU2Net_noCMA, nnUNetTrainerRLU2Net_noRLXAlign,
+                                nnUNetTrainerRLU2Net_lambda0p1)
+from nnunet_rl.trainers.rl_u2net import COMPONENT, POLICY_FILE
+
+
+def branches(architecture, dim: int, channels: int):
+    kwargs = {**unet_kwargs(dim), "input_channels": channels, "n_conv_per_stage_decoder": 1}
+    kwargs["n_blocks_per_stage" if architecture is ResidualEncoderUNet else "n_conv_per_stage"] = 1
+    return architecture(**kwargs)
+
+
+def dual_branch(architecture=PlainConvUNet, dim: int = 3, directions=("primary", "auxiliary"), use_cma=True):
+    torch.manual_seed(0)
+    return DualBranchUNet(branches(architecture, dim, 1), branches(architecture, dim, 2), [0], [1, 2], [1, 2],
+                          directions, window_size=2, k_sel=2, temperature=0.1, fusion_weight=0.3, use_cma=use_cma)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("architecture", [PlainConvUNet, ResidualEncoderUNet])
+def test_both_branches_keep_the_planned_deep_supervision(dim, architecture):
+    network = dual_branch(architecture, dim)
+    x = torch.randn(2, 3, *([16] * dim))
+    output = network(x)
+    assert isinstance(output, DualBranchOutput) and len(output.alignments) == 4
+    single = branches(architecture, dim, 1)
+    assert [o.shape for o in output.primary] == [o.shape for o in single(x[:, :1])]
+    assert [o.shape for o in output.auxiliary] == [o.shape for o in output.primary]
+    (sum(o.mean() for o in output.primary + output.auxiliary)).backward()
+    assert all(m.cma.query.weight.grad is not None for m in network.xalign.values())
+    assert all(m.pose.theta.grad is None and not m.pose.theta.requires_grad for m in network.xalign.values())
+
+
+def test_eval_output_is_the_soft_vote_of_the_branches():
+    network = dual_branch().eval()
+    network.set_deep_supervision(False)
+    x = torch.randn(1, 3, 16, 16, 16)
+    vote = network(x)
+    torch.testing.assert_close(vote.softmax(1).sum(1), torch.ones(1, 16, 16, 16))
+    network.train()
+    branches_out = network(x)
+    mean = (branches_out.primary[0].softmax(1) + branches_out.auxiliary[0].softmax(1)) / 2
+    torch.testing.assert_close(vote.softmax(1), mean, atol=1e-5, rtol=1e-4)
+
+
+def test_set_actions_choose_rotations_and_none_means_greedy():
+    network = dual_branch(directions=("primary",))
+    x = torch.randn(1, 3, 16, 16, 16)
+    key = DualBranchUNet.module_key("primary", 2)
+    network.xalign[key].pose.theta.data[5] = 1.0
+    greedy = network(x).alignments[1].aligned
+    identity = {k: torch.zeros(1, dtype=torch.long) for k in network.xalign}
+    network.set_actions({**identity, key: torch.tensor([5])})
+    torch.testing.assert_close(network(x).alignments[1].aligned, greedy)
+    network.set_actions(identity)
+    assert not torch.allclose(network(x).alignments[1].aligned, greedy)
+
+
+def test_default_aligned_stages_are_the_deepest_four_below_full_resolution():
+    assert default_aligned_stages(6) == [2, 3, 4, 5]
+    assert default_aligned_stages(4) == [1, 2, 3]
+    assert default_aligned_stages(2) == [1]
+
+
+def test_single_channel_dataset_is_refused_before_any_work(planned_dataset):
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    folder = os.path.join(os.environ["nnUNet_preprocessed"], planned_dataset)
+    dataset_json = load_json(os.path.join(folder, "dataset.json"))
+    dataset_json["channel_names"] = {"0": "CT"}
+    with pytest.raises(NnunetRLError, match="nnUNetTrainerPAM"):
+        nnUNetTrainerRLU2Net(load_json(os.path.join(folder, "nnUNetPlans.json")), "3d_fullres", 0, dataset_json,
+                             torch.device("cpu"))
+
+
+def test_variants_pin_their_hyperparameters(planned_dataset):
+    assert not make_trainer(planned_dataset, nnUNetTrainerRLU2Net_noRLXAlign).rl_hyperparameters(COMPONENT)[
+        "aligned_stages"]
+    assert make_trainer(planned_dataset, nnUNetTrainerRLU2Net_lambda0p1).rl_hyperparameters(COMPONENT)[
+        "fusion_weight"] == 0.1
+    trainer = make_trainer(planned_dataset, nnUNetTrainerRLU2Net_noCMA)
+    trainer.initialize()
+    assert all(m.cma is None for m in trainer.bare_network.xalign.values())
+
+
+class ShortRL(nnUNetTrainerRLU2Net):
+    """Two epochs of four iterations, RL in the first, a PPO round every four samples."""
+    rl_overrides = {COMPONENT: {"rl_fraction": 0.5, "rollout_samples": 4, "ppo_epochs": 2, "policy_lr": 0.01}}
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 4, 1
+        self.save_every = 1
+
+
+@pytest.fixture(scope="module")
+def trained_short_rl(planned_dataset):
+    torch.manual_seed(0)
+    trainer = make_trainer(planned_dataset, ShortRL)
+    trainer.run_training()
+    return trainer
+
+
+def test_ppo_updates_the_policy_in_the_rl_phase_and_freezes_it_after(trained_short_rl):
+    log = trained_short_rl.logger.local_logger.my_fantastic_logging
+    modules = trained_short_rl.bare_network.xalign
+    assert all(not torch.equal(m.pose.theta, torch.zeros_like(m.pose.theta)) for m in modules.values())
+    assert np.isfinite(log["rl_u2net/reward"][0]) and np.isnan(log["rl_u2net/reward"][1])
+    assert np.isfinite(log["rl_u2net/value_loss"][0])
+    for key in modules:
+        probabilities = log[f"rl_u2net/{key}/top_probability"]
+        assert probabilities[0] == probabilities[1] > 1 / 24
+    assert all(np.isfinite(log[k]).all() for k in ("rl_u2net/agwd_w_dice", "rl_u2net/alignment_loss"))
+
+
+def test_policy_file_lists_every_rotation_with_its_matrix(trained_short_rl):
+    policy = json.load(open(os.path.join(trained_short_rl.output_folder, POLICY_FILE)))
+    rotations = [np.array(m) for m in map(lambda r: r["matrix"], next(iter(policy["modules"].values()))["rotations"])]
+    assert len(policy["modules"]) == len(trained_short_rl.bare_network.xalign)
+    for key, module in policy["modules"].items():
+        assert sum(r["probability"] for r in module["rotations"]) == pytest.approx(1.0, abs=1e-5)
+        assert module["greedy_index"] == module["rotations"][0]["index"]
+        assert all(np.array_equal(cube_rotations(3)[r["index"]], r["matrix"]) for r in module["rotations"])
+    assert len(rotations) == 24
+
+
+def test_resume_restores_the_rl_state_exactly(trained_short_rl, planned_dataset):
+    checkpoint = os.path.join(trained_short_rl.output_folder, "checkpoint_final.pth")
+    resumed = make_trainer(planned_dataset, ShortRL)
+    resumed.load_checkpoint(checkpoint)
+    for key, agent in trained_short_rl.agents.items():
+        for name, value in agent.critic.state_dict().items():
+            torch.testing.assert_close(resumed.agents[key].critic.state_dict()[name], value, rtol=0, atol=0)
+        torch.testing.assert_close(resumed.bare_network.xalign[key].pose.theta,
+                                   trained_short_rl.bare_network.xalign[key].pose.theta, rtol=0, atol=0)
+        assert len(resumed.buffers[key]) == len(trained_short_rl.buffers[key])
+        assert resumed.agents[key].policy_optimizer.state_dict()["state"].keys() == \
+            agent.policy_optimizer.state_dict()["state"].keys()
+    assert torch.equal(resumed.pose_generator.get_state(), trained_short_rl.pose_generator.get_state())
+    torch.testing.assert_close(resumed.loss.agwd.running["dice"], trained_short_rl.loss.agwd.running["dice"])
