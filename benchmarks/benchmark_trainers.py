@@ -22,6 +22,12 @@ Train steps also report the process CPU time (all threads) next to the wall time
 average: on a shared CPU, other processes stretch the wall time of multi-threaded steps many times over (see
 docs/benchmarks.md), so compare only runs made on an otherwise idle machine, or use ``--rounds``.
 
+``-tr NAME@EPOCH`` times a trainer as at that epoch (``current_epoch`` set before the epoch starts: learning rate,
+RL phase), e.g. ``nnUNetTrainerRLU2Net@999`` after its RL phase. ``--synthetic-batches`` replaces nnU-Net's data
+(steps 2 and 4 are skipped) by random batches at the planned patch and batch size and a random volume of 1.5 patches
+per axis for prediction: only the plans and dataset.json are needed, e.g. for a realistic patch on a GPU machine
+without the data.
+
 Seconds per epoch are *derived*: mean train-step time x ``trainer.num_iterations_per_epoch`` (no validation
 iterations, no data loading).
 
@@ -85,6 +91,50 @@ def _batch_generator(loader):
     return loader.generator if hasattr(loader, "generator") else loader.data_loader
 
 
+def _synthetic_batches(trainer, seed: int):
+    """Endless random batches shaped like nnU-Net's: data (B, C, *patch), targets at every deep-supervision scale."""
+    import numpy as np
+    import torch
+    generator = torch.Generator().manual_seed(seed)
+    patch = trainer.configuration_manager.patch_size
+    scales = trainer._get_deep_supervision_scales() if trainer.enable_deep_supervision else [[1] * len(patch)]
+    heads = trainer.label_manager.num_segmentation_heads
+    while True:
+        yield {"data": torch.randn(trainer.batch_size, trainer.num_input_channels, *patch, generator=generator),
+               "target": [torch.randint(0, heads, (trainer.batch_size, 1, *np.round(np.multiply(patch, s)).astype(int)),
+                                        generator=generator).float() for s in scales]}
+
+
+def _time_loader_batches(trainer, seed: int) -> dict:
+    import numpy as np
+    import torch
+    generator = _batch_generator(trainer.dataloader_train)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a background worker
+    np.random.seed(seed)  # the same sequence of samples and augmentations for every trainer
+    torch.manual_seed(seed)
+    next(generator)
+    loader = []
+    for _ in range(LOADER_BATCHES):
+        t0 = time.perf_counter()
+        next(generator)
+        loader.append(time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    return _summary(loader)
+
+
+def _prediction_volume(args, trainer):
+    """(identifier, data): the fold's first validation case, or a random volume of 1.5 patches per axis."""
+    import numpy as np
+    import torch
+    if args.synthetic_batches:
+        shape = [int(1.5 * p) for p in trainer.configuration_manager.patch_size]
+        return "random", torch.randn(trainer.num_input_channels, *shape, generator=torch.Generator().manual_seed(0))
+    _, dataset_val = trainer.get_tr_and_val_datasets()
+    case = args.predict_case or dataset_val.identifiers[0]
+    return case, torch.from_numpy(np.ascontiguousarray(dataset_val.load_case(case)[0][:]))
+
+
 def _saved_activation_mib(network, data) -> float:
     """MiB of the tensors one training forward pass keeps for backward (unique storages, parameters excluded);
     under autocast on CUDA, as ``train_step`` runs it."""
@@ -140,14 +190,23 @@ def run_worker(args) -> dict:
     plans = load_json(str(folder / f"{args.p}.json"))
     dataset_json = load_json(str(folder / "dataset.json"))
     plans["continue_training"] = False  # as run_training.py sets it
-    trainer_class = recursive_find_trainer_class_by_name(args.trainer)
+    name, _, epoch = args.trainer.partition("@")
+    trainer_class = recursive_find_trainer_class_by_name(name)
     result["trainer_class"] = f"{trainer_class.__module__}.{trainer_class.__qualname__}"
 
     t0 = time.perf_counter()
     trainer = trainer_class(plans=plans, configuration=args.c, fold=args.f,
                             dataset_json=dataset_json, device=device)
     trainer.initialize()
-    trainer.on_train_start()
+    if args.synthetic_batches:
+        args.no_loop = True
+        os.makedirs(trainer.output_folder, exist_ok=True)
+        trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
+        trainer.dataloader_train = trainer.dataloader_val = _synthetic_batches(trainer, args.seed)
+    else:
+        trainer.on_train_start()
+    if epoch:
+        trainer.current_epoch = int(epoch)
     sync()
     result["setup_s"] = time.perf_counter() - t0
     trainer.network.train()
@@ -212,19 +271,8 @@ def run_worker(args) -> dict:
         result["peak_mem_train_mib"] = (torch.cuda.max_memory_allocated() / 2 ** 20) if cuda else _peak_rss_mib()
 
         # 4. one batch of nnU-Net's training data loader + augmentation, one thread, in this process
-        generator = _batch_generator(trainer.dataloader_train)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # as in a background worker
-        np.random.seed(args.seed)  # the same sequence of samples and augmentations for every trainer
-        torch.manual_seed(args.seed)
-        next(generator)
-        loader = []
-        for _ in range(LOADER_BATCHES):
-            t0 = time.perf_counter()
-            next(generator)
-            loader.append(time.perf_counter() - t0)
-        torch.set_num_threads(threads)
-        result["loader_batch_s"] = _summary(loader)
+        if not args.synthetic_batches:
+            result["loader_batch_s"] = _time_loader_batches(trainer, args.seed)
 
         # 5. sliding-window prediction of one preprocessed case, as nnU-Net's validation does it
         if not args.no_predict:
@@ -236,10 +284,7 @@ def run_worker(args) -> dict:
             predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager,
                                             None, trainer.dataset_json, trainer.__class__.__name__,
                                             trainer.inference_allowed_mirroring_axes)
-            _, dataset_val = trainer.get_tr_and_val_datasets()
-            case = args.predict_case or dataset_val.identifiers[0]
-            data = dataset_val.load_case(case)[0][:]
-            data = torch.from_numpy(np.ascontiguousarray(data))
+            case, data = _prediction_volume(args, trainer)
             slicers = predictor._internal_get_sliding_window_slicers(
                 tuple(max(s, p) for s, p in zip(data.shape[1:], trainer.configuration_manager.patch_size)))
             mirror_axes = trainer.inference_allowed_mirroring_axes or ()
@@ -276,7 +321,8 @@ def _dataset_id(dataset: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def resolve_dataset(dataset: str, configuration: str, plans: str, prepare_msd: str | None) -> str:
+def resolve_dataset(dataset: str, configuration: str, plans: str, prepare_msd: str | None,
+                    synthetic: bool = False) -> str:
     """The preprocessed dataset's name; with ``prepare_msd``, convert + plan + preprocess it when it is missing."""
     from nnunet_rl.errors import NnunetRLError
     from nnunet_rl.nnunet_folders import dataset_name, require_nnunet_folders
@@ -289,7 +335,7 @@ def resolve_dataset(dataset: str, configuration: str, plans: str, prepare_msd: s
     except NnunetRLError:
         name = None
     ready = name is not None and (preprocessed / name / f"{plans}.json").is_file() and \
-        (preprocessed / name / f"{plans}_{configuration}").is_dir()
+        (synthetic or (preprocessed / name / f"{plans}_{configuration}").is_dir())
     if ready:
         return name
     if not prepare_msd:
@@ -314,7 +360,8 @@ def run_trainer_subprocess(args, trainer: str, dataset: str, results_dir: Path, 
                "-c", args.c, "-p", args.p, "-f", str(args.f), "--iterations", str(args.iterations),
                "--warmup", str(args.warmup), "-device", args.device, "--predict-repeats", str(args.predict_repeats),
                "--threads", str(args.threads or 0), "--seed", str(args.seed), "--worker-output", str(out)]
-    command += ["--no-loop"] * args.no_loop + ["--no-predict"] * args.no_predict
+    command += ["--no-loop"] * args.no_loop + ["--no-predict"] * args.no_predict + \
+        ["--synthetic-batches"] * args.synthetic_batches
     if args.predict_case:
         command += ["--predict-case", args.predict_case]
     env = dict(os.environ, nnUNet_results=str(results_dir))
@@ -461,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prepare-msd", default=None, metavar="PATH",
                         help="MSD task folder (e.g. Task04_Hippocampus) to convert and preprocess as -d when the "
                              "dataset is missing")
+    parser.add_argument("--synthetic-batches", action="store_true",
+                        help="random batches at the planned patch/batch size instead of the dataset (needs only the "
+                             "plans and dataset.json); no loop or loader timing")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("-o", default=None, help="write the results as JSON to this file")
     parser.add_argument("-v", "--verbose", action="store_true", help="show nnU-Net's output of every trainer")
@@ -493,7 +543,7 @@ def main(argv=None) -> dict:
         os.environ.setdefault("nnUNet_n_proc_DA", "1")
     from nnunet_rl.discovery import register_ext_trainer
     register_ext_trainer()
-    dataset = resolve_dataset(args.d, args.c, args.p, args.prepare_msd)
+    dataset = resolve_dataset(args.d, args.c, args.p, args.prepare_msd, args.synthetic_batches)
 
     info = machine_info(args.device)
     print(f"[benchmark] {dataset} {args.p} {args.c}, device {args.device}, {info['cpu_count']} cores, "

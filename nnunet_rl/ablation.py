@@ -68,7 +68,8 @@ def _mean_over_classes(statistics: dict, metric: str) -> float | None:
 def table2(summary: dict, rows: dict[str, str]) -> str:
     """The paper's Table 2 layout with our numbers: per variant, Dice and HD95 averaged over the classes."""
     lines = [f"# Ablation ({len(summary['cases'])} validation cases; per-class means averaged over "
-             f"{len(summary['classes'])} classes)", "", "| method | trainer | Dice | HD95 (mm) |", "|---|---|---:|---:|"]
+             f"{len(summary['classes'])} classes)", "",
+             "| method | trainer | Dice | HD95 (mm) |", "|---|---|---:|---:|"]
     for label, trainer in rows.items():
         statistics = summary["statistics"][trainer]
         dice, hd95 = _mean_over_classes(statistics, "Dice"), _mean_over_classes(statistics, "HD95")

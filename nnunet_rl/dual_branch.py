@@ -26,14 +26,31 @@ FUSION_DIRECTIONS = ("primary", "auxiliary")  # "primary": the primary branch ta
 
 @dataclass
 class Alignment:
-    """What one RL-XAlign module did in a forward pass: the receiving branch's features and the aligned ones."""
+    """What one RL-XAlign module did in a forward pass.
+
+    ``own``/``aligned``: the receiving branch's features and the aligned features of the other branch at the module's
+    stage (the alignment loss compares them). ``own_finest``/``other_finest``: both branches' stage-0 features, on
+    which :meth:`similarity` measures how well the module's rotation aligns the modalities.
+    """
     key: str
     own: torch.Tensor
     aligned: torch.Tensor
+    pose: nn.Module
+    action: torch.Tensor
+    own_finest: torch.Tensor
+    other_finest: torch.Tensor
 
     def similarity(self) -> torch.Tensor:
-        """S_similarity of eqs. 8-9 for this module, averaged over the batch (detached)."""
-        return feature_similarity(self.own.detach(), self.aligned.detach()).mean()
+        """S_similarity of eqs. 8-9, averaged over the batch: the receiving branch's stage-0 features against the other
+        branch's stage-0 features turned by this module's rotation (the same rotation in normalised coordinates).
+
+        Measured at stage 0 because feature maps of deeper stages are not rotation-covariant: on untrained networks
+        and 32³ phantoms the rotation that re-aligns the modalities ranks first at stage 0 for all seeds tried but
+        anywhere from 1st to 18th at the 8³ and 4³ stages (docs/rl_u2net.md), so a similarity measured there would
+        not reward the right rotation.
+        """
+        with torch.no_grad():
+            return feature_similarity(self.own_finest, self.pose(self.other_finest, self.action)).mean()
 
 
 @dataclass
@@ -55,6 +72,10 @@ def _encoder_stage(encoder: nn.Module, stage: int, x: torch.Tensor) -> torch.Ten
     if stage == 0 and getattr(encoder, "stem", None) is not None:
         x = encoder.stem(x)
     return encoder.stages[stage](x)
+
+
+def _as_list(output) -> list[torch.Tensor]:
+    return list(output) if isinstance(output, (list, tuple)) else [output]
 
 
 class DualBranchUNet(nn.Module):
@@ -106,12 +127,13 @@ class DualBranchUNet(nn.Module):
         self.auxiliary_branch.decoder.deep_supervision = enabled
 
     def _align(self, direction: str, stage: int, own: torch.Tensor, other: torch.Tensor,
-               alignments: list[Alignment]) -> torch.Tensor:
+               finest: tuple[torch.Tensor, torch.Tensor], alignments: list[Alignment]) -> torch.Tensor:
         key = self.module_key(direction, stage)
         if key not in self.xalign:
             return own
-        fused, aligned = self.xalign[key](own, other, self.action(key))
-        alignments.append(Alignment(key, own, aligned))
+        module, action = self.xalign[key], self.action(key)
+        fused, aligned = module(own, other, action)
+        alignments.append(Alignment(key, own, aligned, module.pose, action, *finest))
         return fused
 
     def forward(self, x: torch.Tensor):
@@ -120,16 +142,18 @@ class DualBranchUNet(nn.Module):
         for stage in range(self.num_stages):
             primary = _encoder_stage(self.primary_branch.encoder, stage, primary)
             auxiliary = _encoder_stage(self.auxiliary_branch.encoder, stage, auxiliary)
+            if stage == 0:
+                finest = primary, auxiliary
             if stage in self.aligned_stages:
-                primary, auxiliary = (self._align("primary", stage, primary, auxiliary, alignments),
-                                      self._align("auxiliary", stage, auxiliary, primary, alignments))
+                primary, auxiliary = (
+                    self._align("primary", stage, primary, auxiliary, finest, alignments),
+                    self._align("auxiliary", stage, auxiliary, primary, finest[::-1], alignments))
             primary_skips.append(primary)
             auxiliary_skips.append(auxiliary)
         primary_out = self.primary_branch.decoder(primary_skips)
         auxiliary_out = self.auxiliary_branch.decoder(auxiliary_skips)
         if self.training:
-            as_list = (lambda out: out if isinstance(out, (list, tuple)) else [out])
-            return DualBranchOutput(as_list(primary_out), as_list(auxiliary_out), alignments)
+            return DualBranchOutput(_as_list(primary_out), _as_list(auxiliary_out), alignments)
         if isinstance(primary_out, (list, tuple)):
             return [soft_vote(a, b) for a, b in zip(primary_out, auxiliary_out)]
         return soft_vote(primary_out, auxiliary_out)

@@ -31,8 +31,9 @@ class DualBranchLoss(nn.Module):
     """Eq. 20 for a :class:`DualBranchOutput`; nnU-Net's loss for anything else (the ensemble in validation).
 
     After each training forward, ``last_dice`` holds each branch's soft Dice (1 − L_Dice, detached; nnU-Net's Dice
-    term is the negative soft Dice) and ``last_similarity`` each RL-XAlign module's S_similarity: the PPO state and
-    reward (eqs. 8-9) are read from there, so the reward costs no extra forward pass.
+    term is the negative soft Dice) and, while ``record_similarity`` is set, ``last_similarity`` each RL-XAlign
+    module's S_similarity: the PPO state and reward (eqs. 8-9) are read from there, so the reward costs no extra
+    forward pass.
     """
 
     def __init__(self, deep_supervision_loss: nn.Module, agwd: AGWD | None, alignment_weight: float,
@@ -46,6 +47,7 @@ class DualBranchLoss(nn.Module):
         self.infonce_temperature = infonce_temperature
         self.last_dice: dict[str, float] = {}
         self.last_similarity: dict[str, float] = {}
+        self.record_similarity = False
         self.last_alignment_loss = float("nan")
 
     def _combine(self, kind: str, primary: torch.Tensor, auxiliary: torch.Tensor) -> torch.Tensor:
@@ -67,7 +69,8 @@ class DualBranchLoss(nn.Module):
         dice = self._branch_dice(output, target)
         ce = {"primary": self.ce(output.primary, target), "auxiliary": self.ce(output.auxiliary, target)}
         self.last_dice = {branch: float(-value.detach()) for branch, value in dice.items()}
-        self.last_similarity = {a.key: float(a.similarity()) for a in output.alignments}
+        if self.record_similarity:
+            self.last_similarity = {a.key: float(a.similarity()) for a in output.alignments}
         total = self._combine("dice", dice["primary"], dice["auxiliary"]) + \
             self._combine("ce", ce["primary"], ce["auxiliary"])
         if output.alignments and self.alignment_weight > 0:

@@ -46,6 +46,20 @@ def fold_folder(env: dict, trainer: str) -> Path:
     return dataset / f"{trainer}__nnUNetPlans__{CONFIGURATION}" / "fold_0"
 
 
+def make_planned_dataset(env: dict, *options: str) -> None:
+    cli("nnunet-rl", "make-dataset", "--kind", "multimodal", "--id", DATASET_ID, "--cases", "6", "--size", "32",
+        *options, env=env)
+    cli("nnunet-rl", "plan", DATASET_ID, "-c", CONFIGURATION, env=env)
+
+
+def predict(env: dict, trainer: str, output: Path) -> None:
+    raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*"))
+    cli("nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(output), "-d", DATASET_ID, "-c",
+        CONFIGURATION, "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", env=env)
+    assert sorted(p.name for p in output.glob("*.nii.gz")) == sorted(p.name for p in (raw / "labelsTs").glob(
+        "*.nii.gz"))
+
+
 def train_until_second_epoch_then_kill(env: dict, trainer: str) -> None:
     """Start nnUNetv2_train, wait until epoch 1 has started (epoch 0's checkpoint is written), kill -9 it."""
     process = subprocess.Popen([str(BIN / "nnUNetv2_train"), DATASET_ID, CONFIGURATION, "0", "-tr", trainer,
@@ -70,9 +84,7 @@ def _results_exist(env: dict) -> bool:
 
 def test_pam_trains_resumes_predicts_and_compares(tmp_path):
     env = user_environment(tmp_path)
-    cli("nnunet-rl", "make-dataset", "--kind", "multimodal", "--id", DATASET_ID, "--cases", "6", "--size", "32",
-        env=env)
-    cli("nnunet-rl", "plan", DATASET_ID, "-c", CONFIGURATION, env=env)
+    make_planned_dataset(env)
 
     train_until_second_epoch_then_kill(env, OURS)
     interrupted = torch.load(fold_folder(env, OURS) / "checkpoint_latest.pth", weights_only=False)
@@ -88,12 +100,7 @@ def test_pam_trains_resumes_predicts_and_compares(tmp_path):
 
     cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", STOCK, "-device", "cpu", "--npz", env=env)
 
-    raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*"))
-    predictions = tmp_path / "predictions"
-    cli("nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(predictions), "-d", DATASET_ID, "-c",
-        CONFIGURATION, "-tr", OURS, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", env=env)
-    assert sorted(p.name for p in predictions.glob("*.nii.gz")) == sorted(p.name for p in
-                                                                        (raw / "labelsTs").glob("*.nii.gz"))
+    predict(env, OURS, tmp_path / "predictions")
 
     report = tmp_path / "report"
     out = cli("nnunet-rl", "compare", DATASET_ID, "-c", CONFIGURATION, "-tr", STOCK, OURS, "-f", "0", "-o",
@@ -112,6 +119,38 @@ def test_pam_trains_resumes_predicts_and_compares(tmp_path):
     best = json.loads((dataset_results / "inference_information.json").read_text())
     assert best["best_model_or_ensemble"]["selected_model_or_models"]
     assert {m["trainer"] for m in best["best_model_or_ensemble"]["selected_model_or_models"]} <= {STOCK, OURS}
+
+
+def test_rl_u2net_trains_resumes_predicts_and_runs_the_ablation(tmp_path):
+    """RL-U2Net through nnU-Net's commands (kill -9, --c, predict), then `nnunet-rl ablation --schedule quick`,
+    which reuses that run and trains stock nnU-Net and the four ablations."""
+    trainer = "nnUNetTrainerRLU2Net_3epochs_2iters"
+    env = user_environment(tmp_path)
+    make_planned_dataset(env, "--rotate-aux", "fixed")
+    train_until_second_epoch_then_kill(env, trainer)
+    interrupted = torch.load(fold_folder(env, trainer) / "checkpoint_latest.pth", weights_only=False)
+    assert set(interrupted["nnunet_rl"]["agents"]) == set(interrupted["nnunet_rl"]["buffers"])
+    cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", "--c", env=env)
+    policy = json.loads((fold_folder(env, trainer) / "rl_policy.json").read_text())
+    assert all(len(m["rotations"]) == 24 for m in policy["modules"].values())
+    predict(env, trainer, tmp_path / "predictions")
+
+    out = cli("nnunet-rl", "ablation", DATASET_ID, "-c", CONFIGURATION, "-f", "0", "--schedule", "quick",
+              "-device", "cpu", env=env)
+    assert f"reusing {fold_folder(env, trainer)}" in out
+    table = next(Path(env["nnUNet_results"]).glob(f"Dataset{DATASET_ID}_*/ablation__*/table2.md")).read_text()
+    for row in ("nnU-Net (stock)", "RL-U2Net", "w/o CMA", "w/o RL-XAlign", "w/o aux loss", "w/o AGWD"):
+        assert f"| {row} |" in table
+
+
+def test_rl_deep_supervision_trains_and_predicts_with_nnunet_commands(tmp_path):
+    trainer = "nnUNetTrainerRLDeepSup_3epochs_2iters"
+    env = user_environment(tmp_path)
+    make_planned_dataset(env)
+    cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", env=env)
+    learned = json.loads((fold_folder(env, trainer) / "rl_deep_supervision.json").read_text())
+    assert sum(learned["alpha"]) == pytest.approx(1.0) and learned["alpha"][-1] == 0
+    predict(env, trainer, tmp_path / "predictions")
 
 
 @pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason=f"real MSD data not found at {HIPPOCAMPUS} (../shared)")

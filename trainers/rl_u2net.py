@@ -150,10 +150,12 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
             actions = {key: module.pose.sample(self.pose_generator).to(self.device)
                        for key, module in network.xalign.items()}
             network.set_actions(actions)
+            self.loss.record_similarity = collect
             try:
                 result = super().train_step(batch)
             finally:
                 network.set_actions(None)
+                self.loss.record_similarity = False
             if collect:
                 self._store_rollout(before, (self.loss.last_dice, self.loss.last_similarity), actions)
         self._iteration += 1
