@@ -105,6 +105,18 @@ def _synthetic_batches(trainer, seed: int):
                                         generator=generator).float() for s in scales]}
 
 
+def _time_das_rounds(trainer, batches: list, sync) -> dict:
+    """A DAS round of nnUNetTrainerRLDeepSup (K candidates scored by the look-ahead, REINFORCE, keep the best)."""
+    rounds = []
+    for batch in batches:
+        sync()
+        t0 = time.perf_counter()
+        trainer.rl_round(lambda betas: trainer.look_ahead_dice(batch, next(trainer.dataloader_val), betas, 1))
+        sync()
+        rounds.append(time.perf_counter() - t0)
+    return _summary(rounds)
+
+
 def _time_loader_batches(trainer, seed: int) -> dict:
     import numpy as np
     import torch
@@ -201,6 +213,7 @@ def run_worker(args) -> dict:
     if args.synthetic_batches:
         args.no_loop = True
         os.makedirs(trainer.output_folder, exist_ok=True)
+        trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # the inference mirror axes
         trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
         trainer.dataloader_train = trainer.dataloader_val = _synthetic_batches(trainer, args.seed)
     else:
@@ -259,6 +272,8 @@ def run_worker(args) -> dict:
                 steps.append(t1 - t0)
                 cpu_steps.append(c1 - c0)
             losses.append(float(out["loss"]))
+        if hasattr(trainer, "look_ahead_dice"):  # nnUNetTrainerRLDeepSup: one DAS round, on top of a train step
+            result["das_round_s"] = _time_das_rounds(trainer, batches[args.warmup:], sync)
         del batches
         result["first_step_s"] = first_step
         result["train_step_s"] = _summary(steps)
@@ -415,8 +430,10 @@ ROWS = [  # (label, getter of a comparable number or None for no ratio, formatte
      lambda r: _ms(r.get("loop_s"))),
     ("  of which waiting for next(), ms/it", lambda r: (r.get("loop_fetch_s") or {}).get("mean"),
      lambda r: _ms(r.get("loop_fetch_s"))),
-    ("data loader + augmentation, ms/batch (1 thread)", lambda r: r["loader_batch_s"]["mean"],
-     lambda r: _ms(r["loader_batch_s"])),
+    ("data loader + augmentation, ms/batch (1 thread)", lambda r: (r.get("loader_batch_s") or {}).get("mean"),
+     lambda r: _ms(r.get("loader_batch_s"))),
+    ("DAS look-ahead round (RLDeepSup), ms", lambda r: (r.get("das_round_s") or {}).get("mean"),
+     lambda r: _ms(r.get("das_round_s"))),
     ("prediction of one case, ms", lambda r: (r.get("predict_s") or {}).get("mean"), lambda r: _ms(r.get("predict_s"))),
     ("peak memory, MiB", lambda r: r["peak_mem_mib"], lambda r: f"{r['peak_mem_mib']:.0f}"),
     ("activations saved for backward, MiB", lambda r: r["activation_mib"], lambda r: f"{r['activation_mib']:.0f}"),
