@@ -45,10 +45,10 @@ class DualBranchLoss(nn.Module):
         self.alignment_weight, self.infonce_weight, self.cosine_weight = \
             alignment_weight, infonce_weight, cosine_weight
         self.infonce_temperature = infonce_temperature
-        self.last_dice: dict[str, float] = {}
+        self.last_dice: dict[str, torch.Tensor] = {}
         self.last_similarity: dict[str, float] = {}
         self.record_similarity = False
-        self.last_alignment_loss = float("nan")
+        self.last_alignment_loss = torch.tensor(float("nan"))
 
     def _combine(self, kind: str, primary: torch.Tensor, auxiliary: torch.Tensor) -> torch.Tensor:
         if self.agwd is None:
@@ -68,7 +68,7 @@ class DualBranchLoss(nn.Module):
             return self.stock(output, target)
         dice = self._branch_dice(output, target)
         ce = {"primary": self.ce(output.primary, target), "auxiliary": self.ce(output.auxiliary, target)}
-        self.last_dice = {branch: float(-value.detach()) for branch, value in dice.items()}
+        self.last_dice = {branch: -value.detach() for branch, value in dice.items()}  # tensors: no sync here
         if self.record_similarity:
             self.last_similarity = {a.key: float(a.similarity()) for a in output.alignments}
         total = self._combine("dice", dice["primary"], dice["auxiliary"]) + \
@@ -76,6 +76,6 @@ class DualBranchLoss(nn.Module):
         if output.alignments and self.alignment_weight > 0:
             align = sum(alignment_loss(a.own, a.aligned, self.infonce_weight, self.cosine_weight,
                                        self.infonce_temperature) for a in output.alignments)
-            self.last_alignment_loss = float(align.detach())
+            self.last_alignment_loss = align.detach()
             total = total + self.alignment_weight * align
         return total

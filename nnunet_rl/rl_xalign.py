@@ -130,7 +130,8 @@ class PoseAlign(nn.Module):
         self.k_sel = k_sel
         self.temperature = temperature
         self.theta = nn.Parameter(torch.zeros(len(rotations)))
-        self.register_buffer("rotations", torch.as_tensor(np.stack(rotations), dtype=torch.long))
+        self.rotations = torch.as_tensor(np.stack(rotations), dtype=torch.long)  # on the CPU: read without a sync
+        self._greedy: tuple[int, torch.Tensor] | None = None  # (θ's version, argmax) cache
 
     def probabilities(self) -> torch.Tensor:
         """π = softmax(θ/τ) over the rotation indices."""
@@ -138,8 +139,12 @@ class PoseAlign(nn.Module):
 
     @torch.no_grad()
     def sample(self, generator: torch.Generator) -> torch.Tensor:
-        """k_sel rotation indices drawn by π with replacement (a LongTensor (k_sel,)); generator on θ's device."""
-        return torch.multinomial(self.probabilities(), self.k_sel, replacement=True, generator=generator)
+        """k_sel rotation indices drawn by π with replacement, a CPU LongTensor (k_sel,).
+
+        Actions live on the CPU (drawn with a CPU generator, so a seed gives the same rotations on every device):
+        the forward pass reads them without waiting for the GPU.
+        """
+        return torch.multinomial(self.probabilities().cpu(), self.k_sel, replacement=True, generator=generator)
 
     def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
         """log π of each row of actions (N, k_sel): the sum of the log-probabilities of its k_sel draws, (N,)."""
@@ -151,8 +156,12 @@ class PoseAlign(nn.Module):
         return -(log_pi.exp() * log_pi).sum()
 
     def greedy_action(self) -> torch.Tensor:
-        """argmax π (= argmax θ) as a LongTensor (1,); ties go to the lowest index: the identity at initialisation."""
-        return torch.argmax(self.theta.detach()).reshape(1)
+        """argmax π (= argmax θ) as a CPU LongTensor (1,); ties go to the lowest index: the identity at
+        initialisation. Cached until θ changes (optimizer steps and state loading bump its version), so inference
+        reads θ from the GPU once, not once per forward pass."""
+        if self._greedy is None or self._greedy[0] != self.theta._version:
+            self._greedy = (self.theta._version, torch.argmax(self.theta.detach()).reshape(1).cpu())
+        return self._greedy[1]
 
     def forward(self, auxiliary: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """The mean over the rotation indices in actions (1-D) of the rotated map; index 0 (identity) is free."""

@@ -32,8 +32,17 @@ class AGWD:
     def __init__(self, gamma: float = 1.0, delta: float = 0.0, momentum: float = 0.9):
         self.gamma, self.delta, self.momentum = gamma, delta, momentum
         self.running: dict[str, torch.Tensor] = {}  # kind -> (2,) running losses of branches a, b
-        self.last_weight: dict[str, float] = {}  # telemetry: kind -> w of the last call
-        self.last_slow: dict[str, int] = {}  # telemetry: kind -> 0 if branch a was slow, 1 if b
+        self._last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # kind -> (w, a_is_slow) of the last call
+
+    @property
+    def last_weight(self) -> dict[str, float]:
+        """Telemetry: kind -> w of the last call (read after the step: converting waits for the device)."""
+        return {kind: float(weight) for kind, (weight, _) in self._last.items()}
+
+    @property
+    def last_slow(self) -> dict[str, int]:
+        """Telemetry: kind -> 0 if branch a was the slow one in the last call, 1 if b."""
+        return {kind: int(not a_is_slow) for kind, (_, a_is_slow) in self._last.items()}
 
     def balance(self, kind: str, loss_a: torch.Tensor, loss_b: torch.Tensor) -> torch.Tensor:
         """Update the running losses of ``kind`` and return the balanced loss of eq. 19 (differentiable)."""
@@ -45,8 +54,7 @@ class AGWD:
         a_is_slow = running[0] >= running[1]
         slow, fast = torch.where(a_is_slow, loss_a, loss_b), torch.where(a_is_slow, loss_b, loss_a)
         weight = agwd_weight(running.max(), running.min(), self.gamma, self.delta)
-        self.last_weight[kind] = weight.item()
-        self.last_slow[kind] = int(not a_is_slow)
+        self._last[kind] = (weight.detach(), a_is_slow)
         return fast * (1 - weight) + slow * (1 + weight)
 
     def state_dict(self) -> dict:
@@ -65,7 +73,8 @@ def sample_tokens(a: torch.Tensor, b: torch.Tensor, max_tokens: int,
     tokens_a = a.movedim(1, -1).reshape(-1, channels)
     tokens_b = b.movedim(1, -1).reshape(-1, channels)
     if tokens_a.shape[0] > max_tokens:
-        keep = torch.randperm(tokens_a.shape[0], generator=generator)[:max_tokens].to(a.device)
+        keep = (torch.randperm(tokens_a.shape[0], device=a.device) if generator is None else
+                torch.randperm(tokens_a.shape[0], generator=generator).to(a.device))[:max_tokens]
         tokens_a, tokens_b = tokens_a[keep], tokens_b[keep]
     return tokens_a, tokens_b
 

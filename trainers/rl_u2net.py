@@ -135,7 +135,7 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
         target = [t.to(self.device, non_blocking=True) for t in batch["target"]] \
             if isinstance(batch["target"], list) else batch["target"].to(self.device, non_blocking=True)
         network = self.bare_network
-        network.set_actions({key: torch.zeros(1, dtype=torch.long, device=self.device) for key in network.xalign})
+        network.set_actions({key: torch.zeros(1, dtype=torch.long) for key in network.xalign})
         with torch.no_grad(), autocast(self.device.type, enabled=True) if self.device.type == "cuda" \
                 else dummy_context():
             return self.loss.measure(self.network(data), target)
@@ -147,8 +147,7 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
             network = self.bare_network
             collect = self._iteration % self.sample_stride == 0
             before = self._disabled_pose_measurement(batch) if collect else None
-            actions = {key: module.pose.sample(self.pose_generator).to(self.device)
-                       for key, module in network.xalign.items()}
+            actions = {key: module.pose.sample(self.pose_generator) for key, module in network.xalign.items()}
             network.set_actions(actions)
             self.loss.record_similarity = collect
             try:
@@ -162,12 +161,13 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
         if self.loss.agwd is not None:
             for kind in ("dice", "ce"):
                 self._record(f"rl_u2net/agwd_w_{kind}", self.loss.agwd.last_weight.get(kind, math.nan))
-        self._record("rl_u2net/alignment_loss", self.loss.last_alignment_loss)
+        self._record("rl_u2net/alignment_loss", float(self.loss.last_alignment_loss))
         return result
 
     def _store_rollout(self, before: tuple[dict, dict], after: tuple[dict, dict], actions: dict) -> None:
         """One (s, a, r, s') per module (eqs. 8-9): s from the disabled forward, s' and r from the training step."""
         (dice_before, similarity_before), (dice_after, similarity_after) = before, after
+        dice_after = {branch: float(value) for branch, value in dice_after.items()}
         progress, next_progress = self.current_epoch / self.num_epochs, (self.current_epoch + 1) / self.num_epochs
         for key, buffer in self.buffers.items():
             branch = key.split("_stage")[0]
@@ -178,7 +178,7 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
             pose = self.bare_network.xalign[key].pose
             with torch.no_grad():
                 log_prob = pose.log_prob(actions[key][None]).cpu()
-            buffer.add(sample[:3], sample[3:6], actions[key].cpu(), log_prob[0], sample[6])
+            buffer.add(sample[:3], sample[3:6], actions[key], log_prob[0], sample[6])
             self._record("rl_u2net/reward", float(sample[6]))
             if buffer.full:
                 with trainable(pose.theta):
