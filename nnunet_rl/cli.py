@@ -27,7 +27,7 @@ def _convert_mmwhs(args):
 
 def _plan(args):
     from nnunet_rl.plans.planner import plan_rl
-    for path in plan_rl(args.dataset, args.c, plans_name=args.p, num_processes=args.np):
+    for path in plan_rl(args.dataset, args.c, plans_name=args.p, num_processes=args.np, rl_u2net=args.rl_u2net):
         print(f"wrote the rl block into {path}")
 
 
@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", nargs="+", default=None, help="configurations (default: all in the plans)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     p.add_argument("-np", type=int, default=1, help="processes for nnU-Net's preprocessing when it has to run")
+    p.add_argument("--rl-u2net", action="store_true",
+                   help="plan nnUNetPlans_RLU2Net: nnU-Net's planner for a third of its GPU memory target, so the "
+                        "two-branch RL-U2Net fits where stock nnU-Net was planned to (train with -p "
+                        "nnUNetPlans_RLU2Net)")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("compare", help="compare trainers' nnU-Net validation predictions (Dice, IoU, HD95, ASD, "

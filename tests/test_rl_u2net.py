@@ -151,3 +151,16 @@ def test_resume_restores_the_rl_state_exactly(trained_short_rl, planned_dataset)
             agent.policy_optimizer.state_dict()["state"].keys()
     assert torch.equal(resumed.pose_generator.get_state(), trained_short_rl.pose_generator.get_state())
     torch.testing.assert_close(resumed.loss.agwd.running["dice"], trained_short_rl.loss.agwd.running["dice"])
+
+
+def test_plan_offers_rl_u2net_plans_for_a_third_of_the_memory(planned_dataset):
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    from nnunet_rl.plans.planner import RL_U2NET_PLANS, plan_rl
+    [plans_file] = plan_rl(planned_dataset, ["3d_fullres"], rl_u2net=True)
+    assert plans_file.name == f"{RL_U2NET_PLANS}.json"
+    ours, stock = load_json(str(plans_file)), load_json(str(plans_file.parent / "nnUNetPlans.json"))
+    configuration, stock_configuration = ours["configurations"]["3d_fullres"], stock["configurations"]["3d_fullres"]
+    assert configuration["rl"]["dataset"]["auxiliary_channels"] == ["MRI"]
+    assert np.prod(configuration["patch_size"]) * configuration["batch_size"] <= \
+        np.prod(stock_configuration["patch_size"]) * stock_configuration["batch_size"]
+    assert (plans_file.parent / f"{RL_U2NET_PLANS}_3d_fullres").is_dir()
