@@ -140,18 +140,18 @@ class nnUNetTrainerRLDeepSup(DeepSupervisionRLTrainer):
         """
         network = self.bare_network
         parameters = [p for p in network.parameters() if p.requires_grad]
-        data, target = self._to_device(batch)
         val_data, val_target = self._to_device(val_batch)
+        dice = soft_foreground_dice(self.loss.loss.dc, network(val_data)[0], val_target[0])
+        dice_gradient = torch.autograd.grad(dice, parameters, allow_unused=True)  # frees the validation graph
+        data, target = self._to_device(batch)
         outputs = network(data)
-        losses = [self.loss.loss(outputs[i], target[i]) for i in range(self.das_weights.num_controlled)]
-        val_output = network(val_data)[0]
-        dice = soft_foreground_dice(self.loss.loss.dc, val_output, val_target[0])
-        dice_gradient = torch.autograd.grad(dice, parameters, allow_unused=True)
-        alignment = torch.stack([
-            sum((g * h).sum() for g, h in zip(torch.autograd.grad(loss, parameters, retain_graph=True,
-                                                                  allow_unused=True), dice_gradient)
+        controlled = self.das_weights.num_controlled
+        alignment = torch.stack([  # one g_l at a time, reduced to <g_l, h> at once: one extra parameter copy
+            sum((g * h).sum() for g, h in zip(
+                torch.autograd.grad(self.loss.loss(outputs[i], target[i]), parameters,
+                                    retain_graph=i < controlled - 1, allow_unused=True), dice_gradient)
                 if g is not None and h is not None)
-            for loss in losses])
+            for i in range(controlled)])
         summary = mean_across_ranks(torch.cat([dice.detach()[None], alignment.detach()]).double().cpu()).numpy()
         step_size = self.optimizer.param_groups[0]["lr"] * steps
         alphas = np.exp(betas - betas.max(axis=1, keepdims=True))
