@@ -117,6 +117,20 @@ def _time_das_rounds(trainer, batches: list, sync) -> dict:
     return _summary(rounds)
 
 
+def _time_faithful_rl_epoch(trainer, iterations: int, sync) -> dict:
+    """One RL epoch of nnUNetTrainerRLDeepSup_faithful with ``iterations`` per epoch: K candidate epochs, each
+    scored on the epoch's validation batches (``on_train_epoch_start``, where the faithful trainer does that work)."""
+    trainer.num_iterations_per_epoch = iterations
+    trainer.num_val_iterations_per_epoch = max(1, iterations // 5)  # nnU-Net's 250 : 50
+    sync()
+    t0 = time.perf_counter()
+    trainer.on_train_epoch_start()
+    sync()
+    elapsed = time.perf_counter() - t0
+    return {**_summary([elapsed]), "iterations": iterations, "candidates": trainer.candidates,
+            "val_iterations": trainer.num_val_iterations_per_epoch}
+
+
 def _time_loader_batches(trainer, seed: int) -> dict:
     import numpy as np
     import torch
@@ -274,6 +288,8 @@ def run_worker(args) -> dict:
             losses.append(float(out["loss"]))
         if hasattr(trainer, "look_ahead_dice"):  # nnUNetTrainerRLDeepSup: one DAS round, on top of a train step
             result["das_round_s"] = _time_das_rounds(trainer, batches[args.warmup:], sync)
+        if hasattr(trainer, "train_candidates") and trainer.in_rl_phase():  # the faithful mode's RL epoch
+            result["faithful_rl_epoch_s"] = _time_faithful_rl_epoch(trainer, args.iterations, sync)
         del batches
         result["first_step_s"] = first_step
         result["train_step_s"] = _summary(steps)
@@ -434,6 +450,9 @@ ROWS = [  # (label, getter of a comparable number or None for no ratio, formatte
      lambda r: _ms(r.get("loader_batch_s"))),
     ("DAS look-ahead round (RLDeepSup), ms", lambda r: (r.get("das_round_s") or {}).get("mean"),
      lambda r: _ms(r.get("das_round_s"))),
+    ("faithful DAS: one RL epoch of --iterations iterations, s",
+     lambda r: (r.get("faithful_rl_epoch_s") or {}).get("mean"),
+     lambda r: "-" if not r.get("faithful_rl_epoch_s") else f"{r['faithful_rl_epoch_s']['mean']:.1f}"),
     ("prediction of one case, ms", lambda r: (r.get("predict_s") or {}).get("mean"), lambda r: _ms(r.get("predict_s"))),
     ("peak memory, MiB", lambda r: r["peak_mem_mib"], lambda r: f"{r['peak_mem_mib']:.0f}"),
     ("activations saved for backward, MiB", lambda r: r["activation_mib"], lambda r: f"{r['activation_mib']:.0f}"),

@@ -44,7 +44,8 @@ PAPER_DEFAULTS: dict[str, dict] = {
         "policy_lr": 5e-5,                 # PPO (eqs. 10-13, Algorithm 1): the paper's settings
         "value_lr": 2e-4,
         "clip": 0.2,                       # ε of eq. 11; ours (PPO's usual value)
-        "gamma": 0.99,                     # γ of eqs. 10, 13; ours
+        "gamma": 0.0,                      # γ of eqs. 10, 13; ours: each sample is a one-step episode (its s' is not
+                                           # where the next action is taken), so nothing is bootstrapped
         "rollout_samples": 16,             # N samples per PPO round
         "ppo_epochs": 10,                  # K mini-epochs
         "minibatch": 64,                   # M
@@ -138,4 +139,17 @@ def read_rl_block(configuration_manager: ConfigurationManager, dataset_json: dic
     if block.get("version") != RL_BLOCK_VERSION:
         raise NnunetRLError(f"the plans' rl block has version {block.get('version')}, this nnunet_rl reads "
                             f"version {RL_BLOCK_VERSION}: rerun `nnunet-rl plan`")
+    _check_channel_indices(block["dataset"], dataset_json)
     return block
+
+
+def _check_channel_indices(split: dict, dataset_json: dict) -> None:
+    """The channel names and indices of an (edited) block must name the same channels."""
+    if "primary_indices" not in split:
+        return
+    expected = channel_split(dataset_json["channel_names"], split["auxiliary_channels"])
+    if [split["primary_indices"], split["auxiliary_indices"]] != \
+            [expected["primary_indices"], expected["auxiliary_indices"]]:
+        raise NnunetRLError(f"the plans' rl block names auxiliary channels {split['auxiliary_channels']} but lists "
+                            f"indices {split['auxiliary_indices']}; for these names they are "
+                            f"{expected['auxiliary_indices']} (primary {expected['primary_indices']})")

@@ -130,6 +130,14 @@ def test_component_sections_take_paper_defaults_and_plans_overrides(planned_data
         trainer.rl_hyperparameters("toy_agent")
 
 
+def test_rl_block_with_names_and_indices_that_disagree_is_refused(planned_dataset):
+    trainer = make_trainer(planned_dataset, CountingTrainer)
+    split = trainer.configuration_manager.configuration["rl"]["dataset"]
+    split.update(primary_channels=["MRI"], auxiliary_channels=["CT"])  # names swapped, indices not
+    with pytest.raises(NnunetRLError, match=r"for these names they are \[0\]"):
+        _ = trainer.rl_block
+
+
 def test_rl_block_of_another_version_is_refused(planned_dataset):
     trainer = make_trainer(planned_dataset, CountingTrainer)
     trainer.configuration_manager.configuration["rl"]["version"] = 99
