@@ -31,6 +31,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _gloo_rank(rank: int, port: int, work, folder: str) -> None:
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        work(rank, folder)
+    finally:
+        dist.destroy_process_group()
+
+
+def on_two_gloo_ranks(work, folder: Path) -> list[dict]:
+    """Run ``work(rank, folder)`` (a module-level function) in two CPU processes joined by a gloo process group;
+    each rank saves its results to ``folder/rank<r>.pt``, which are returned in rank order."""
+    import torch
+    import torch.multiprocessing as mp
+    mp.spawn(_gloo_rank, args=(free_port(), work, str(folder)), nprocs=2)
+    return [torch.load(folder / f"rank{rank}.pt") for rank in (0, 1)]
+
+
 def make_trainer(dataset: str, trainer_class, configuration: str = "3d_fullres"):
     """A trainer on the CPU for a planned dataset, constructed as nnUNetv2_train constructs it."""
     import torch

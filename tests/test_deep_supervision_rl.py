@@ -6,10 +6,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import free_port
+from conftest import on_two_gloo_ranks
 
 from nnunet_rl.deep_supervision_rl import (ACTIONS, DASControllers, DeepSupervisionWeights, MovingBaseline,
                                            alpha_from_beta, beta_from_alpha, cubed_reward,
@@ -184,29 +182,23 @@ def test_state_dicts_resume_the_same_samples():
     torch.testing.assert_close(resumed.theta, controllers.theta)  # Adam's moments came along
 
 
-def das_rank(rank: int, port: int, folder: str) -> None:
+def das_rank(rank: int, folder: str) -> None:
     """One rank: its own validation Dice per candidate, averaged over ranks before the rewards, three rounds."""
     from nnunet_rl.distributed import mean_across_ranks
-    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        weights, controllers, baseline = DeepSupervisionWeights.stock(4), DASControllers(3, lr=0.05), MovingBaseline()
-        own = torch.Generator().manual_seed(100 + rank)
-        for _ in range(3):
-            actions, betas = weights.candidates(controllers, 4)
-            dice = mean_across_ranks(torch.rand(4, generator=own, dtype=torch.float64))
-            rewards = [cubed_reward(float(d)) for d in dice]
-            controllers.update(actions, rewards, baseline)
-            weights.keep(betas[int(np.argmax(rewards))])
-        torch.save({"theta": controllers.theta.detach(), "beta": torch.tensor(weights.beta)},
-                   os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    weights, controllers, baseline = DeepSupervisionWeights.stock(4), DASControllers(3, lr=0.05), MovingBaseline()
+    own = torch.Generator().manual_seed(100 + rank)
+    for _ in range(3):
+        actions, betas = weights.candidates(controllers, 4)
+        dice = mean_across_ranks(torch.rand(4, generator=own, dtype=torch.float64))
+        rewards = [cubed_reward(float(d)) for d in dice]
+        controllers.update(actions, rewards, baseline)
+        weights.keep(betas[int(np.argmax(rewards))])
+    torch.save({"theta": controllers.theta.detach(), "beta": torch.tensor(weights.beta)},
+               os.path.join(folder, f"rank{rank}.pt"))
 
 
 def test_two_gloo_ranks_keep_identical_controllers_and_weights(tmp_path):
-    mp.spawn(das_rank, args=(free_port(), str(tmp_path)), nprocs=2)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    rank0, rank1 = on_two_gloo_ranks(das_rank, tmp_path)
     torch.testing.assert_close(rank0["theta"], rank1["theta"], rtol=0, atol=0)
     torch.testing.assert_close(rank0["beta"], rank1["beta"], rtol=0, atol=0)
     assert not torch.allclose(rank0["beta"], torch.tensor(DeepSupervisionWeights.stock(4).beta))

@@ -5,11 +5,9 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import free_port
+from conftest import on_two_gloo_ranks
 
 from nnunet_rl.distributed import broadcast_module_, mean_across_ranks
 from nnunet_rl.ppo import FIELDS, Critic, PPOAgent, RolloutBuffer, normalise_advantages, policy_loss
@@ -192,35 +190,29 @@ def test_mean_across_ranks_and_broadcast_are_identities_without_a_process_group(
     assert all(torch.equal(a, b) for a, b in zip(before, critic.parameters()))
 
 
-def ddp_rank(rank: int, port: int, folder: str) -> None:
+def ddp_rank(rank: int, folder: str) -> None:
     """One rank: different initial weights (broadcast from rank 0), different rewards (averaged), one update."""
-    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.manual_seed(rank)  # the ranks' critics and policies start different ...
-        policy = SoftmaxPolicy()
-        nn.init.normal_(policy.theta)
-        agent = PPOAgent(policy, policy_lr=0.01, ppo_epochs=3, minibatch=4, seed=0)
-        broadcast_module_(policy)  # ... until rank 0's weights are broadcast
-        broadcast_module_(agent.critic)
-        generator = torch.Generator().manual_seed(42)  # same states and actions on both ranks
-        buffer = RolloutBuffer(8, 2)
-        actions = policy.sample(8, 2, generator)
-        with torch.no_grad():
-            log_prob = policy.log_prob(actions)
-        own_reward = torch.rand(8, generator=generator) + rank  # the ranks' rewards differ
-        buffer.add(torch.rand(8, 3, generator=generator), torch.rand(8, 3, generator=generator), actions, log_prob,
-                   mean_across_ranks(own_reward))
-        agent.update(buffer)
-        torch.save({"reward": own_reward, "theta": policy.theta.detach(), "critic": agent.critic.state_dict()},
-                   os.path.join(folder, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    torch.manual_seed(rank)  # the ranks' critics and policies start different ...
+    policy = SoftmaxPolicy()
+    nn.init.normal_(policy.theta)
+    agent = PPOAgent(policy, policy_lr=0.01, ppo_epochs=3, minibatch=4, seed=0)
+    broadcast_module_(policy)  # ... until rank 0's weights are broadcast
+    broadcast_module_(agent.critic)
+    generator = torch.Generator().manual_seed(42)  # same states and actions on both ranks
+    buffer = RolloutBuffer(8, 2)
+    actions = policy.sample(8, 2, generator)
+    with torch.no_grad():
+        log_prob = policy.log_prob(actions)
+    own_reward = torch.rand(8, generator=generator) + rank  # the ranks' rewards differ
+    buffer.add(torch.rand(8, 3, generator=generator), torch.rand(8, 3, generator=generator), actions, log_prob,
+               mean_across_ranks(own_reward))
+    agent.update(buffer)
+    torch.save({"reward": own_reward, "theta": policy.theta.detach(), "critic": agent.critic.state_dict()},
+               os.path.join(folder, f"rank{rank}.pt"))
 
 
 def test_two_gloo_ranks_end_with_identical_policy_and_critic(tmp_path):
-    mp.spawn(ddp_rank, args=(free_port(), str(tmp_path)), nprocs=2)
-    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    rank0, rank1 = on_two_gloo_ranks(ddp_rank, tmp_path)
     assert not torch.equal(rank0["reward"], rank1["reward"])
     torch.testing.assert_close(rank0["theta"], rank1["theta"], rtol=0, atol=0)
     for name, value in rank0["critic"].items():

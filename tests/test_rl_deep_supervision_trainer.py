@@ -11,20 +11,15 @@ from conftest import make_trainer
 from nnunet_rl.deep_supervision_rl import DeepSupervisionWeights
 from nnunet_rl.trainers import nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_faithful
 from nnunet_rl.trainers.rl_deep_supervision import COMPONENT, WEIGHTS_FILE
+from nnunet_rl.trainers.schedules import ShortSchedule
 
 NOISY_OUTPUT = 1
 
 
-class TinySchedule:
+class TinySchedule(ShortSchedule):
     """In-process runs of a few seconds: RL from the first epoch, several look-ahead rounds per epoch."""
     rl_overrides = {COMPONENT: {"warmup_fraction": 0.0, "rl_steps_per_epoch": 4}}
-    epochs, iterations = 3, 4
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = \
-            self.epochs, self.iterations, 1
-        self.save_every = 1
+    epochs, iterations, val_iterations = 3, 4, 1
 
 
 class CleanDeepSup(TinySchedule, nnUNetTrainerRLDeepSup):

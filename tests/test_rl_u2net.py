@@ -16,6 +16,7 @@ from nnunet_rl.rotations import cube_rotations
 from nnunet_rl.trainers import (nnUNetTrainerRLU2Net, nnUNetTrainerRLU2Net_noCMA, nnUNetTrainerRLU2Net_noRLXAlign,
                                 nnUNetTrainerRLU2Net_lambda0p1)
 from nnunet_rl.trainers.rl_u2net import COMPONENT, POLICY_FILE
+from nnunet_rl.trainers.schedules import ShortSchedule
 
 
 def branches(architecture, dim: int, channels: int):
@@ -96,14 +97,10 @@ def test_variants_pin_their_hyperparameters(planned_dataset):
     assert all(m.cma is None for m in trainer.bare_network.xalign.values())
 
 
-class ShortRL(nnUNetTrainerRLU2Net):
+class ShortRL(ShortSchedule, nnUNetTrainerRLU2Net):
     """Two epochs of four iterations, RL in the first, a PPO round every four samples."""
+    epochs, iterations, val_iterations = 2, 4, 1
     rl_overrides = {COMPONENT: {"rl_fraction": 0.5, "rollout_samples": 4, "ppo_epochs": 2, "policy_lr": 0.01}}
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 4, 1
-        self.save_every = 1
 
 
 @pytest.fixture(scope="module")

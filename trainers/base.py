@@ -1,4 +1,5 @@
 """What every nnunet_rl trainer shares: the plans' ``rl`` block, telemetry, and RL state in the checkpoint."""
+import json
 import os
 from contextlib import contextmanager
 from functools import cached_property
@@ -94,6 +95,12 @@ class RLTrainerBase(nnUNetTrainer):
 
     def log_telemetry(self, key: str, value: float) -> None:
         self.logger.log(key, float(value), self.current_epoch)
+
+    def save_fold_json(self, filename: str, content: dict) -> None:
+        """Write ``content`` as JSON into the fold's output folder (once, on rank 0): what an RL component learned."""
+        if self.local_rank == 0:
+            with open(join(self.output_folder, filename), "w") as file:
+                json.dump(content, file, indent=2)
 
     def rl_state_dict(self) -> dict:
         """State of the RL components that nnU-Net's checkpoint does not hold already."""

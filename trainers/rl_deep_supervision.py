@@ -18,9 +18,7 @@ Validation data: batches drawn from nnU-Net's own validation dataloader of the f
 ``splits_final.json``, patches sampled as nnU-Net samples them for its per-epoch pseudo Dice), never the test set.
 """
 import copy
-import json
 import math
-from os.path import join
 
 import numpy as np
 import torch
@@ -106,9 +104,7 @@ class DeepSupervisionRLTrainer(RLTrainerBase):
             self.log_telemetry("rl_deep_supervision/reward", float(np.mean(self._rewards)))
 
     def on_train_end(self) -> None:
-        if self.local_rank == 0:
-            with open(join(self.output_folder, WEIGHTS_FILE), "w") as file:
-                json.dump(self.learned_weights(), file, indent=2)
+        self.save_fold_json(WEIGHTS_FILE, self.learned_weights())
         super().on_train_end()
 
     def rl_state_dict(self) -> dict:

@@ -10,10 +10,8 @@ The trainer only wires components into nnU-Net's hooks:
   state and the reward (Algorithm 1, lines 5-14), and a full buffer triggers the PPO update (lines 17-31);
 - ``on_train_end``: ``rl_policy.json`` with every module's rotation probabilities and matrices.
 """
-import json
 import math
 from contextlib import contextmanager
-from os.path import join
 
 import numpy as np
 import torch
@@ -211,9 +209,7 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
                 "modules": modules}
 
     def on_train_end(self) -> None:
-        if self.local_rank == 0:
-            with open(join(self.output_folder, POLICY_FILE), "w") as file:
-                json.dump(self.rl_policy(), file, indent=2)
+        self.save_fold_json(POLICY_FILE, self.rl_policy())
         super().on_train_end()
 
     def rl_state_dict(self) -> dict:
