@@ -42,9 +42,9 @@ class FaithfulTwoCandidates(TinySchedule, nnUNetTrainerRLDeepSup_faithful):
     epochs, iterations = 2, 2
 
 
-def trained(dataset: str, trainer_class):
+def trained(dataset: str, trainer_class, configuration: str = "3d_fullres"):
     torch.manual_seed(0)
-    trainer = make_trainer(dataset, trainer_class)
+    trainer = make_trainer(dataset, trainer_class, configuration)
     trainer.run_training()
     return trainer
 
@@ -61,8 +61,9 @@ def test_controllers_lower_the_weight_of_a_useless_output(planned_dataset):
         pytest.approx(learned["alpha"][NOISY_OUTPUT])
 
 
-def test_clean_data_keeps_a_valid_distribution_and_loss_decreases(planned_dataset):
-    trainer = trained(planned_dataset, CleanDeepSup)
+@pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
+def test_clean_data_keeps_a_valid_distribution_and_loss_decreases(planned_dataset, configuration):
+    trainer = trained(planned_dataset, CleanDeepSup, configuration)
     weights = np.array(trainer.loss.weight_factors)
     assert np.all(weights >= 0) and weights.sum() == pytest.approx(1.0) and weights[-1] == 0
     losses = trainer.logger.local_logger.my_fantastic_logging["train_losses"]

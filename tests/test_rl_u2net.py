@@ -161,3 +161,11 @@ def test_plan_offers_rl_u2net_plans_for_a_third_of_the_memory(planned_dataset):
     assert np.prod(configuration["patch_size"]) * configuration["batch_size"] <= \
         np.prod(stock_configuration["patch_size"]) * stock_configuration["batch_size"]
     assert (plans_file.parent / f"{RL_U2NET_PLANS}_3d_fullres").is_dir()
+
+
+def test_rl_u2net_trains_on_2d_configurations(planned_dataset):
+    trainer = make_trainer(planned_dataset, ShortRL, "2d")
+    trainer.run_training()
+    policy = json.load(open(os.path.join(trainer.output_folder, POLICY_FILE)))
+    assert all(len(m["rotations"]) == 4 for m in policy["modules"].values())
+    assert np.isfinite(trainer.logger.local_logger.my_fantastic_logging["train_losses"]).all()
