@@ -237,7 +237,11 @@ def run_worker(args) -> dict:
     sync()
     result["setup_s"] = time.perf_counter() - t0
     trainer.network.train()
-    trainer.on_train_epoch_start()  # lr for epoch 0, train mode, as run_training does
+    timed_epoch = trainer.current_epoch
+    if hasattr(trainer, "train_candidates"):  # the faithful mode's RL epoch is timed on its own (step 3)
+        trainer.current_epoch = 0
+    trainer.on_train_epoch_start()  # lr for the epoch, train mode, as run_training does
+    trainer.current_epoch = timed_epoch
     result["num_iterations_per_epoch"] = trainer.num_iterations_per_epoch
     result["num_val_iterations_per_epoch"] = trainer.num_val_iterations_per_epoch
     result["batch_size"] = trainer.batch_size
