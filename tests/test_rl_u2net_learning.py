@@ -4,7 +4,7 @@ policy of the deepest module that fuses MRI into the CT branch converges to the 
 The case is built to have one right answer: the patch is the whole 32³ volume and nothing moves the channels
 relative to each other — no mirroring or rotation augmentation (they conjugate the inter-modal rotation) and no
 foreground oversampling (it shifts the patch, and a rotation about a shifted centre is a different map). The RL phase
-is compressed into 16 epochs of 8 iterations, so the learning rates are larger than the paper's (a test-only
+is compressed into 24 epochs of 8 iterations, so the learning rates are larger than the paper's (a test-only
 variant; the method, reward and update are the trainer's).
 """
 import json
@@ -26,7 +26,7 @@ DEEPEST_PRIMARY_MODULE = "primary_stage3"  # 32³ plans: 4 stages, RL-XAlign aft
 
 
 class RotationLearner(ShortSchedule, nnUNetTrainerRLU2Net):
-    epochs, iterations, val_iterations = 16, 8, 1
+    epochs, iterations, val_iterations = 24, 8, 1
     rl_overrides = {COMPONENT: {"rl_fraction": 1.0, "rollout_samples": 8, "policy_lr": 0.005, "value_lr": 0.01}}
 
     def get_dataloaders(self):
