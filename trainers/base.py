@@ -96,6 +96,13 @@ class RLTrainerBase(nnUNetTrainer):
     def log_telemetry(self, key: str, value: float) -> None:
         self.logger.log(key, float(value), self.current_epoch)
 
+    def batch_to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor]]:
+        """A batch's data and target(s) on the trainer's device, as nnU-Net's ``train_step`` moves them."""
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
+            target.to(self.device, non_blocking=True)
+        return batch["data"].to(self.device, non_blocking=True), target
+
     def save_fold_json(self, filename: str, content: dict) -> None:
         """Write ``content`` as JSON into the fold's output folder (once, on rank 0): what an RL component learned."""
         if self.local_rank == 0:

@@ -136,10 +136,10 @@ class nnUNetTrainerRLDeepSup(DeepSupervisionRLTrainer):
         """
         network = self.bare_network
         parameters = [p for p in network.parameters() if p.requires_grad]
-        val_data, val_target = self._to_device(val_batch)
+        val_data, val_target = self.batch_to_device(val_batch)
         dice = soft_foreground_dice(self.loss.loss.dc, network(val_data)[0], val_target[0])
         dice_gradient = torch.autograd.grad(dice, parameters, allow_unused=True)  # frees the validation graph
-        data, target = self._to_device(batch)
+        data, target = self.batch_to_device(batch)
         outputs = network(data)
         controlled = self.das_weights.num_controlled
         alignment = torch.stack([  # one g_l at a time, reduced to <g_l, h> at once: one extra parameter copy
@@ -154,10 +154,6 @@ class nnUNetTrainerRLDeepSup(DeepSupervisionRLTrainer):
         alphas /= alphas.sum(axis=1, keepdims=True)
         network.zero_grad(set_to_none=True)
         return np.clip(summary[0] - step_size * alphas @ summary[1:], 0.0, 1.0)
-
-    def _to_device(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        return batch["data"].to(self.device, non_blocking=True), \
-            [t.to(self.device, non_blocking=True) for t in batch["target"]]
 
 
 class nnUNetTrainerRLDeepSup_faithful(DeepSupervisionRLTrainer):

@@ -129,9 +129,7 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
 
     def _disabled_pose_measurement(self, batch: dict) -> tuple[dict, dict]:
         """Baseline state (Algorithm 1, lines 6-9): a no-grad forward with every PoseAlign at the identity."""
-        data = batch["data"].to(self.device, non_blocking=True)
-        target = [t.to(self.device, non_blocking=True) for t in batch["target"]] \
-            if isinstance(batch["target"], list) else batch["target"].to(self.device, non_blocking=True)
+        data, target = self.batch_to_device(batch)
         network = self.bare_network
         network.set_actions({key: torch.zeros(1, dtype=torch.long) for key in network.xalign})
         with torch.no_grad(), autocast(self.device.type, enabled=True) if self.device.type == "cuda" \
