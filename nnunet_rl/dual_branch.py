@@ -11,6 +11,7 @@ In training mode the network returns a :class:`DualBranchOutput` (both branches'
 RL-XAlign module, the features the alignment loss and the PPO state need); in eval mode it returns the soft vote of
 the two branches (eqs. 14-16) as log-probabilities, which nnU-Net's predictor and validation treat as logits.
 """
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -61,10 +62,24 @@ class DualBranchOutput:
     alignments: list[Alignment]
 
 
-def default_aligned_stages(num_stages: int) -> list[int]:
-    """The paper aligns after each of its 4 encoder stages, which start below full resolution (Swin's patch
-    embedding); here: the deepest 4 of the planned stages, never the full-resolution stage 0."""
-    return list(range(max(1, num_stages - 4), num_stages))
+def default_aligned_stages(strides: Sequence[Sequence[int]]) -> list[int]:
+    """The stages to align for the planned encoder strides (one per stage, per axis).
+
+    The paper aligns after each of its 4 Swin stages, whose maps are 1/4 to 1/32 of the input per axis (the patch
+    embedding takes the first 4×). Here: the deepest 4 stages whose maps hold at most 1/4^dim of the patch's voxels,
+    as the paper's first aligned map does (with anisotropic strides the voxel count, not one axis, decides); the
+    deepest stage when no stage is that coarse; never the full-resolution stage 0. On nnU-Net's 6-stage 128³ plans
+    these are stages 2-5, as in the paper; finer stages cost attention over many more voxels (docs/rl_u2net.md).
+    """
+    dim = len(strides[0])
+    reduction, coarse = 1, []
+    for stage, stride in enumerate(strides):
+        reduction *= math.prod(stride)
+        if stage > 0 and reduction >= 4 ** dim:
+            coarse.append(stage)
+    if not coarse and len(strides) > 1:
+        coarse = [len(strides) - 1]
+    return coarse[-4:]
 
 
 def _encoder_stage(encoder: nn.Module, stage: int, x: torch.Tensor) -> torch.Tensor:

@@ -22,29 +22,32 @@ from nnunet_rl.rotations import cube_rotations, verify_rotation_group
 
 
 def _window_partition(x: torch.Tensor, window: list[int]) -> torch.Tensor:
-    """W(·): (B, C, *spatial) with spatial divisible by window -> (B·nWindows, C, tokens), batch-major."""
+    """W(·): (B, C, *spatial) with spatial divisible by window -> (B·nWindows, tokens, C), batch-major, channels last
+    (the layout the projections and the attention read without further copies)."""
     b, c, spatial = x.shape[0], x.shape[1], x.shape[2:]
     dim = len(window)
     grid = [n // w for n, w in zip(spatial, window)]
     x = x.reshape(b, c, *[s for pair in zip(grid, window) for s in pair])
-    order = [0, *(2 + 2 * i for i in range(dim)), 1, *(3 + 2 * i for i in range(dim))]
-    return x.permute(order).reshape(b * math.prod(grid), c, math.prod(window))
+    order = [0, *(2 + 2 * i for i in range(dim)), *(3 + 2 * i for i in range(dim)), 1]
+    return x.permute(order).reshape(b * math.prod(grid), math.prod(window), c)
 
 
 def _window_reverse(tokens: torch.Tensor, batch: int, spatial: list[int], window: list[int]) -> torch.Tensor:
     """W⁻¹(·): the inverse of :func:`_window_partition` for a map of the given batch size and spatial shape."""
-    dim, c = len(window), tokens.shape[1]
+    dim, c = len(window), tokens.shape[-1]
     grid = [n // w for n, w in zip(spatial, window)]
-    x = tokens.reshape(batch, *grid, c, *window)
-    order = [0, dim + 1, *(i for pair in zip(range(1, dim + 1), range(dim + 2, 2 * dim + 2)) for i in pair)]
+    x = tokens.reshape(batch, *grid, *window, c)
+    order = [0, 2 * dim + 1, *(i for pair in zip(range(1, dim + 1), range(dim + 1, 2 * dim + 1)) for i in pair)]
     return x.permute(order).reshape(batch, c, *spatial)
 
 
 class CrossModalAttention(nn.Module):
     """CMA, eqs. 1-5: single-head attention inside non-overlapping windows, queries from the primary map.
 
-    Q = Conv1D_q(W(F_p)), K = Conv1D_k(W(F_a)), V = Conv1D_v(W(F_a)) (eqs. 1-3, kernel size 1 over the token
-    axis), softmax(QᵀK/√d)Vᵀ with d = channels (eq. 4), then Conv1D_o and the window reverse W⁻¹ (eq. 5).
+    Q = Conv1D_q(W(F_p)), K = Conv1D_k(W(F_a)), V = Conv1D_v(W(F_a)) (eqs. 1-3), softmax(QᵀK/√d)Vᵀ with
+    d = channels (eq. 4), then Conv1D_o and the window reverse W⁻¹ (eq. 5). A Conv1D of kernel size 1 over the token
+    axis is a per-token linear map of the channels, so the projections are ``nn.Linear`` on channels-last tokens:
+    the same operation without the (B·nWindows, C, tokens) transposes a Conv1d needs around the attention.
     Windows hold window_size voxels per axis; along an axis shorter than that the window is the whole axis.
     Where a size is not divisible by the window, the maps are zero-padded at the end, the padded key tokens are
     masked out of the softmax (so padding changes no output of a real voxel) and the output is cropped back.
@@ -54,10 +57,10 @@ class CrossModalAttention(nn.Module):
         super().__init__()
         self.dim = dim
         self.window_size = window_size
-        self.query = nn.Conv1d(channels, channels, kernel_size=1)
-        self.key = nn.Conv1d(channels, channels, kernel_size=1)
-        self.value = nn.Conv1d(channels, channels, kernel_size=1)
-        self.out = nn.Conv1d(channels, channels, kernel_size=1)
+        self.query = nn.Linear(channels, channels)
+        self.key = nn.Linear(channels, channels)
+        self.value = nn.Linear(channels, channels)
+        self.out = nn.Linear(channels, channels)
 
     def forward(self, primary: torch.Tensor, auxiliary: torch.Tensor) -> torch.Tensor:
         if primary.shape != auxiliary.shape or primary.ndim != self.dim + 2:
@@ -66,18 +69,19 @@ class CrossModalAttention(nn.Module):
         batch, spatial = primary.shape[0], list(primary.shape[2:])
         window = [min(self.window_size, n) for n in spatial]
         padded = [math.ceil(n / w) * w for n, w in zip(spatial, window)]
-        pad = [amount for n, p in zip(reversed(spatial), reversed(padded)) for amount in (0, p - n)]
-        queries = self.query(_window_partition(F.pad(primary, pad), window))
-        keys = self.key(_window_partition(F.pad(auxiliary, pad), window))
-        values = self.value(_window_partition(F.pad(auxiliary, pad), window))
         real_keys = None
         if padded != spatial:
+            pad = [amount for n, p in zip(reversed(spatial), reversed(padded)) for amount in (0, p - n)]
+            primary, auxiliary = F.pad(primary, pad), F.pad(auxiliary, pad)
             real = F.pad(primary.new_ones(1, 1, *spatial, dtype=torch.bool), pad)
-            real_keys = _window_partition(real, window).repeat(batch, 1, 1)  # (B·nWindows, 1, tokens)
-        attended = F.scaled_dot_product_attention(queries.transpose(1, 2), keys.transpose(1, 2),
-                                                  values.transpose(1, 2), attn_mask=real_keys)
-        out = _window_reverse(self.out(attended.transpose(1, 2)), batch, padded, window)
-        return out[(..., *(slice(0, n) for n in spatial))]
+            real_keys = _window_partition(real, window).transpose(1, 2).repeat(batch, 1, 1)[:, None]
+        auxiliary_tokens = _window_partition(auxiliary, window)
+        # one head: (B·nWindows, 1, tokens, C), the 4-D layout torch's fused attention kernels are written for
+        attended = F.scaled_dot_product_attention(self.query(_window_partition(primary, window))[:, None],
+                                                  self.key(auxiliary_tokens)[:, None],
+                                                  self.value(auxiliary_tokens)[:, None], attn_mask=real_keys)
+        out = _window_reverse(self.out(attended[:, 0]), batch, padded, window)
+        return out if real_keys is None else out[(..., *(slice(0, n) for n in spatial))]
 
 
 def _as_matrix(matrix: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -209,4 +213,4 @@ class RLXAlign(nn.Module):
                 actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         aligned = self.pose(auxiliary, actions)
         attended = self.cma(primary, aligned) if self.cma is not None else aligned
-        return self.fusion_weight * attended + (1 - self.fusion_weight) * primary, aligned
+        return torch.lerp(primary, attended, self.fusion_weight), aligned

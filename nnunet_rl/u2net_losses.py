@@ -64,50 +64,52 @@ class AGWD:
         self.running = {kind: value.clone() for kind, value in state_dict["running"].items()}
 
 
-def sample_tokens(a: torch.Tensor, b: torch.Tensor, max_tokens: int,
-                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The channel vectors of ``a`` and ``b`` at the same ≤ max_tokens voxels of the batch, each ``(n, C)``."""
+def paired_tokens(a: torch.Tensor, b: torch.Tensor, max_tokens: int,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The channel vectors of ``a`` and ``b`` (B, C, *spatial) at the same ≤ max_tokens voxels of the batch, each
+    ``(n, C)``: all voxels when there are no more than max_tokens, else a random subset drawn with ``generator``
+    (on the CPU). Only the chosen voxels are gathered, so the cost does not grow with the maps."""
     if a.shape != b.shape:
         raise ValueError(f"aligned features must share one grid, got {tuple(a.shape)} and {tuple(b.shape)}")
-    channels = a.shape[1]
-    tokens_a = a.movedim(1, -1).reshape(-1, channels)
-    tokens_b = b.movedim(1, -1).reshape(-1, channels)
-    if tokens_a.shape[0] > max_tokens:
-        keep = (torch.randperm(tokens_a.shape[0], device=a.device) if generator is None else
-                torch.randperm(tokens_a.shape[0], generator=generator).to(a.device))[:max_tokens]
-        tokens_a, tokens_b = tokens_a[keep], tokens_b[keep]
-    return tokens_a, tokens_b
+    batch, channels, spatial = a.shape[0], a.shape[1], a.shape[2:]
+    voxels = math.prod(spatial)
+    if batch * voxels <= max_tokens:
+        return a.movedim(1, -1).reshape(-1, channels), b.movedim(1, -1).reshape(-1, channels)
+    keep = torch.randperm(batch * voxels, generator=generator)[:max_tokens].to(a.device)
+    index = (keep // voxels, slice(None), *torch.unravel_index(keep % voxels, spatial))
+    return a[index], b[index]
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float = 0.1, max_tokens: int = 256,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE between ``a`` and ``b`` (B, C, *spatial) on one grid (eq. 17's L_InfoNCE).
+def info_nce(tokens_a: torch.Tensor, tokens_b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Symmetric InfoNCE between paired tokens (n, C) (eq. 17's L_InfoNCE).
 
-    Tokens are the L2-normalised channel vectors at up to ``max_tokens`` voxels of the batch (a random subset,
-    drawn with ``generator`` on the CPU, when there are more; the same voxels in a and b). Logits a_i·b_j / T over
-    all sampled tokens; the positive of token i is token i of the other map; the loss is the mean of the a→b and
-    b→a cross-entropies. Our defaults: T = 0.1 (the usual 0.07-0.2 of contrastive learning), 256 tokens (a 256²
-    logit matrix, negligible beside the network).
+    Tokens are L2-normalised; logits a_i·b_j / T over all n tokens; the positive of token i is token i of the
+    other set; the loss is the mean of the a→b and b→a cross-entropies. Our default T = 0.1 (the usual 0.07-0.2 of
+    contrastive learning).
     """
-    tokens_a, tokens_b = sample_tokens(a, b, max_tokens, generator)
     tokens_a, tokens_b = F.normalize(tokens_a.float(), dim=1), F.normalize(tokens_b.float(), dim=1)
     logits = tokens_a @ tokens_b.T / temperature
     targets = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-def cosine_alignment(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """1 − the mean over voxels of the cosine similarity of the channel vectors of ``a`` and ``b`` (L_Cosine)."""
-    if a.shape != b.shape:
-        raise ValueError(f"aligned features must share one grid, got {tuple(a.shape)} and {tuple(b.shape)}")
-    return 1 - F.cosine_similarity(a.float(), b.float(), dim=1).mean()
+def cosine_alignment(tokens_a: torch.Tensor, tokens_b: torch.Tensor) -> torch.Tensor:
+    """1 − the mean cosine similarity of paired tokens (n, C) (eq. 17's L_Cosine)."""
+    return 1 - F.cosine_similarity(tokens_a.float(), tokens_b.float(), dim=1).mean()
 
 
 def alignment_loss(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, beta: float = 1.0, temperature: float = 0.1,
                    max_tokens: int = 256, generator: torch.Generator | None = None) -> torch.Tensor:
-    """L_align = α·L_InfoNCE + β·L_Cosine (eq. 17). Our defaults α = β = 1: the paper calls them equilibrium
-    weights without values; both terms are O(1) at the start (InfoNCE ≤ log(max_tokens), cosine ≤ 2)."""
-    return alpha * info_nce(a, b, temperature, max_tokens, generator) + beta * cosine_alignment(a, b)
+    """L_align = α·L_InfoNCE + β·L_Cosine (eq. 17) between the maps a and b (B, C, *spatial) on one grid.
+
+    Both terms are taken on the channel vectors of the same ≤ max_tokens voxels (:func:`paired_tokens`): InfoNCE
+    needs a bounded token set (a 256² logit matrix by default), and the cosine term over a uniform random subset is
+    an unbiased estimate of its mean over all voxels at a cost that does not grow with the map (over all voxels it
+    cost more than the attention itself on the CPU; docs/rl_u2net.md). Our defaults α = β = 1: the paper calls them
+    equilibrium weights without values; both terms are O(1) at the start (InfoNCE ≤ log(max_tokens), cosine ≤ 2).
+    """
+    tokens_a, tokens_b = paired_tokens(a, b, max_tokens, generator)
+    return alpha * info_nce(tokens_a, tokens_b, temperature) + beta * cosine_alignment(tokens_a, tokens_b)
 
 
 def soft_vote(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ MAX_CASES_FOR_LABEL_FRACTIONS = 50  # enough for a stable mean; keeps planning f
 PAPER_DEFAULTS: dict[str, dict] = {
     # RL-U2Net (paper 000); choices where the paper is silent are ours and explained in docs/rl_u2net.md.
     "rl_u2net": {
-        "aligned_stages": None,            # encoder stages followed by RL-XAlign; None: the deepest 4, never stage 0
+        "aligned_stages": None,            # encoder stages followed by RL-XAlign; None: the deepest 4 at ≤ 1/4 resolution
         "fusion_directions": ["primary", "auxiliary"],  # both branches take the other in (Fig. 9); one: one way
         "window_size": 4,                  # CMA window w (eqs. 1-5); ours
         "k_sel": 2,                        # rotations sampled per forward and averaged (PoseAlign); ours

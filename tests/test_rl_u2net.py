@@ -71,10 +71,16 @@ def test_set_actions_choose_rotations_and_none_means_greedy():
     assert not torch.allclose(network(x).alignments[1].aligned, greedy)
 
 
-def test_default_aligned_stages_are_the_deepest_four_below_full_resolution():
-    assert default_aligned_stages(6) == [2, 3, 4, 5]
-    assert default_aligned_stages(4) == [1, 2, 3]
-    assert default_aligned_stages(2) == [1]
+def test_default_aligned_stages_are_at_most_a_quarter_resolution_as_in_the_paper():
+    isotropic = [[1, 1, 1]] + [[2, 2, 2]] * 5  # nnU-Net's 6-stage 128³ plans: maps 128³ ... 4³
+    assert default_aligned_stages(isotropic) == [2, 3, 4, 5]
+    assert default_aligned_stages(isotropic[:4]) == [2, 3]
+    assert default_aligned_stages(isotropic + [[2, 2, 2]]) == [3, 4, 5, 6]  # the deepest 4
+    anisotropic = [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2]]  # voxels /4, /16, /128, /1024
+    assert default_aligned_stages(anisotropic) == [3, 4]
+    assert default_aligned_stages([[1, 1], [2, 2], [2, 2], [2, 2]]) == [2, 3]  # 2D: 1/16 of the pixels
+    assert default_aligned_stages([[1, 1, 1], [2, 2, 2]]) == [1]  # none that coarse: the deepest
+    assert default_aligned_stages([[1, 1, 1]]) == []
 
 
 def test_single_channel_dataset_is_refused_before_any_work(planned_dataset):

@@ -10,9 +10,9 @@ from nnunet_rl.rl_xalign import (CrossModalAttention, PoseAlign, RLXAlign, featu
 from nnunet_rl.rotations import cube_rotations, quarter_turn, rotate_array
 
 
-def project(conv: torch.nn.Conv1d, tokens: torch.Tensor) -> torch.Tensor:
-    """A kernel-size-1 Conv1d on (C, T) tokens, written as the matrix product it is."""
-    return conv.weight[:, :, 0] @ tokens + conv.bias[:, None]
+def project(conv: torch.nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
+    """The kernel-size-1 Conv1D of eqs. 1-3 and 5 on (C, T) tokens, written as the matrix product it is."""
+    return conv.weight @ tokens + conv.bias[:, None]
 
 
 def naive_cma(cma: CrossModalAttention, primary: torch.Tensor, auxiliary: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from nnunet_rl.u2net_losses import AGWD, agwd_weight, alignment_loss, cosine_alignment, info_nce, soft_vote
+from nnunet_rl.u2net_losses import (AGWD, agwd_weight, alignment_loss, cosine_alignment, info_nce, paired_tokens,
+                                   soft_vote)
 
 
 def test_agwd_weight_is_eq_18():
@@ -58,38 +59,49 @@ def test_agwd_state_dict_roundtrip():
 
 def test_info_nce_is_lower_for_identical_features_than_for_shuffled_ones():
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(2, 8, 4, 4, 4, generator=generator)
-    shuffled = a.flatten(2)[:, :, torch.randperm(64, generator=generator)].reshape(a.shape)
-    same = info_nce(a, a.clone(), generator=torch.Generator().manual_seed(1))
-    different = info_nce(a, shuffled, generator=torch.Generator().manual_seed(1))
+    a = torch.randn(128, 8, generator=generator)
+    same = info_nce(a, a.clone())
+    different = info_nce(a, a[torch.randperm(128, generator=generator)])
     assert torch.isfinite(same) and torch.isfinite(different)
     assert same < different
-    assert same < math.log(128)  # below chance over the 128 tokens of the batch
+    assert same < math.log(128)  # below chance over the 128 tokens
 
 
-def test_info_nce_samples_at_most_max_tokens_reproducibly_and_gives_gradients():
-    a = torch.randn(1, 4, 6, 6, 6, requires_grad=True)
-    b = torch.randn(1, 4, 6, 6, 6)
-    first = info_nce(a, b, max_tokens=16, generator=torch.Generator().manual_seed(3))
-    again = info_nce(a, b, max_tokens=16, generator=torch.Generator().manual_seed(3))
-    assert first.item() == again.item()
-    first.backward()
-    assert (a.grad != 0).sum() <= 16 * 4
+def test_paired_tokens_takes_the_same_voxels_of_both_maps_at_most_max_tokens_reproducibly():
+    a = torch.randn(2, 4, 6, 5, 7)
+    tokens_a, tokens_b = paired_tokens(a, 2 * a, max_tokens=16, generator=torch.Generator().manual_seed(3))
+    again, _ = paired_tokens(a, 2 * a, max_tokens=16, generator=torch.Generator().manual_seed(3))
+    assert tokens_a.shape == (16, 4) and torch.equal(tokens_a, again)
+    torch.testing.assert_close(tokens_b, 2 * tokens_a)
+    all_vectors = a.movedim(1, -1).reshape(-1, 4)
+    assert all((all_vectors == token).all(dim=1).any() for token in tokens_a)  # real voxels' channel vectors
+    assert len({tuple(t.tolist()) for t in tokens_a}) == 16  # distinct voxels
+    small_a, _ = paired_tokens(a[:, :, :2, :2, :2], a[:, :, :2, :2, :2], max_tokens=16)
+    torch.testing.assert_close(small_a, a[:, :, :2, :2, :2].movedim(1, -1).reshape(-1, 4))  # 16 voxels: all of them
     with pytest.raises(ValueError, match="one grid"):
-        info_nce(a, torch.randn(1, 4, 6, 6, 5))
+        paired_tokens(a, torch.randn(2, 4, 6, 5, 6), max_tokens=16)
+
+
+def test_alignment_loss_reaches_only_the_sampled_voxels():
+    a = torch.randn(1, 4, 6, 6, 6, requires_grad=True)
+    alignment_loss(a, torch.randn(1, 4, 6, 6, 6), max_tokens=16, generator=torch.Generator().manual_seed(3)).backward()
+    assert 0 < (a.grad.abs().sum(dim=1) != 0).sum() <= 16
 
 
 def test_cosine_alignment_is_zero_for_identical_and_two_for_opposite():
-    a = torch.randn(2, 5, 3, 3)
+    a = torch.randn(18, 5)
     assert cosine_alignment(a, a).item() == pytest.approx(0, abs=1e-6)
     assert cosine_alignment(a, 2 * a).item() == pytest.approx(0, abs=1e-6)
     assert cosine_alignment(a, -a).item() == pytest.approx(2, abs=1e-6)
 
 
-def test_alignment_loss_is_eq_17():
+def test_alignment_loss_is_eq_17_on_the_sampled_tokens():
     a, b = torch.randn(1, 4, 3, 3, 3), torch.randn(1, 4, 3, 3, 3)
-    expected = 0.5 * info_nce(a, b, temperature=0.2) + 2.0 * cosine_alignment(a, b)
-    torch.testing.assert_close(alignment_loss(a, b, alpha=0.5, beta=2.0, temperature=0.2), expected)
+    tokens = paired_tokens(a, b, max_tokens=8, generator=torch.Generator().manual_seed(0))
+    expected = 0.5 * info_nce(*tokens, temperature=0.2) + 2.0 * cosine_alignment(*tokens)
+    actual = alignment_loss(a, b, alpha=0.5, beta=2.0, temperature=0.2, max_tokens=8,
+                            generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(actual, expected)
 
 
 def test_soft_vote_is_the_log_of_the_averaged_probabilities():

@@ -82,7 +82,7 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
         first = branch(len(primary))
         stages = hp["aligned_stages"]
         if stages is None:
-            stages = default_aligned_stages(len(first.encoder.output_channels))
+            stages = default_aligned_stages(first.encoder.strides)
         return DualBranchUNet(first, branch(len(auxiliary)), primary, auxiliary, stages, hp["fusion_directions"],
                               hp["window_size"], hp["k_sel"], hp["temperature"], hp["fusion_weight"], hp["use_cma"])
 
