@@ -171,7 +171,7 @@ class PoseAlign(nn.Module):
         """The mean over the rotation indices in actions (1-D) of the rotated map; index 0 (identity) is free."""
         rotated = [auxiliary if a == 0 else rotate_feature_map(auxiliary, self.rotations[a])
                    for a in actions.tolist()]
-        return torch.stack(rotated).mean(dim=0)
+        return rotated[0] if len(rotated) == 1 else torch.stack(rotated).mean(dim=0)
 
 
 def feature_similarity(primary: torch.Tensor, aligned: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:

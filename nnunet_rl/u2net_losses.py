@@ -68,48 +68,56 @@ def paired_tokens(a: torch.Tensor, b: torch.Tensor, max_tokens: int,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The channel vectors of ``a`` and ``b`` (B, C, *spatial) at the same ≤ max_tokens voxels of the batch, each
     ``(n, C)``: all voxels when there are no more than max_tokens, else a random subset drawn with ``generator``
-    (on the CPU). Only the chosen voxels are gathered, so the cost does not grow with the maps."""
+    (on the CPU, indices moved to the device in one copy). Only the chosen voxels are gathered, so the cost does not
+    grow with the maps."""
     if a.shape != b.shape:
         raise ValueError(f"aligned features must share one grid, got {tuple(a.shape)} and {tuple(b.shape)}")
     batch, channels, spatial = a.shape[0], a.shape[1], a.shape[2:]
     voxels = math.prod(spatial)
     if batch * voxels <= max_tokens:
         return a.movedim(1, -1).reshape(-1, channels), b.movedim(1, -1).reshape(-1, channels)
-    keep = torch.randperm(batch * voxels, generator=generator)[:max_tokens].to(a.device)
-    index = (keep // voxels, slice(None), *torch.unravel_index(keep % voxels, spatial))
+    keep = torch.randperm(batch * voxels, generator=generator)[:max_tokens]
+    index = torch.stack((keep // voxels, *torch.unravel_index(keep % voxels, spatial))).to(a.device)
+    index = (index[0], slice(None), *index[1:])
     return a[index], b[index]
 
 
-def info_nce(tokens_a: torch.Tensor, tokens_b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """Symmetric InfoNCE between paired tokens (n, C) (eq. 17's L_InfoNCE).
+def token_similarities(tokens_a: torch.Tensor, tokens_b: torch.Tensor) -> torch.Tensor:
+    """The cosine similarity of every pair of tokens (n, C) × (n, C) -> (n, n), in float32; the diagonal holds the
+    pairs of the same voxel."""
+    return F.normalize(tokens_a.float(), dim=1) @ F.normalize(tokens_b.float(), dim=1).T
 
-    Tokens are L2-normalised; logits a_i·b_j / T over all n tokens; the positive of token i is token i of the
-    other set; the loss is the mean of the a→b and b→a cross-entropies. Our default T = 0.1 (the usual 0.07-0.2 of
-    contrastive learning).
+
+def info_nce(similarities: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Symmetric InfoNCE (eq. 17's L_InfoNCE) from the (n, n) :func:`token_similarities` of two token sets.
+
+    Logits a_i·b_j / T between the L2-normalised tokens; the positive of token i is token i of the other set; the
+    loss is the mean of the a→b and b→a cross-entropies. Our default T = 0.1 (the usual 0.07-0.2 of contrastive
+    learning).
     """
-    tokens_a, tokens_b = F.normalize(tokens_a.float(), dim=1), F.normalize(tokens_b.float(), dim=1)
-    logits = tokens_a @ tokens_b.T / temperature
+    logits = similarities / temperature
     targets = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-def cosine_alignment(tokens_a: torch.Tensor, tokens_b: torch.Tensor) -> torch.Tensor:
-    """1 − the mean cosine similarity of paired tokens (n, C) (eq. 17's L_Cosine)."""
-    return 1 - F.cosine_similarity(tokens_a.float(), tokens_b.float(), dim=1).mean()
+def cosine_alignment(similarities: torch.Tensor) -> torch.Tensor:
+    """1 − the mean cosine similarity of paired tokens (eq. 17's L_Cosine): the diagonal of
+    :func:`token_similarities`."""
+    return 1 - similarities.diagonal().mean()
 
 
 def alignment_loss(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, beta: float = 1.0, temperature: float = 0.1,
                    max_tokens: int = 256, generator: torch.Generator | None = None) -> torch.Tensor:
     """L_align = α·L_InfoNCE + β·L_Cosine (eq. 17) between the maps a and b (B, C, *spatial) on one grid.
 
-    Both terms are taken on the channel vectors of the same ≤ max_tokens voxels (:func:`paired_tokens`): InfoNCE
-    needs a bounded token set (a 256² logit matrix by default), and the cosine term over a uniform random subset is
-    an unbiased estimate of its mean over all voxels at a cost that does not grow with the map (over all voxels it
-    cost more than the attention itself on the CPU; docs/rl_u2net.md). Our defaults α = β = 1: the paper calls them
-    equilibrium weights without values; both terms are O(1) at the start (InfoNCE ≤ log(max_tokens), cosine ≤ 2).
+    Both terms are taken on the channel vectors of the same ≤ max_tokens voxels (:func:`paired_tokens`), from one
+    similarity matrix: InfoNCE needs a bounded token set (a 256² logit matrix by default), and the cosine term over
+    a uniform random subset is an unbiased estimate of its mean over all voxels at a cost that does not grow with
+    the map (docs/rl_u2net.md). Our defaults α = β = 1: the paper calls them equilibrium weights without values; both
+    terms are O(1) at the start (InfoNCE ≤ log(max_tokens), cosine ≤ 2).
     """
-    tokens_a, tokens_b = paired_tokens(a, b, max_tokens, generator)
-    return alpha * info_nce(tokens_a, tokens_b, temperature) + beta * cosine_alignment(tokens_a, tokens_b)
+    similarities = token_similarities(*paired_tokens(a, b, max_tokens, generator))
+    return alpha * info_nce(similarities, temperature) + beta * cosine_alignment(similarities)
 
 
 def soft_vote(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from nnunet_rl.trainers.schedules import ShortSchedule
 
 pytestmark = pytest.mark.e2e
 DATASET_ID = 952
-DEEPEST_PRIMARY_MODULE = "primary_stage3"  # 32³ plans: 4 stages, RL-XAlign after stages 1-3
+DEEPEST_PRIMARY_MODULE = "primary_stage3"  # 32³ plans: 4 stages, RL-XAlign after stages 2-3
 
 
 class RotationLearner(ShortSchedule, nnUNetTrainerRLU2Net):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nnunet_rl.u2net_losses import (AGWD, agwd_weight, alignment_loss, cosine_alignment, info_nce, paired_tokens,
-                                   soft_vote)
+                                   soft_vote, token_similarities)
 
 
 def test_agwd_weight_is_eq_18():
@@ -60,8 +60,8 @@ def test_agwd_state_dict_roundtrip():
 def test_info_nce_is_lower_for_identical_features_than_for_shuffled_ones():
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(128, 8, generator=generator)
-    same = info_nce(a, a.clone())
-    different = info_nce(a, a[torch.randperm(128, generator=generator)])
+    same = info_nce(token_similarities(a, a.clone()))
+    different = info_nce(token_similarities(a, a[torch.randperm(128, generator=generator)]))
     assert torch.isfinite(same) and torch.isfinite(different)
     assert same < different
     assert same < math.log(128)  # below chance over the 128 tokens
@@ -90,15 +90,17 @@ def test_alignment_loss_reaches_only_the_sampled_voxels():
 
 def test_cosine_alignment_is_zero_for_identical_and_two_for_opposite():
     a = torch.randn(18, 5)
-    assert cosine_alignment(a, a).item() == pytest.approx(0, abs=1e-6)
-    assert cosine_alignment(a, 2 * a).item() == pytest.approx(0, abs=1e-6)
-    assert cosine_alignment(a, -a).item() == pytest.approx(2, abs=1e-6)
+    assert cosine_alignment(token_similarities(a, a)).item() == pytest.approx(0, abs=1e-6)
+    assert cosine_alignment(token_similarities(a, 2 * a)).item() == pytest.approx(0, abs=1e-6)
+    assert cosine_alignment(token_similarities(a, -a)).item() == pytest.approx(2, abs=1e-6)
+    torch.testing.assert_close(token_similarities(a, a.flip(0)).diagonal(),
+                               torch.nn.functional.cosine_similarity(a, a.flip(0), dim=1))
 
 
 def test_alignment_loss_is_eq_17_on_the_sampled_tokens():
     a, b = torch.randn(1, 4, 3, 3, 3), torch.randn(1, 4, 3, 3, 3)
-    tokens = paired_tokens(a, b, max_tokens=8, generator=torch.Generator().manual_seed(0))
-    expected = 0.5 * info_nce(*tokens, temperature=0.2) + 2.0 * cosine_alignment(*tokens)
+    similarities = token_similarities(*paired_tokens(a, b, max_tokens=8, generator=torch.Generator().manual_seed(0)))
+    expected = 0.5 * info_nce(similarities, temperature=0.2) + 2.0 * cosine_alignment(similarities)
     actual = alignment_loss(a, b, alpha=0.5, beta=2.0, temperature=0.2, max_tokens=8,
                             generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(actual, expected)
