@@ -1,10 +1,9 @@
-"""Keeping RL state identical across DDP ranks: average what differs, broadcast what must start equal.
+"""Keeping RL state identical across DDP ranks: average what differs between them.
 
-Without an initialised process group (one GPU, CPU tests) both functions are no-ops.
+Without an initialised process group (one GPU, CPU tests) this is a no-op.
 """
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 def is_distributed() -> bool:
@@ -18,12 +17,3 @@ def mean_across_ranks(tensor: torch.Tensor) -> torch.Tensor:
     total = tensor.detach().clone()
     dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return total / dist.get_world_size()
-
-
-def broadcast_module_(module: nn.Module, src: int = 0) -> nn.Module:
-    """Overwrite every parameter and buffer of ``module`` with rank ``src``'s values, in place; returns it."""
-    if is_distributed():
-        with torch.no_grad():
-            for tensor in list(module.parameters()) + list(module.buffers()):
-                dist.broadcast(tensor.data, src=src)
-    return module

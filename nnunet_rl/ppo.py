@@ -122,15 +122,18 @@ class PPOAgent:
 
     ``update(buffer)`` runs lines 17-31 and returns the mean statistics of its mini-batches; the caller clears the
     buffer for the next round. The policy's own parameters are saved with the network that holds it; this
-    agent's ``state_dict`` holds the critic, both optimisers and the shuffling generator. Under DDP every rank
-    must update on the same buffer with the same seed (``nnunet_rl.distributed.mean_across_ranks`` before ``add``)
-    to keep policy and critic identical.
+    agent's ``state_dict`` holds the critic, both optimisers and the shuffling generator. The critic's initial
+    weights and the shuffling come from ``seed``, so under DDP agents with one seed start identical on every rank;
+    they stay identical when every rank updates on the same buffer (``nnunet_rl.distributed.mean_across_ranks``
+    before ``add``) from the same initial policy.
     """
 
     def __init__(self, policy: nn.Module, policy_lr: float = 5e-5, value_lr: float = 2e-4, clip: float = 0.2,
                  gamma: float = 0.99, ppo_epochs: int = 10, minibatch: int = 64, seed: int = 0):
         self.policy = policy
-        self.critic = Critic()
+        with torch.random.fork_rng(devices=[]):  # the critic's initial weights from the seed: equal on every rank
+            torch.manual_seed(seed)
+            self.critic = Critic()
         self.clip, self.gamma, self.ppo_epochs, self.minibatch = clip, gamma, ppo_epochs, minibatch
         self.policy_optimizer = torch.optim.Adam(policy.parameters(), lr=policy_lr)
         self.value_optimizer = torch.optim.Adam(self.critic.parameters(), lr=value_lr)

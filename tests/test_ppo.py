@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import on_two_gloo_ranks
 
-from nnunet_rl.distributed import broadcast_module_, mean_across_ranks
+from nnunet_rl.distributed import mean_across_ranks
 from nnunet_rl.ppo import FIELDS, Critic, PPOAgent, RolloutBuffer, normalise_advantages, policy_loss
 
 ACTIONS, BEST = 24, 7
@@ -181,23 +181,28 @@ def test_non_finite_rewards_and_states_are_refused():
         PPOAgent(SoftmaxPolicy()).update(RolloutBuffer(4, 1))
 
 
-def test_mean_across_ranks_and_broadcast_are_identities_without_a_process_group():
+def test_mean_across_ranks_is_the_identity_without_a_process_group():
     tensor = torch.tensor([1.0, 2.0])
     assert mean_across_ranks(tensor) is tensor
-    critic = Critic()
-    before = [p.clone() for p in critic.parameters()]
-    assert broadcast_module_(critic) is critic
-    assert all(torch.equal(a, b) for a, b in zip(before, critic.parameters()))
+
+
+def test_the_seed_not_the_global_random_state_sets_the_critic():
+    torch.manual_seed(1)
+    first = PPOAgent(SoftmaxPolicy(), seed=3).critic.state_dict()
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    second = PPOAgent(SoftmaxPolicy(), seed=3).critic.state_dict()
+    assert torch.equal(torch.get_rng_state(), state)  # the global stream is left as it was
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    other = PPOAgent(SoftmaxPolicy(), seed=4).critic.state_dict()
+    assert not all(torch.equal(first[name], other[name]) for name in first)
 
 
 def ddp_rank(rank: int, folder: str) -> None:
-    """One rank: different initial weights (broadcast from rank 0), different rewards (averaged), one update."""
-    torch.manual_seed(rank)  # the ranks' critics and policies start different ...
-    policy = SoftmaxPolicy()
-    nn.init.normal_(policy.theta)
-    agent = PPOAgent(policy, policy_lr=0.01, ppo_epochs=3, minibatch=4, seed=0)
-    broadcast_module_(policy)  # ... until rank 0's weights are broadcast
-    broadcast_module_(agent.critic)
+    """One rank: a different global random state, different rewards (averaged), one update."""
+    torch.manual_seed(rank)  # the ranks' global random streams differ (nnU-Net does not seed its ranks) ...
+    policy = SoftmaxPolicy()  # ... θ starts at zeros, as PoseAlign's (and DDP broadcasts the network's parameters)
+    agent = PPOAgent(policy, policy_lr=0.01, ppo_epochs=3, minibatch=4, seed=0)  # ... the critic from the seed
     generator = torch.Generator().manual_seed(42)  # same states and actions on both ranks
     buffer = RolloutBuffer(8, 2)
     actions = policy.sample(8, 2, generator)
