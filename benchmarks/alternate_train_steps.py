@@ -18,7 +18,7 @@ import statistics
 import tempfile
 import time
 
-from benchmark_trainers import _synthetic_batches
+from benchmark_trainers import synthetic_batches
 
 
 def build_trainer(spec: str, folder: str, configuration: str, plans_name: str, device):
@@ -63,7 +63,7 @@ def run(args) -> None:
     device = torch.device(args.device)
     folder = os.path.join(nnUNet_preprocessed, maybe_convert_to_dataset_name(args.d))
     trainers = {spec: build_trainer(spec, folder, args.c, args.p, device) for spec in args.tr}
-    batch = next(_synthetic_batches(next(iter(trainers.values())), seed=0))
+    batch = next(synthetic_batches(next(iter(trainers.values())), seed=0))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = {spec: [] for spec in trainers}
     for round_ in range(args.rounds):

@@ -91,7 +91,7 @@ def _batch_generator(loader):
     return loader.generator if hasattr(loader, "generator") else loader.data_loader
 
 
-def _synthetic_batches(trainer, seed: int):
+def synthetic_batches(trainer, seed: int):
     """Endless random batches shaped like nnU-Net's: data (B, C, *patch), targets at every deep-supervision scale."""
     import numpy as np
     import torch
@@ -229,7 +229,7 @@ def run_worker(args) -> dict:
         os.makedirs(trainer.output_folder, exist_ok=True)
         trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # the inference mirror axes
         trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
-        trainer.dataloader_train = trainer.dataloader_val = _synthetic_batches(trainer, args.seed)
+        trainer.dataloader_train = trainer.dataloader_val = synthetic_batches(trainer, args.seed)
     else:
         trainer.on_train_start()
     if epoch:
