@@ -19,10 +19,26 @@ import torch
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from torch import nn
 
-from nnunet_rl.rl_xalign import RLXAlign, feature_similarity
+from nnunet_rl.rl_xalign import RLXAlign, activity_correlation, activity_map
 from nnunet_rl.u2net_losses import soft_vote
 
 FUSION_DIRECTIONS = ("primary", "auxiliary")  # "primary": the primary branch takes in the auxiliary one; and back
+
+
+class FinestActivity:
+    """Both branches' stage-0 activity maps (:func:`~nnunet_rl.rl_xalign.activity_map`, no gradient), computed on
+    first use and shared by every module: S_similarity needs them only on rollout iterations, and then once per
+    branch, not once per module."""
+
+    def __init__(self, primary: torch.Tensor, auxiliary: torch.Tensor):
+        self._features = {"primary": primary, "auxiliary": auxiliary}
+        self._maps: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, branch: str) -> torch.Tensor:
+        if branch not in self._maps:
+            with torch.no_grad():
+                self._maps[branch] = activity_map(self._features[branch])
+        return self._maps[branch]
 
 
 @dataclass
@@ -30,28 +46,36 @@ class Alignment:
     """What one RL-XAlign module did in a forward pass.
 
     ``own``/``aligned``: the receiving branch's features and the aligned features of the other branch at the module's
-    stage (the alignment loss compares them). ``own_finest``/``other_finest``: both branches' stage-0 features, on
-    which :meth:`similarity` measures how well the module's rotation aligns the modalities.
+    stage (the alignment loss compares them). ``finest``: both branches' stage-0 activity maps, on which
+    :meth:`similarity` measures how well the module's rotation aligns the modalities.
     """
     key: str
+    direction: str  # the receiving branch
     own: torch.Tensor
     aligned: torch.Tensor
     pose: nn.Module
     action: torch.Tensor
-    own_finest: torch.Tensor
-    other_finest: torch.Tensor
+    finest: FinestActivity
 
     def similarity(self) -> torch.Tensor:
-        """S_similarity of eqs. 8-9, averaged over the batch: the receiving branch's stage-0 features against the other
-        branch's stage-0 features turned by this module's rotation (the same rotation in normalised coordinates).
+        """S_similarity of eqs. 8-9, averaged over the batch: the receiving branch's stage-0 activity map against the
+        other branch's turned by this module's rotation (the same rotation in normalised coordinates).
+
+        The activity map, not the features, is turned, at 1/C of the cost. Where the rotation maps the grid onto
+        itself (always on cubes) it commutes with the channel norm, so this is exactly
+        :func:`~nnunet_rl.rl_xalign.feature_similarity` of the turned features; where the map is resampled, the
+        activity map is interpolated instead of the features (on random features the correlations then differ by
+        up to 0.09). With K_sel > 1 draws it correlates with the mean of the turned activity maps (turning every
+        channel would give the activity of the mean of the turned features; the two agree when the draws do).
 
         Measured at stage 0 because feature maps of deeper stages are not rotation-covariant: on untrained networks
         and 32³ phantoms the rotation that re-aligns the modalities ranks first at stage 0 for all seeds tried but
         anywhere from 1st to 18th at the 8³ and 4³ stages (docs/rl_u2net.md), so a similarity measured there would
         not reward the right rotation.
         """
+        other = FUSION_DIRECTIONS[1 - FUSION_DIRECTIONS.index(self.direction)]
         with torch.no_grad():
-            return feature_similarity(self.own_finest, self.pose(self.other_finest, self.action)).mean()
+            return activity_correlation(self.finest[self.direction], self.pose(self.finest[other], self.action)).mean()
 
 
 @dataclass
@@ -142,13 +166,13 @@ class DualBranchUNet(nn.Module):
         self.auxiliary_branch.decoder.deep_supervision = enabled
 
     def _align(self, direction: str, stage: int, own: torch.Tensor, other: torch.Tensor,
-               finest: tuple[torch.Tensor, torch.Tensor], alignments: list[Alignment]) -> torch.Tensor:
+               finest: FinestActivity, alignments: list[Alignment]) -> torch.Tensor:
         key = self.module_key(direction, stage)
         if key not in self.xalign:
             return own
         module, action = self.xalign[key], self.action(key)
         fused, aligned = module(own, other, action)
-        alignments.append(Alignment(key, own, aligned, module.pose, action, *finest))
+        alignments.append(Alignment(key, direction, own, aligned, module.pose, action, finest))
         return fused
 
     def forward(self, x: torch.Tensor):
@@ -158,11 +182,11 @@ class DualBranchUNet(nn.Module):
             primary = _encoder_stage(self.primary_branch.encoder, stage, primary)
             auxiliary = _encoder_stage(self.auxiliary_branch.encoder, stage, auxiliary)
             if stage == 0:
-                finest = primary, auxiliary
+                finest = FinestActivity(primary, auxiliary)
             if stage in self.aligned_stages:
                 primary, auxiliary = (
                     self._align("primary", stage, primary, auxiliary, finest, alignments),
-                    self._align("auxiliary", stage, auxiliary, primary, finest[::-1], alignments))
+                    self._align("auxiliary", stage, auxiliary, primary, finest, alignments))
             primary_skips.append(primary)
             auxiliary_skips.append(auxiliary)
         primary_out = self.primary_branch.decoder(primary_skips)

@@ -174,6 +174,22 @@ class PoseAlign(nn.Module):
         return rotated[0] if len(rotated) == 1 else torch.stack(rotated).mean(dim=0)
 
 
+def activity_map(features: torch.Tensor) -> torch.Tensor:
+    """The L2 norm over channels at each voxel, (B, C, *spatial) -> (B, 1, *spatial). A rotation of the grid
+    commutes with it: the activity map of a rotated map is the rotated activity map."""
+    return features.norm(dim=1, keepdim=True)
+
+
+def activity_correlation(activity_p: torch.Tensor, activity_a: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """The Pearson correlation over voxels of two activity maps (B, 1, *spatial), one value per sample (B,).
+    A constant map (zero variance) gives 0, not NaN (eps guards the denominator)."""
+    activity_p, activity_a = activity_p.flatten(1), activity_a.flatten(1)
+    centred_p = activity_p - activity_p.mean(dim=1, keepdim=True)
+    centred_a = activity_a - activity_a.mean(dim=1, keepdim=True)
+    spread = centred_p.square().sum(dim=1).sqrt() * centred_a.square().sum(dim=1).sqrt()
+    return (centred_p * centred_a).sum(dim=1) / spread.clamp_min(eps)
+
+
 def feature_similarity(primary: torch.Tensor, aligned: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """S_similarity of eqs. 8-9, one value per sample (B,) in [-1, 1].
 
@@ -181,14 +197,9 @@ def feature_similarity(primary: torch.Tensor, aligned: torch.Tensor, eps: float 
     L2 norm over channels at each voxel. The two branches' encoders have no channel correspondence, so the
     measure must not depend on channel order, and CT and MRI may show a structure with opposite contrast, so it
     must not depend on the sign of a feature; the activity map is invariant to both, and the correlation to the
-    scale of either map. A constant activity map (zero variance) gives 0, not NaN (eps guards the denominator).
+    scale of either map.
     """
-    activity_p = primary.norm(dim=1).flatten(1)
-    activity_a = aligned.norm(dim=1).flatten(1)
-    centred_p = activity_p - activity_p.mean(dim=1, keepdim=True)
-    centred_a = activity_a - activity_a.mean(dim=1, keepdim=True)
-    spread = centred_p.square().sum(dim=1).sqrt() * centred_a.square().sum(dim=1).sqrt()
-    return (centred_p * centred_a).sum(dim=1) / spread.clamp_min(eps)
+    return activity_correlation(activity_map(primary), activity_map(aligned), eps)
 
 
 class RLXAlign(nn.Module):

@@ -12,6 +12,7 @@ from test_pam import unet_kwargs
 
 from nnunet_rl.dual_branch import DualBranchOutput, DualBranchUNet, default_aligned_stages
 from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.rl_xalign import feature_similarity
 from nnunet_rl.rotations import cube_rotations
 from nnunet_rl.trainers import (nnUNetTrainerRLU2Net, nnUNetTrainerRLU2Net_noCMA, nnUNetTrainerRLU2Net_noRLXAlign,
                                 nnUNetTrainerRLU2Net_lambda0p1)
@@ -44,6 +45,22 @@ def test_both_branches_keep_the_planned_deep_supervision(dim, architecture):
     (sum(o.mean() for o in output.primary + output.auxiliary)).backward()
     assert all(m.cma.query.weight.grad is not None for m in network.xalign.values())
     assert all(m.pose.theta.grad is None and not m.pose.theta.requires_grad for m in network.xalign.values())
+
+
+@pytest.mark.parametrize("shape, rotation", [((16, 16, 16), 5), ((8, 16, 12), 7)])  # 7 flips axes 0 and 2
+def test_module_similarity_is_that_of_the_rotated_stage0_features(shape, rotation):
+    """The activity map is turned instead of the features: with one draw that is exactly feature_similarity of the
+    turned features where the rotation maps the grid onto itself (permute and flip commute with the channel norm)."""
+    network = dual_branch()
+    output = network(torch.randn(2, 3, *shape))
+    for alignment in output.alignments:
+        alignment.action = torch.tensor([rotation])
+        features = alignment.finest._features
+        other = "auxiliary" if alignment.direction == "primary" else "primary"
+        expected = feature_similarity(features[alignment.direction],
+                                      alignment.pose(features[other], alignment.action)).mean()
+        torch.testing.assert_close(alignment.similarity(), expected, atol=1e-5, rtol=1e-5)
+    assert len(output.alignments[0].finest._maps) == 2  # computed once per branch, shared by all modules
 
 
 def test_eval_output_is_the_soft_vote_of_the_branches():
