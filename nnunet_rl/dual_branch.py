@@ -31,13 +31,13 @@ class FinestActivity:
     branch, not once per module."""
 
     def __init__(self, primary: torch.Tensor, auxiliary: torch.Tensor):
-        self._features = {"primary": primary, "auxiliary": auxiliary}
+        self.features = {"primary": primary, "auxiliary": auxiliary}
         self._maps: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, branch: str) -> torch.Tensor:
         if branch not in self._maps:
             with torch.no_grad():
-                self._maps[branch] = activity_map(self._features[branch])
+                self._maps[branch] = activity_map(self.features[branch])
         return self._maps[branch]
 
 
@@ -63,7 +63,7 @@ class Alignment:
 
         The activity map, not the features, is turned, at 1/C of the cost. Where the rotation maps the grid onto
         itself (always on cubes) it commutes with the channel norm, so this is exactly
-        :func:`~nnunet_rl.rl_xalign.feature_similarity` of the turned features; where the map is resampled, the
+        the correlation of the activity maps of the turned features; where the map is resampled, the
         activity map is interpolated instead of the features (on random features the correlations then differ by
         up to 0.09). With K_sel > 1 draws it correlates with the mean of the turned activity maps (turning every
         channel would give the activity of the mean of the turned features; the two agree when the draws do).

@@ -181,25 +181,20 @@ def activity_map(features: torch.Tensor) -> torch.Tensor:
 
 
 def activity_correlation(activity_p: torch.Tensor, activity_a: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """The Pearson correlation over voxels of two activity maps (B, 1, *spatial), one value per sample (B,).
-    A constant map (zero variance) gives 0, not NaN (eps guards the denominator)."""
+    """S_similarity of eqs. 8-9 from two activity maps (B, 1, *spatial) (:func:`activity_map`): their Pearson
+    correlation over voxels, one value per sample (B,) in [-1, 1].
+
+    The paper does not define S_similarity. We take the correlation of the two feature maps' activity maps, the L2
+    norm over channels at each voxel. The two branches' encoders have no channel correspondence, so the measure must
+    not depend on channel order, and CT and MRI may show a structure with opposite contrast, so it must not depend on
+    the sign of a feature; the activity map is invariant to both, and the correlation to the scale of either map.
+    A constant map (zero variance) gives 0, not NaN (eps guards the denominator).
+    """
     activity_p, activity_a = activity_p.flatten(1), activity_a.flatten(1)
     centred_p = activity_p - activity_p.mean(dim=1, keepdim=True)
     centred_a = activity_a - activity_a.mean(dim=1, keepdim=True)
     spread = centred_p.square().sum(dim=1).sqrt() * centred_a.square().sum(dim=1).sqrt()
     return (centred_p * centred_a).sum(dim=1) / spread.clamp_min(eps)
-
-
-def feature_similarity(primary: torch.Tensor, aligned: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """S_similarity of eqs. 8-9, one value per sample (B,) in [-1, 1].
-
-    The paper does not define it. We take the Pearson correlation over voxels of the two maps' activity maps, the
-    L2 norm over channels at each voxel. The two branches' encoders have no channel correspondence, so the
-    measure must not depend on channel order, and CT and MRI may show a structure with opposite contrast, so it
-    must not depend on the sign of a feature; the activity map is invariant to both, and the correlation to the
-    scale of either map.
-    """
-    return activity_correlation(activity_map(primary), activity_map(aligned), eps)
 
 
 class RLXAlign(nn.Module):
@@ -209,7 +204,7 @@ class RLXAlign(nn.Module):
     content that is already aligned: an attention local to a window cannot undo a rotation of the whole map.
     ``forward`` returns ``(fused, aligned)``: fused = λ·CMA(F_p, aligned) + (1 − λ)·F_p (eq. 7, λ =
     fusion_weight, 0.3 in the paper) and the rotated auxiliary map ``aligned``, on the primary's grid, for
-    :func:`feature_similarity` and the alignment loss. With use_cma=False the attended map is ``aligned`` itself
+    S_similarity and the alignment loss. With use_cma=False the attended map is ``aligned`` itself
     (the paper's "w/o CMA" ablation).
     """
 

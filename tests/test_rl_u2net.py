@@ -9,10 +9,10 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet, Resi
 
 from conftest import make_trainer
 from test_pam import unet_kwargs
+from test_rl_xalign import feature_similarity
 
 from nnunet_rl.dual_branch import DualBranchOutput, DualBranchUNet, default_aligned_stages
 from nnunet_rl.errors import NnunetRLError
-from nnunet_rl.rl_xalign import feature_similarity
 from nnunet_rl.rotations import cube_rotations
 from nnunet_rl.trainers import (nnUNetTrainerRLU2Net, nnUNetTrainerRLU2Net_noCMA, nnUNetTrainerRLU2Net_noRLXAlign,
                                 nnUNetTrainerRLU2Net_lambda0p1)
@@ -55,7 +55,7 @@ def test_module_similarity_is_that_of_the_rotated_stage0_features(shape, rotatio
     output = network(torch.randn(2, 3, *shape))
     for alignment in output.alignments:
         alignment.action = torch.tensor([rotation])
-        features = alignment.finest._features
+        features = alignment.finest.features
         other = "auxiliary" if alignment.direction == "primary" else "primary"
         expected = feature_similarity(features[alignment.direction],
                                       alignment.pose(features[other], alignment.action)).mean()
