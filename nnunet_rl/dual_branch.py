@@ -19,6 +19,7 @@ import torch
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
 from torch import nn
 
+from nnunet_rl.devices import copy_to_device
 from nnunet_rl.rl_xalign import RLXAlign, activity_correlation, activity_map
 from nnunet_rl.u2net_losses import soft_vote
 
@@ -113,6 +114,15 @@ def _encoder_stage(encoder: nn.Module, stage: int, x: torch.Tensor) -> torch.Ten
     return encoder.stages[stage](x)
 
 
+def select_channels(x: torch.Tensor, channels: list[int]) -> torch.Tensor:
+    """x[:, channels]: a view where the channels are consecutive (the default split), else an index_select whose
+    indices reach the device without waiting for it (indexing a CUDA tensor by a Python list would)."""
+    first, last = channels[0], channels[-1]
+    if channels == list(range(first, last + 1)):
+        return x[:, first:last + 1]
+    return x.index_select(1, copy_to_device(torch.tensor(channels), x.device))
+
+
 def _as_list(output) -> list[torch.Tensor]:
     return list(output) if isinstance(output, (list, tuple)) else [output]
 
@@ -176,7 +186,8 @@ class DualBranchUNet(nn.Module):
         return fused
 
     def forward(self, x: torch.Tensor):
-        primary, auxiliary = x[:, self.primary_channels], x[:, self.auxiliary_channels]
+        primary = select_channels(x, self.primary_channels)
+        auxiliary = select_channels(x, self.auxiliary_channels)
         primary_skips, auxiliary_skips, alignments = [], [], []
         for stage in range(self.num_stages):
             primary = _encoder_stage(self.primary_branch.encoder, stage, primary)

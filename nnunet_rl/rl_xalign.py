@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_rl.devices import copy_to_device
 from nnunet_rl.rotations import cube_rotations, verify_rotation_group
 
 
@@ -98,9 +99,9 @@ def rotate_by_resampling(x: torch.Tensor, matrix: torch.Tensor | np.ndarray) -> 
     function up to float rounding. affine_grid and grid_sample order coordinates last axis first, hence the flips.
     """
     dim = x.ndim - 2
-    inverse = _as_matrix(matrix).to(dtype=x.dtype, device=x.device).T.flip(0, 1)
-    theta = torch.cat((inverse, inverse.new_zeros(dim, 1)), dim=1).expand(x.shape[0], dim, dim + 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=True)
+    inverse = _as_matrix(matrix).to(x.dtype).T.flip(0, 1)
+    theta = copy_to_device(torch.cat((inverse, inverse.new_zeros(dim, 1)), dim=1), x.device)
+    grid = F.affine_grid(theta.expand(x.shape[0], dim, dim + 1), list(x.shape), align_corners=True)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
@@ -135,11 +136,18 @@ class PoseAlign(nn.Module):
         self.temperature = temperature
         self.theta = nn.Parameter(torch.zeros(len(rotations)))
         self.rotations = torch.as_tensor(np.stack(rotations), dtype=torch.long)  # on the CPU: read without a sync
-        self._greedy: tuple[int, torch.Tensor] | None = None  # (θ's version, argmax) cache
+        self._cpu_theta: tuple[int, torch.Tensor] | None = None  # (θ's version, θ on the CPU)
 
     def probabilities(self) -> torch.Tensor:
         """π = softmax(θ/τ) over the rotation indices."""
         return torch.softmax(self.theta / self.temperature, dim=0)
+
+    def _theta_on_cpu(self) -> torch.Tensor:
+        """θ as a CPU tensor, cached until θ changes (optimizer steps and state loading bump its version): actions
+        are chosen on the CPU, and reading θ from the GPU every step would wait for the device."""
+        if self._cpu_theta is None or self._cpu_theta[0] != self.theta._version:
+            self._cpu_theta = (self.theta._version, self.theta.detach().cpu())
+        return self._cpu_theta[1]
 
     @torch.no_grad()
     def sample(self, generator: torch.Generator) -> torch.Tensor:
@@ -148,7 +156,8 @@ class PoseAlign(nn.Module):
         Actions live on the CPU (drawn with a CPU generator, so a seed gives the same rotations on every device):
         the forward pass reads them without waiting for the GPU.
         """
-        return torch.multinomial(self.probabilities().cpu(), self.k_sel, replacement=True, generator=generator)
+        probabilities = torch.softmax(self._theta_on_cpu() / self.temperature, dim=0)
+        return torch.multinomial(probabilities, self.k_sel, replacement=True, generator=generator)
 
     def log_prob(self, actions: torch.Tensor) -> torch.Tensor:
         """log π of each row of actions (N, k_sel): the sum of the log-probabilities of its k_sel draws, (N,)."""
@@ -161,11 +170,8 @@ class PoseAlign(nn.Module):
 
     def greedy_action(self) -> torch.Tensor:
         """argmax π (= argmax θ) as a CPU LongTensor (1,); ties go to the lowest index: the identity at
-        initialisation. Cached until θ changes (optimizer steps and state loading bump its version), so inference
-        reads θ from the GPU once, not once per forward pass."""
-        if self._greedy is None or self._greedy[0] != self.theta._version:
-            self._greedy = (self.theta._version, torch.argmax(self.theta.detach()).reshape(1).cpu())
-        return self._greedy[1]
+        initialisation. Deterministic, so predictions are reproducible."""
+        return torch.argmax(self._theta_on_cpu()).reshape(1)
 
     def forward(self, auxiliary: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         """The mean over the rotation indices in actions (1-D) of the rotated map; index 0 (identity) is free."""

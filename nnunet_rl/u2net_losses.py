@@ -9,6 +9,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from nnunet_rl.devices import copy_to_device
+
 
 def agwd_weight(loss_slow: torch.Tensor | float, loss_fast: torch.Tensor | float, gamma: float,
                 delta: float) -> torch.Tensor:
@@ -68,8 +70,8 @@ def paired_tokens(a: torch.Tensor, b: torch.Tensor, max_tokens: int,
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The channel vectors of ``a`` and ``b`` (B, C, *spatial) at the same ≤ max_tokens voxels of the batch, each
     ``(n, C)``: all voxels when there are no more than max_tokens, else a random subset drawn with ``generator``
-    (on the CPU, indices moved to the device in one copy). Only the chosen voxels are gathered, so the cost does not
-    grow with the maps."""
+    (on the CPU, so a seed picks the same voxels on every device; the indices reach the device in one copy that does
+    not wait for it). Only the chosen voxels are gathered, so the cost does not grow with the maps."""
     if a.shape != b.shape:
         raise ValueError(f"aligned features must share one grid, got {tuple(a.shape)} and {tuple(b.shape)}")
     batch, channels, spatial = a.shape[0], a.shape[1], a.shape[2:]
@@ -77,7 +79,7 @@ def paired_tokens(a: torch.Tensor, b: torch.Tensor, max_tokens: int,
     if batch * voxels <= max_tokens:
         return a.movedim(1, -1).reshape(-1, channels), b.movedim(1, -1).reshape(-1, channels)
     keep = torch.randperm(batch * voxels, generator=generator)[:max_tokens]
-    index = torch.stack((keep // voxels, *torch.unravel_index(keep % voxels, spatial))).to(a.device)
+    index = copy_to_device(torch.stack((keep // voxels, *torch.unravel_index(keep % voxels, spatial))), a.device)
     index = (index[0], slice(None), *index[1:])
     return a[index], b[index]
 

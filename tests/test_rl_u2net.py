@@ -11,13 +11,14 @@ from conftest import make_trainer
 from test_pam import unet_kwargs
 from test_rl_xalign import feature_similarity
 
-from nnunet_rl.dual_branch import DualBranchOutput, DualBranchUNet, default_aligned_stages
+from nnunet_rl.dual_branch import DualBranchOutput, DualBranchUNet, select_channels, default_aligned_stages
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.rotations import cube_rotations
 from nnunet_rl.trainers import (nnUNetTrainerRLU2Net, nnUNetTrainerRLU2Net_noCMA, nnUNetTrainerRLU2Net_noRLXAlign,
                                 nnUNetTrainerRLU2Net_lambda0p1)
 from nnunet_rl.trainers.rl_u2net import COMPONENT, POLICY_FILE
 from nnunet_rl.trainers.schedules import ShortSchedule
+from nnunet_rl.u2net_losses import AGWD, alignment_loss
 
 
 def branches(architecture, dim: int, channels: int):
@@ -86,6 +87,39 @@ def test_set_actions_choose_rotations_and_none_means_greedy():
     torch.testing.assert_close(network(x).alignments[1].aligned, greedy)
     network.set_actions(identity)
     assert not torch.allclose(network(x).alignments[1].aligned, greedy)
+
+
+def test_channel_groups_are_views_when_consecutive_and_selected_otherwise():
+    x = torch.randn(2, 4, 8, 8, 8)
+    view = select_channels(x, [1, 2, 3])
+    assert view.data_ptr() == x[:, 1].data_ptr() and torch.equal(view, x[:, [1, 2, 3]])
+    torch.testing.assert_close(select_channels(x, [0, 2]), x[:, [0, 2]])
+    torch.testing.assert_close(select_channels(x, [3, 1]), x[:, [3, 1]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_training_step_and_a_prediction_never_wait_for_the_gpu():
+    """No device synchronisation from our code in the forward pass, the losses and the backward pass: actions,
+    rotation matrices and sampled voxel indices live on the CPU and reach the GPU by non-blocking copies."""
+    network = DualBranchUNet(branches(PlainConvUNet, 3, 1), branches(PlainConvUNet, 3, 2), [0], [2, 1], [1, 2],
+                             ("primary", "auxiliary"), window_size=2, k_sel=2, temperature=0.1, fusion_weight=0.3,
+                             use_cma=True).cuda()
+    x = torch.randn(2, 3, 8, 16, 12, device="cuda")  # anisotropic: off-grid rotations are resampled
+    agwd, generator = AGWD(), torch.Generator().manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        network.set_actions({key: module.pose.sample(generator) for key, module in network.xalign.items()})
+        output = network(x)
+        loss = agwd.balance("dice", output.primary[0].mean(), output.auxiliary[0].mean())
+        loss = loss + sum(alignment_loss(a.own, a.aligned) for a in output.alignments)
+        loss.backward()
+        network.set_actions(None)
+        network.eval()
+        with torch.no_grad():
+            network(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_default_aligned_stages_are_at_most_a_quarter_resolution_as_in_the_paper():
