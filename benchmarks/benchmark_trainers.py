@@ -149,13 +149,34 @@ def _time_loader_batches(trainer, seed: int) -> dict:
     return _summary(loader)
 
 
+def sliding_window_predictor(trainer, device):
+    """nnU-Net's predictor on the trainer's network, as its final validation sets it up (Gaussian, mirroring, tile
+    step 0.5); the network is switched to eval mode without deep supervision."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    trainer.set_deep_supervision_enabled(False)
+    trainer.network.eval()
+    predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                                perform_everything_on_device=True, device=device, verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
+                                    trainer.dataset_json, trainer.__class__.__name__,
+                                    trainer.inference_allowed_mirroring_axes)
+    return predictor
+
+
+def random_volume(trainer):
+    """A random input of 1.5 patches per axis (seeded): 2^d tiles at tile step 0.5."""
+    import torch
+    shape = [int(1.5 * p) for p in trainer.configuration_manager.patch_size]
+    return torch.randn(trainer.num_input_channels, *shape, generator=torch.Generator().manual_seed(0))
+
+
 def _prediction_volume(args, trainer):
     """(identifier, data): the fold's first validation case, or a random volume of 1.5 patches per axis."""
     import numpy as np
     import torch
     if args.synthetic_batches:
-        shape = [int(1.5 * p) for p in trainer.configuration_manager.patch_size]
-        return "random", torch.randn(trainer.num_input_channels, *shape, generator=torch.Generator().manual_seed(0))
+        return "random", random_volume(trainer)
     _, dataset_val = trainer.get_tr_and_val_datasets()
     case = args.predict_case or dataset_val.identifiers[0]
     return case, torch.from_numpy(np.ascontiguousarray(dataset_val.load_case(case)[0][:]))
@@ -190,7 +211,6 @@ def run_worker(args) -> dict:
     import numpy as np
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
@@ -311,14 +331,7 @@ def run_worker(args) -> dict:
 
         # 5. sliding-window prediction of one preprocessed case, as nnU-Net's validation does it
         if not args.no_predict:
-            trainer.set_deep_supervision_enabled(False)
-            trainer.network.eval()
-            predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
-                                        perform_everything_on_device=True, device=device, verbose=False,
-                                        verbose_preprocessing=False, allow_tqdm=False)
-            predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager,
-                                            None, trainer.dataset_json, trainer.__class__.__name__,
-                                            trainer.inference_allowed_mirroring_axes)
+            predictor = sliding_window_predictor(trainer, device)
             case, data = _prediction_volume(args, trainer)
             slicers = predictor._internal_get_sliding_window_slicers(
                 tuple(max(s, p) for s, p in zip(data.shape[1:], trainer.configuration_manager.patch_size)))
