@@ -74,8 +74,8 @@ class DualBranchLoss(nn.Module):
         total = self._combine("dice", dice["primary"], dice["auxiliary"]) + \
             self._combine("ce", ce["primary"], ce["auxiliary"])
         if output.alignments and self.alignment_weight > 0:
-            align = sum(alignment_loss(a.own, a.aligned, self.infonce_weight, self.cosine_weight,
-                                       self.infonce_temperature) for a in output.alignments)
+            align = alignment_loss([a.own for a in output.alignments], [a.aligned for a in output.alignments],
+                                   self.infonce_weight, self.cosine_weight, self.infonce_temperature)
             self.last_alignment_loss = align.detach()
             total = total + self.alignment_weight * align
         return total

@@ -5,6 +5,7 @@ over the aligned stages i; the ensemble decision averages the two branches' prob
 The paper gives none of γ, δ, α, β or the InfoNCE temperature; our defaults are documented where they are used.
 """
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -66,60 +67,73 @@ class AGWD:
         self.running = {kind: value.clone() for kind, value in state_dict["running"].items()}
 
 
-def paired_tokens(a: torch.Tensor, b: torch.Tensor, max_tokens: int,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The channel vectors of ``a`` and ``b`` (B, C, *spatial) at the same ≤ max_tokens voxels of the batch, each
-    ``(n, C)``: all voxels when there are no more than max_tokens, else a random subset drawn with ``generator``
-    (on the CPU, so a seed picks the same voxels on every device; the indices reach the device in one copy that does
-    not wait for it). Only the chosen voxels are gathered, so the cost does not grow with the maps."""
-    if a.shape != b.shape:
-        raise ValueError(f"aligned features must share one grid, got {tuple(a.shape)} and {tuple(b.shape)}")
-    batch, channels, spatial = a.shape[0], a.shape[1], a.shape[2:]
+def paired_tokens(maps: Sequence[torch.Tensor], max_tokens: int,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """The channel vectors of each map (B, C, *spatial), all of one shape, at the same ≤ max_tokens voxels of the
+    batch, stacked: ``(len(maps), n, C)``. All voxels when there are no more than max_tokens, else a random subset
+    drawn with ``generator`` (on the CPU, so a seed picks the same voxels on every device; the indices reach the device
+    in one copy that does not wait for it). Only the chosen voxels are gathered, so the cost does not grow with the
+    maps."""
+    shapes = {tuple(m.shape) for m in maps}
+    if len(shapes) != 1:
+        raise ValueError(f"aligned features must share one grid, got shapes {sorted(shapes)}")
+    batch, channels, spatial = maps[0].shape[0], maps[0].shape[1], maps[0].shape[2:]
     voxels = math.prod(spatial)
     if batch * voxels <= max_tokens:
-        return a.movedim(1, -1).reshape(-1, channels), b.movedim(1, -1).reshape(-1, channels)
+        return torch.stack([m.movedim(1, -1).reshape(-1, channels) for m in maps])
     keep = torch.randperm(batch * voxels, generator=generator)[:max_tokens]
-    index = copy_to_device(torch.stack((keep // voxels, *torch.unravel_index(keep % voxels, spatial))), a.device)
+    index = copy_to_device(torch.stack((keep // voxels, *torch.unravel_index(keep % voxels, spatial))), maps[0].device)
     index = (index[0], slice(None), *index[1:])
-    return a[index], b[index]
+    return torch.stack([m[index] for m in maps])
 
 
 def token_similarities(tokens_a: torch.Tensor, tokens_b: torch.Tensor) -> torch.Tensor:
-    """The cosine similarity of every pair of tokens (n, C) × (n, C) -> (n, n), in float32; the diagonal holds the
-    pairs of the same voxel."""
-    return F.normalize(tokens_a.float(), dim=1) @ F.normalize(tokens_b.float(), dim=1).T
+    """The cosine similarity of every pair of tokens (..., n, C) × (..., n, C) -> (..., n, n), in float32; the diagonal
+    holds the pairs of the same voxel."""
+    return F.normalize(tokens_a.float(), dim=-1) @ F.normalize(tokens_b.float(), dim=-1).transpose(-1, -2)
 
 
 def info_nce(similarities: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """Symmetric InfoNCE (eq. 17's L_InfoNCE) from the (n, n) :func:`token_similarities` of two token sets.
+    """Symmetric InfoNCE (eq. 17's L_InfoNCE) from the (..., n, n) :func:`token_similarities` of two token sets, (...).
 
     Logits a_i·b_j / T between the L2-normalised tokens; the positive of token i is token i of the other set; the
-    loss is the mean of the a→b and b→a cross-entropies. Our default T = 0.1 (the usual 0.07-0.2 of contrastive
-    learning).
+    loss is the mean of the a→b and b→a cross-entropies (softmax over a row, and over a column, at the diagonal). Our
+    default T = 0.1 (the usual 0.07-0.2 of contrastive learning).
     """
     logits = similarities / temperature
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    a_to_b = logits.log_softmax(dim=-1).diagonal(dim1=-2, dim2=-1)
+    b_to_a = logits.log_softmax(dim=-2).diagonal(dim1=-2, dim2=-1)
+    return -(a_to_b.mean(dim=-1) + b_to_a.mean(dim=-1)) / 2
 
 
 def cosine_alignment(similarities: torch.Tensor) -> torch.Tensor:
     """1 − the mean cosine similarity of paired tokens (eq. 17's L_Cosine): the diagonal of
-    :func:`token_similarities`."""
-    return 1 - similarities.diagonal().mean()
+    :func:`token_similarities`, (...)."""
+    return 1 - similarities.diagonal(dim1=-2, dim2=-1).mean(dim=-1)
 
 
-def alignment_loss(a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, beta: float = 1.0, temperature: float = 0.1,
-                   max_tokens: int = 256, generator: torch.Generator | None = None) -> torch.Tensor:
-    """L_align = α·L_InfoNCE + β·L_Cosine (eq. 17) between the maps a and b (B, C, *spatial) on one grid.
+def alignment_loss(own: Sequence[torch.Tensor], aligned: Sequence[torch.Tensor], alpha: float = 1.0,
+                   beta: float = 1.0, temperature: float = 0.1, max_tokens: int = 256,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Σ over pairs (own[i], aligned[i]) of L_align = α·L_InfoNCE + β·L_Cosine (eq. 17), maps (B, C, *spatial), each
+    pair on one grid.
 
     Both terms are taken on the channel vectors of the same ≤ max_tokens voxels (:func:`paired_tokens`), from one
     similarity matrix: InfoNCE needs a bounded token set (a 256² logit matrix by default), and the cosine term over
     a uniform random subset is an unbiased estimate of its mean over all voxels at a cost that does not grow with
-    the map (docs/rl_u2net.md). Our defaults α = β = 1: the paper calls them equilibrium weights without values; both
-    terms are O(1) at the start (InfoNCE ≤ log(max_tokens), cosine ≤ 2).
+    the map (docs/rl_u2net.md). Pairs of one shape (the two directions of a stage) share their voxels and are computed
+    as one batch, which halves the number of kernels. Our defaults α = β = 1: the paper calls them equilibrium weights
+    without values; both terms are O(1) at the start (InfoNCE ≤ log(max_tokens), cosine ≤ 2).
     """
-    similarities = token_similarities(*paired_tokens(a, b, max_tokens, generator))
-    return alpha * info_nce(similarities, temperature) + beta * cosine_alignment(similarities)
+    groups: dict[tuple, list[int]] = {}
+    for i, a in enumerate(own):
+        groups.setdefault(tuple(a.shape), []).append(i)
+    total = 0
+    for members in groups.values():
+        tokens = paired_tokens([own[i] for i in members] + [aligned[i] for i in members], max_tokens, generator)
+        similarities = token_similarities(*tokens.chunk(2))
+        total = total + (alpha * info_nce(similarities, temperature) + beta * cosine_alignment(similarities)).sum()
+    return total
 
 
 def soft_vote(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:

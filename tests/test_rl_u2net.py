@@ -117,7 +117,7 @@ def test_a_training_step_and_a_prediction_never_wait_for_the_gpu():
         network.set_actions(sampled_actions())
         output = network(x)
         loss = agwd.balance("dice", output.primary[0].mean(), output.auxiliary[0].mean())
-        loss = loss + sum(alignment_loss(a.own, a.aligned) for a in output.alignments)
+        loss = loss + alignment_loss([a.own for a in output.alignments], [a.aligned for a in output.alignments])
         loss.backward()
         network.set_actions(None)
         network.eval()

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nnunet_rl.u2net_losses import (AGWD, agwd_weight, alignment_loss, cosine_alignment, info_nce, paired_tokens,
                                    soft_vote, token_similarities)
@@ -67,24 +68,27 @@ def test_info_nce_is_lower_for_identical_features_than_for_shuffled_ones():
     assert same < math.log(128)  # below chance over the 128 tokens
 
 
-def test_paired_tokens_takes_the_same_voxels_of_both_maps_at_most_max_tokens_reproducibly():
+def test_paired_tokens_takes_the_same_voxels_of_all_maps_at_most_max_tokens_reproducibly():
     a = torch.randn(2, 4, 6, 5, 7)
-    tokens_a, tokens_b = paired_tokens(a, 2 * a, max_tokens=16, generator=torch.Generator().manual_seed(3))
-    again, _ = paired_tokens(a, 2 * a, max_tokens=16, generator=torch.Generator().manual_seed(3))
-    assert tokens_a.shape == (16, 4) and torch.equal(tokens_a, again)
-    torch.testing.assert_close(tokens_b, 2 * tokens_a)
+    tokens = paired_tokens([a, 2 * a, -a], max_tokens=16, generator=torch.Generator().manual_seed(3))
+    again = paired_tokens([a], max_tokens=16, generator=torch.Generator().manual_seed(3))
+    assert tokens.shape == (3, 16, 4) and torch.equal(tokens[0], again[0])
+    torch.testing.assert_close(tokens[1], 2 * tokens[0])
+    torch.testing.assert_close(tokens[2], -tokens[0])
     all_vectors = a.movedim(1, -1).reshape(-1, 4)
-    assert all((all_vectors == token).all(dim=1).any() for token in tokens_a)  # real voxels' channel vectors
-    assert len({tuple(t.tolist()) for t in tokens_a}) == 16  # distinct voxels
-    small_a, _ = paired_tokens(a[:, :, :2, :2, :2], a[:, :, :2, :2, :2], max_tokens=16)
-    torch.testing.assert_close(small_a, a[:, :, :2, :2, :2].movedim(1, -1).reshape(-1, 4))  # 16 voxels: all of them
+    assert all((all_vectors == token).all(dim=1).any() for token in tokens[0])  # real voxels' channel vectors
+    assert len({tuple(t.tolist()) for t in tokens[0]}) == 16  # distinct voxels
+    small = a[:, :, :2, :2, :2]
+    torch.testing.assert_close(paired_tokens([small, small], max_tokens=16)[0],
+                               small.movedim(1, -1).reshape(-1, 4))  # 16 voxels: all of them
     with pytest.raises(ValueError, match="one grid"):
-        paired_tokens(a, torch.randn(2, 4, 6, 5, 6), max_tokens=16)
+        paired_tokens([a, torch.randn(2, 4, 6, 5, 6)], max_tokens=16)
 
 
 def test_alignment_loss_reaches_only_the_sampled_voxels():
     a = torch.randn(1, 4, 6, 6, 6, requires_grad=True)
-    alignment_loss(a, torch.randn(1, 4, 6, 6, 6), max_tokens=16, generator=torch.Generator().manual_seed(3)).backward()
+    alignment_loss([a], [torch.randn(1, 4, 6, 6, 6)], max_tokens=16,
+                   generator=torch.Generator().manual_seed(3)).backward()
     assert 0 < (a.grad.abs().sum(dim=1) != 0).sum() <= 16
 
 
@@ -97,12 +101,37 @@ def test_cosine_alignment_is_zero_for_identical_and_two_for_opposite():
                                torch.nn.functional.cosine_similarity(a, a.flip(0), dim=1))
 
 
+def test_info_nce_is_the_mean_of_both_cross_entropies():
+    similarities = torch.randn(6, 6)
+    targets = torch.arange(6)
+    expected = (F.cross_entropy(similarities / 0.2, targets) + F.cross_entropy(similarities.T / 0.2, targets)) / 2
+    torch.testing.assert_close(info_nce(similarities, temperature=0.2), expected)
+    torch.testing.assert_close(info_nce(torch.stack((similarities, similarities.T)), temperature=0.2),
+                               torch.stack((expected, expected)))  # batched over leading axes
+
+
 def test_alignment_loss_is_eq_17_on_the_sampled_tokens():
     a, b = torch.randn(1, 4, 3, 3, 3), torch.randn(1, 4, 3, 3, 3)
-    similarities = token_similarities(*paired_tokens(a, b, max_tokens=8, generator=torch.Generator().manual_seed(0)))
+    tokens_a, tokens_b = paired_tokens([a, b], max_tokens=8, generator=torch.Generator().manual_seed(0))
+    similarities = token_similarities(tokens_a, tokens_b)
     expected = 0.5 * info_nce(similarities, temperature=0.2) + 2.0 * cosine_alignment(similarities)
-    actual = alignment_loss(a, b, alpha=0.5, beta=2.0, temperature=0.2, max_tokens=8,
+    actual = alignment_loss([a], [b], alpha=0.5, beta=2.0, temperature=0.2, max_tokens=8,
                             generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(actual, expected)
+
+
+def test_alignment_loss_sums_pairs_and_batches_pairs_of_one_grid_on_shared_voxels():
+    generator = torch.Generator().manual_seed(1)
+    fine = [torch.randn(2, 4, 6, 6, 6, generator=generator) for _ in range(4)]
+    coarse = [torch.randn(2, 8, 3, 3, 3, generator=generator) for _ in range(2)]
+    own, aligned = [fine[0], coarse[0], fine[1]], [fine[2], coarse[1], fine[3]]
+    actual = alignment_loss(own, aligned, max_tokens=16, generator=torch.Generator().manual_seed(5))
+    draws = torch.Generator().manual_seed(5)  # the groups draw their voxels in the order they first appear
+    state = draws.get_state()
+    expected = alignment_loss([fine[0]], [fine[2]], max_tokens=16, generator=draws)
+    draws.set_state(state)  # the two pairs of one grid share the voxels
+    expected = expected + alignment_loss([fine[1]], [fine[3]], max_tokens=16, generator=draws)
+    expected = expected + alignment_loss([coarse[0]], [coarse[1]], max_tokens=16, generator=draws)
     torch.testing.assert_close(actual, expected)
 
 
