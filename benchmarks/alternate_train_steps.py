@@ -81,7 +81,9 @@ def run(args) -> None:
     if args.predict_rounds:
         volume = random_volume(first)
         predictors = {spec: sliding_window_predictor(trainer, device) for spec, trainer in trainers.items()}
-        print(f"sliding-window prediction of a {list(volume.shape[1:])} volume, {args.predict_rounds - 1} timed rounds")
+        mirrorings = 2 ** len(first.inference_allowed_mirroring_axes or ())
+        print(f"sliding-window prediction of a {list(volume.shape[1:])} volume, {mirrorings} mirrorings per tile, "
+              f"{args.predict_rounds - 1} timed rounds")
         report(alternate({spec: (lambda p=predictor: p.predict_sliding_window_return_logits(volume))
                           for spec, predictor in predictors.items()}, args.predict_rounds, sync), args.tr[0])
 

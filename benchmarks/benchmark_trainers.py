@@ -151,8 +151,10 @@ def _time_loader_batches(trainer, seed: int) -> dict:
 
 def sliding_window_predictor(trainer, device):
     """nnU-Net's predictor on the trainer's network, as its final validation sets it up (Gaussian, mirroring, tile
-    step 0.5); the network is switched to eval mode without deep supervision."""
+    step 0.5, mirroring along the axes the trainer's augmentation allows); the network is switched to eval mode
+    without deep supervision."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # sets inference_allowed_mirroring_axes
     trainer.set_deep_supervision_enabled(False)
     trainer.network.eval()
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
