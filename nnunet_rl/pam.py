@@ -1,49 +1,60 @@
 """AWSnet's pixel-wise attention module (PAM) on the skip connections of nnU-Net's planned U-Net.
 
-Wang et al., "AWSnet", Sec. 3.2.2 (paper 003): the encoder feature map d and the upsampled decoder
-feature map u of the same stage are added, projected by BN-ReLU-1x1 convolution, and a sigmoid turns
-the projection into an attention mask α that multiplies the skip::
+Wang, Yang, Miao, Li, Yao, Zhou, Xue, Zhou, Zhuang, Ni, "AWSnet: An auto-weighted supervision attention network for
+myocardial scar and edema segmentation in multi-sequence cardiac magnetic resonance images", Medical Image Analysis
+77 (2022) 102362, doi:10.1016/j.media.2022.102362, Sec. 3.2.2. The encoder feature map d (the skip) and the upsampled
+decoder map u of the same stage are each projected by their own 1×1 convolution and normalisation (the formula's two
+biases), added, rectified, projected to one channel, normalised and squashed by a sigmoid into a per-pixel mask α
+that multiplies the skip (an additive attention gate, as the authors' ``Attention_block``)::
 
-    α = σ(W · ψ(BN(d + u)) + b),    d' = α ⊙ d
+    α = σ(N_ψ(ψ · ReLU(N_d(W_d·d + b_d) + N_u(W_u·u + b_u)) + b_ψ)),    d' = α ⊙ d
 
-The paper's formula is garbled in our copy; we follow the text and produce one mask channel per pixel
-(a pixel-wise, not channel-wise, attention, as in the Attention Gate it derives from). The decoder of
-``dynamic_network_architectures`` concatenates ``[u, d]`` and feeds the result to its stage, so the gate is
-inserted by wrapping each decoder stage: the network, its deep supervision and nnU-Net's VRAM estimate
+The intermediate width is half the skip's channels, as in the authors' code. The norms are the plan's ``norm_op``
+(instance norm by default) rather than the code's BatchNorm, which is fragile at nnU-Net's batch size of 2. The
+decoder of ``dynamic_network_architectures`` concatenates ``[u, d]`` and feeds the result to its stage, so the gate
+is inserted by wrapping each decoder stage: the network, its deep supervision and nnU-Net's VRAM estimate
 (``compute_conv_feature_map_size``) are otherwise the planned ones.
 """
 import numpy as np
 import torch
-from dynamic_network_architectures.building_blocks.helper import get_matching_batchnorm
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import nn
 
 
 class PixelAttentionGate(nn.Module):
-    """α = σ(1x1conv(ReLU(BN(d + u)))): one attention value per pixel, multiplied into the skip d."""
+    """α = σ(N(ψ·ReLU(N(W_d·d) + N(W_u·u)))): one attention value per pixel, multiplied into the skip d."""
 
-    def __init__(self, channels: int, conv_op: type[nn.Module]):
+    def __init__(self, channels: int, conv_op: type[nn.Module], norm_op: type[nn.Module], norm_op_kwargs: dict):
         super().__init__()
-        self.norm = get_matching_batchnorm(conv_op)(channels)
+        self.inter_channels = max(1, channels // 2)
+        self.project_skip = nn.Sequential(conv_op(channels, self.inter_channels, kernel_size=1, bias=True),
+                                          norm_op(self.inter_channels, **norm_op_kwargs))
+        self.project_upsampled = nn.Sequential(conv_op(channels, self.inter_channels, kernel_size=1, bias=True),
+                                               norm_op(self.inter_channels, **norm_op_kwargs))
         self.nonlin = nn.ReLU(inplace=True)
-        self.project = conv_op(channels, 1, kernel_size=1, bias=True)
+        self.project = nn.Sequential(conv_op(self.inter_channels, 1, kernel_size=1, bias=True),
+                                     norm_op(1, **norm_op_kwargs))
+
+    def mask(self, skip: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
+        """α, shape (B, 1, *spatial)."""
+        joint = self.nonlin(self.project_skip(skip) + self.project_upsampled(upsampled))
+        return torch.sigmoid(self.project(joint))
 
     def forward(self, skip: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
-        mask = torch.sigmoid(self.project(self.nonlin(self.norm(skip + upsampled))))
-        return skip * mask
+        return skip * self.mask(skip, upsampled)
 
     def compute_conv_feature_map_size(self, input_size) -> int:
-        """Feature-map voxels this gate stores: BN output, the mask and the gated skip."""
+        """Feature-map voxels this gate stores: two projections and their norms, their sum, the mask, the gated skip."""
         voxels = int(np.prod(input_size, dtype=np.int64))
-        return self.norm.num_features * voxels * 2 + voxels
+        return self.inter_channels * voxels * 5 + voxels * 2 + self.project_skip[0].in_channels * voxels
 
 
 class GatedDecoderStage(nn.Module):
     """A decoder stage whose input ``[u, d]`` has its skip half ``d`` gated by a :class:`PixelAttentionGate`."""
 
-    def __init__(self, stage: nn.Module, skip_channels: int, conv_op: type[nn.Module]):
+    def __init__(self, stage: nn.Module, gate: PixelAttentionGate, skip_channels: int):
         super().__init__()
-        self.gate = PixelAttentionGate(skip_channels, conv_op)
+        self.gate = gate
         self.stage = stage
         self.skip_channels = skip_channels
 
@@ -57,9 +68,11 @@ class GatedDecoderStage(nn.Module):
 
 
 def add_pixel_attention(decoder: UNetDecoder) -> UNetDecoder:
-    """Put a PAM on every skip connection of ``decoder`` (in place); returns the decoder."""
-    skip_channels = decoder.encoder.output_channels[-2::-1]  # the skip of decoder stage s is encoder stage -(s+2)
+    """Put a PAM on every skip connection of ``decoder`` (in place), normalised by the encoder's planned norm op."""
+    encoder = decoder.encoder
+    skip_channels = encoder.output_channels[-2::-1]  # the skip of decoder stage s is encoder stage -(s+2)
     decoder.stages = nn.ModuleList(
-        GatedDecoderStage(stage, channels, decoder.encoder.conv_op)
+        GatedDecoderStage(stage, PixelAttentionGate(channels, encoder.conv_op, encoder.norm_op,
+                                                    encoder.norm_op_kwargs or {}), channels)
         for stage, channels in zip(decoder.stages, skip_channels))
     return decoder

@@ -22,20 +22,36 @@ def unet_kwargs(dim: int) -> dict:
                 nonlin_kwargs={"inplace": True}, deep_supervision=True)
 
 
-def test_gate_multiplies_the_skip_by_a_sigmoid_mask():
-    gate = PixelAttentionGate(4, torch.nn.Conv3d).eval()
-    torch.nn.init.zeros_(gate.project.weight)
-    torch.nn.init.constant_(gate.project.bias, 2.0)
-    skip, upsampled = torch.randn(1, 4, 5, 6, 7), torch.randn(1, 4, 5, 6, 7)
-    torch.testing.assert_close(gate(skip, upsampled), skip * torch.sigmoid(torch.tensor(2.0)))
+def instance_norm_gate(channels: int, dim: int) -> PixelAttentionGate:
+    conv = torch.nn.Conv3d if dim == 3 else torch.nn.Conv2d
+    norm = torch.nn.InstanceNorm3d if dim == 3 else torch.nn.InstanceNorm2d
+    return PixelAttentionGate(channels, conv, norm, {"eps": 1e-5, "affine": True})
 
 
-def test_gate_mask_depends_on_encoder_plus_decoder_features():
-    gate = PixelAttentionGate(2, torch.nn.Conv2d).eval()
-    skip = torch.ones(1, 2, 4, 4)
-    suppressed = gate(skip, -10 * torch.ones(1, 2, 4, 4))
-    passed = gate(skip, 10 * torch.ones(1, 2, 4, 4))
-    assert not torch.allclose(suppressed, passed)
+def test_gate_is_the_additive_attention_gate_of_the_paper():
+    """d' = d ⊙ σ(N(ψ·ReLU(N(W_d d) + N(W_u u)))), each input with its own projection, normalised before σ."""
+    torch.manual_seed(0)
+    gate = instance_norm_gate(4, 3).eval()
+    skip, upsampled = torch.randn(2, 4, 5, 6, 7), torch.randn(2, 4, 5, 6, 7)
+    norm = lambda x: torch.nn.functional.instance_norm(x, eps=1e-5)  # affine weights start at 1 and 0
+    conv = lambda layer, x: torch.nn.functional.conv3d(x, layer.weight, layer.bias)
+    joint = torch.relu(norm(conv(gate.project_skip[0], skip)) + norm(conv(gate.project_upsampled[0], upsampled)))
+    expected = skip * torch.sigmoid(norm(conv(gate.project[0], joint)))
+    torch.testing.assert_close(gate(skip, upsampled), expected)
+    assert gate.inter_channels == 2
+
+
+def test_gate_mask_depends_on_both_inputs_and_is_normalised_before_the_sigmoid():
+    torch.manual_seed(0)
+    gate = instance_norm_gate(2, 2).eval()
+    skip = torch.randn(1, 2, 8, 8)
+    with torch.no_grad():
+        mask = gate.mask(skip, torch.randn(1, 2, 8, 8))
+        other = gate.mask(skip, torch.randn(1, 2, 8, 8))
+        scaled = gate.mask(skip, 1000 * torch.randn(1, 2, 8, 8))
+    assert not torch.allclose(mask, other)
+    logits = torch.logit(scaled.double())  # instance-normalised logits: mean 0, variance var/(var + eps) <= 1
+    assert abs(logits.mean().item()) < 1e-3 and 0.5 < logits.std(unbiased=False).item() <= 1 + 1e-4
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -55,7 +71,9 @@ def test_pam_keeps_shapes_and_deep_supervision(dim, architecture):
     patch = [16] * dim
     assert gated.compute_conv_feature_map_size(patch) > stock.compute_conv_feature_map_size(patch)
     sum(o.mean() for o in gated_out).backward()
-    assert all(s.gate.project.weight.grad is not None for s in gated.decoder.stages)
+    assert all(s.gate.project[0].weight.grad is not None and s.gate.project_skip[0].weight.grad is not None
+               for s in gated.decoder.stages)
+    assert all(isinstance(s.gate.project[1], type(gated.encoder.norm_op(1))) for s in gated.decoder.stages)
 
 
 @pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])
