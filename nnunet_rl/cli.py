@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     p.add_argument("-np", type=int, default=1, help="processes for nnU-Net's preprocessing when it has to run")
     p.add_argument("--rl-u2net", action="store_true",
-                   help="plan nnUNetPlans_RLU2Net: nnU-Net's planner for a third of its GPU memory target, so the "
-                        "two-branch RL-U2Net fits where stock nnU-Net was planned to (train with -p "
+                   help="plan nnUNetPlans_RLU2Net with nnUNetPlannerRLU2Net: nnU-Net's planner fitting the memory "
+                        "estimate of the two-branch RL-U2Net to nnU-Net's GPU memory target (train with -p "
                         "nnUNetPlans_RLU2Net)")
     p.set_defaults(func=_plan)
 

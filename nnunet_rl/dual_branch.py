@@ -1,4 +1,7 @@
-"""RL-U2Net's dual-branch U-Net (paper 000, Fig. 6), built from nnU-Net's planned topology.
+"""RL-U2Net's dual-branch U-Net, built from nnU-Net's planned topology.
+
+J. Qu and J. Zhao, "RL-U2Net: A Dual-Branch UNet with Reinforcement Learning-Assisted Multimodal Feature Fusion for
+Accurate 3D Whole-Heart Segmentation" (preprint, no DOI), Fig. 6 and eqs. 7, 14-16.
 
 Each branch is the planned network (PlainConvUNet or a ResEnc U-Net, with the plans' stages, features, kernels,
 strides, norm and deep supervision) fed by one channel group: the primary channels or the auxiliary ones. After
@@ -13,17 +16,28 @@ the two branches (eqs. 14-16) as log-probabilities, which nnU-Net's predictor an
 """
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from dynamic_network_architectures.building_blocks.helper import convert_conv_op_to_dim
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
 from nnunet_rl.devices import copy_to_device
+from nnunet_rl.mirroring import Mirroring
 from nnunet_rl.rl_xalign import RLXAlign, activity_correlation, activity_map
 from nnunet_rl.u2net_losses import soft_vote
 
 FUSION_DIRECTIONS = ("primary", "auxiliary")  # "primary": the primary branch takes in the auxiliary one; and back
+# the rl block's rl_u2net keys that shape the network; DualBranchUNet takes them as keyword arguments of these names
+NETWORK_HYPERPARAMETERS = ("aligned_stages", "fusion_directions", "window_size", "k_sel", "temperature",
+                           "fusion_weight", "use_cma")
+
+
+class AlignmentSite(NamedTuple):
+    """Where an RL-XAlign module sits: the branch that receives the other's features, after which encoder stage."""
+    direction: str
+    stage: int
 
 
 class FinestActivity:
@@ -57,6 +71,7 @@ class Alignment:
     pose: nn.Module
     action: torch.Tensor
     finest: FinestActivity
+    mirroring: Mirroring | None = None
 
     def similarity(self) -> torch.Tensor:
         """S_similarity of eqs. 8-9, averaged over the batch: the receiving branch's stage-0 activity map against the
@@ -76,7 +91,8 @@ class Alignment:
         """
         other = FUSION_DIRECTIONS[1 - FUSION_DIRECTIONS.index(self.direction)]
         with torch.no_grad():
-            return activity_correlation(self.finest[self.direction], self.pose(self.finest[other], self.action)).mean()
+            return activity_correlation(self.finest[self.direction],
+                                        self.pose(self.finest[other], self.action, self.mirroring)).mean()
 
 
 @dataclass
@@ -130,34 +146,73 @@ def _as_list(output) -> list[torch.Tensor]:
 class DualBranchUNet(nn.Module):
     """Two planned U-Nets on two channel groups, joined by RL-XAlign modules between encoder stages.
 
+    Built like dynamic-network-architectures' networks, from keyword arguments that mirror the plans:
+    ``input_channels``, ``num_classes`` and ``deep_supervision`` as for ``PlainConvUNet``; ``branch_class_name``,
+    ``branch_kwargs`` and ``branch_kwargs_req_import`` are the plans' ``network_class_name``, ``arch_kwargs`` and
+    ``_kw_requires_import``, from which each branch is built by nnU-Net's ``get_network_from_plans``;
+    ``primary_channels``/``auxiliary_channels`` split the input (default: channel 0 and the rest); the remaining
+    keywords are the rl block's ``rl_u2net`` keys of the same names (:data:`NETWORK_HYPERPARAMETERS`), with
+    ``aligned_stages=None`` meaning :func:`default_aligned_stages`.
+
     ``set_actions`` chooses the PoseAlign rotations of the next forward pass per module (``{key: LongTensor}``);
     ``None`` (the default, and always in eval mode) uses each module's deterministic rule, the most probable
-    rotation, so predictions are reproducible.
+    rotation, so predictions are reproducible. ``set_mirroring`` tells a training forward which samples of the batch
+    were mirrored, so that each module turns them by the conjugated rotation (:class:`~nnunet_rl.mirroring.Mirroring`).
     """
 
-    def __init__(self, primary: nn.Module, auxiliary: nn.Module, primary_channels: Sequence[int],
-                 auxiliary_channels: Sequence[int], aligned_stages: Sequence[int], directions: Sequence[str],
-                 window_size: int, k_sel: int, temperature: float, fusion_weight: float, use_cma: bool):
+    def __init__(self, input_channels: int, num_classes: int, branch_class_name: str, branch_kwargs: dict,
+                 branch_kwargs_req_import: Sequence[str] = (), *, primary_channels: Sequence[int] | None = None,
+                 auxiliary_channels: Sequence[int] | None = None, aligned_stages: Sequence[int] | None = None,
+                 fusion_directions: Sequence[str] = FUSION_DIRECTIONS, window_size: int, k_sel: int,
+                 temperature: float, fusion_weight: float, use_cma: bool = True, deep_supervision: bool = True,
+                 allow_init: bool = True):
         super().__init__()
-        unknown = sorted(set(directions) - set(FUSION_DIRECTIONS))
+        unknown = sorted(set(fusion_directions) - set(FUSION_DIRECTIONS))
         if unknown:
             raise ValueError(f"unknown fusion directions {unknown}; choose from {FUSION_DIRECTIONS}")
-        self.primary_branch, self.auxiliary_branch = primary, auxiliary
-        self.primary_channels, self.auxiliary_channels = list(primary_channels), list(auxiliary_channels)
-        features = primary.encoder.output_channels
+        self.primary_channels = [0] if primary_channels is None else list(primary_channels)
+        self.auxiliary_channels = [c for c in range(input_channels) if c not in self.primary_channels] \
+            if auxiliary_channels is None else list(auxiliary_channels)
+        if not self.primary_channels or not self.auxiliary_channels:
+            raise ValueError(f"a dual-branch network needs primary and auxiliary channels, got "
+                             f"{self.primary_channels} and {self.auxiliary_channels} of {input_channels}")
+
+        def branch(channels: list[int]) -> nn.Module:
+            return get_network_from_plans(branch_class_name, branch_kwargs, branch_kwargs_req_import, len(channels),
+                                          num_classes, allow_init=allow_init, deep_supervision=deep_supervision)
+
+        self.primary_branch, self.auxiliary_branch = branch(self.primary_channels), branch(self.auxiliary_channels)
+        encoder = self.primary_branch.encoder
+        features = encoder.output_channels
         self.num_stages = len(features)
+        if aligned_stages is None:
+            aligned_stages = default_aligned_stages(encoder.strides)
         bad = [s for s in aligned_stages if not 0 <= s < self.num_stages]
         if bad:
             raise ValueError(f"aligned stages {bad} are outside the planned encoder's stages 0..{self.num_stages - 1}")
         self.aligned_stages = sorted(aligned_stages)
-        dim = convert_conv_op_to_dim(primary.encoder.conv_op)
+        dim = convert_conv_op_to_dim(encoder.conv_op)
+        self.sites = {self.module_key(direction, stage): AlignmentSite(direction, stage)
+                      for stage in self.aligned_stages for direction in fusion_directions}
         self.xalign = nn.ModuleDict({
-            self.module_key(direction, stage): RLXAlign(features[stage], dim, window_size, k_sel, temperature,
-                                                        fusion_weight, use_cma)
-            for stage in self.aligned_stages for direction in directions})
+            key: RLXAlign(features[site.stage], dim, window_size, k_sel, temperature, fusion_weight, use_cma)
+            for key, site in self.sites.items()})
         for module in self.xalign.values():  # θ is trained by PPO only, never by the segmentation loss (nor DDP)
             module.pose.theta.requires_grad_(False)
         self.actions: dict[str, torch.Tensor] | None = None
+        self.mirroring: Mirroring | None = None
+
+    def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
+        """Feature-map elements stored by a training forward, dynamic-network-architectures' memory estimate that
+        nnU-Net's planner fits to its VRAM target: both branches, and every RL-XAlign module on its stage's map."""
+        total = self.primary_branch.compute_conv_feature_map_size(input_size) + \
+            self.auxiliary_branch.compute_conv_feature_map_size(input_size)
+        size = list(input_size)
+        for stage, stride in enumerate(self.primary_branch.encoder.strides):
+            size = [n // s for n, s in zip(size, stride)]
+            total += sum(self.xalign[key].compute_conv_feature_map_size(size)
+                         for key, site in self.sites.items() if site.stage == stage)
+        return total
 
     @staticmethod
     def module_key(direction: str, stage: int) -> str:
@@ -165,6 +220,10 @@ class DualBranchUNet(nn.Module):
 
     def set_actions(self, actions: dict[str, torch.Tensor] | None) -> None:
         self.actions = actions
+
+    def set_mirroring(self, mirroring: Mirroring | None) -> None:
+        """The flips of the next training forward's samples (None: none); eval mode ignores it."""
+        self.mirroring = mirroring
 
     def action(self, key: str) -> torch.Tensor:
         if self.training and self.actions is not None:
@@ -181,8 +240,9 @@ class DualBranchUNet(nn.Module):
         if key not in self.xalign:
             return own
         module, action = self.xalign[key], self.action(key)
-        fused, aligned = module(own, other, action)
-        alignments.append(Alignment(key, direction, own, aligned, module.pose, action, finest))
+        mirroring = self.mirroring if self.training else None
+        fused, aligned = module(own, other, action, mirroring)
+        alignments.append(Alignment(key, direction, own, aligned, module.pose, action, finest, mirroring))
         return fused
 
     def forward(self, x: torch.Tensor):

@@ -1,10 +1,14 @@
-"""RL-U2Net's training loss (paper 000, eq. 20) on nnU-Net's own Dice and CE terms.
+"""RL-U2Net's training loss on nnU-Net's own Dice and CE terms.
+
+J. Qu and J. Zhao, "RL-U2Net: A Dual-Branch UNet with Reinforcement Learning-Assisted Multimodal Feature Fusion
+for Accurate 3D Whole-Heart Segmentation" (preprint, no DOI), eq. 20:
 
 L_final = (L_Dice^balanced + L_CE^balanced) + λ₁ Σ_i L_align^(i)
 
-- Dice and CE of each branch are nnU-Net's deep-supervision-weighted terms: two copies of the trainer's own
-  ``DeepSupervisionWrapper(DC_and_CE_loss)``, one with the CE weight set to 0 and one with the Dice weight set to 0,
-  so ignore labels, batch Dice and the deep-supervision weights behave exactly as in stock nnU-Net.
+- Dice and CE of each branch are nnU-Net's own terms: two copies of the trainer's loss
+  (``DeepSupervisionWrapper(DC_and_CE_loss)``, or the bare ``DC_and_CE_loss`` when deep supervision is off), one with
+  the CE weight set to 0 and one with the Dice weight set to 0, so ignore labels, batch Dice and the
+  deep-supervision weights behave exactly as in stock nnU-Net.
 - AGWD (eqs. 18-19) balances the two branches, separately for Dice and for CE; without AGWD the two are summed.
 - L_align (eq. 17) = α·InfoNCE + β·cosine between a branch's features and the aligned features of the other, for
   every RL-XAlign module.
@@ -12,19 +16,41 @@ L_final = (L_Dice^balanced + L_CE^balanced) + λ₁ Σ_i L_align^(i)
 In eval mode the network returns the branches' soft vote, which is scored with the stock Dice + CE.
 """
 import copy
+from typing import NamedTuple
 
 import torch
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from torch import nn
 
+from nnunet_rl.distributed import mean_across_ranks
 from nnunet_rl.dual_branch import DualBranchOutput
 from nnunet_rl.u2net_losses import AGWD, alignment_loss
 
 
-def _only(deep_supervision_loss: nn.Module, keep: str) -> nn.Module:
-    """A copy of nnU-Net's DeepSupervisionWrapper(DC_and_CE_loss) computing only its Dice or only its CE term."""
-    single = copy.deepcopy(deep_supervision_loss)
-    setattr(single.loss, "weight_ce" if keep == "dice" else "weight_dice", 0)
+def _only(stock_loss: nn.Module, keep: str) -> nn.Module:
+    """A copy of nnU-Net's loss (``DC_and_CE_loss``, deep-supervision wrapped or not) computing only its Dice or only
+    its CE term."""
+    single = copy.deepcopy(stock_loss)
+    terms = single.loss if isinstance(single, DeepSupervisionWrapper) else single
+    setattr(terms, "weight_ce" if keep == "dice" else "weight_dice", 0)
     return single
+
+
+class Measurement(NamedTuple):
+    """What the PPO state and reward (eqs. 8-9) read from one forward pass: each branch's soft Dice (1 − L_Dice) and
+    each RL-XAlign module's S_similarity."""
+    dice: dict[str, float]
+    similarity: dict[str, float]
+
+    def mean_across_ranks(self) -> "Measurement":
+        """The mean over DDP ranks of every value (one all-reduce), so that all ranks fill identical buffers."""
+        keys = [(field, key) for field in self._fields for key in getattr(self, field)]
+        values = mean_across_ranks(torch.tensor([getattr(self, field)[key] for field, key in keys],
+                                                dtype=torch.float64)).tolist()
+        averaged: dict[str, dict[str, float]] = {field: {} for field in self._fields}
+        for (field, key), value in zip(keys, values):
+            averaged[field][key] = value
+        return Measurement(**averaged)
 
 
 class DualBranchLoss(nn.Module):
@@ -36,11 +62,12 @@ class DualBranchLoss(nn.Module):
     forward pass.
     """
 
-    def __init__(self, deep_supervision_loss: nn.Module, agwd: AGWD | None, alignment_weight: float,
+    def __init__(self, stock_loss: nn.Module, agwd: AGWD | None, alignment_weight: float,
                  infonce_weight: float, cosine_weight: float, infonce_temperature: float):
         super().__init__()
-        self.stock = deep_supervision_loss
-        self.dice, self.ce = _only(deep_supervision_loss, "dice"), _only(deep_supervision_loss, "ce")
+        self.stock = stock_loss
+        self.deep_supervision = isinstance(stock_loss, DeepSupervisionWrapper)
+        self.dice, self.ce = _only(stock_loss, "dice"), _only(stock_loss, "ce")
         self.agwd = agwd
         self.alignment_weight, self.infonce_weight, self.cosine_weight = \
             alignment_weight, infonce_weight, cosine_weight
@@ -55,19 +82,29 @@ class DualBranchLoss(nn.Module):
             return primary + auxiliary
         return self.agwd.balance(kind, primary, auxiliary)
 
-    def _branch_dice(self, output: DualBranchOutput, target) -> dict[str, torch.Tensor]:
-        return {"primary": self.dice(output.primary, target), "auxiliary": self.dice(output.auxiliary, target)}
+    def _branches(self, output: DualBranchOutput) -> dict[str, list[torch.Tensor] | torch.Tensor]:
+        """Each branch's outputs as nnU-Net's loss takes them: the list of scales, or the one full-resolution map."""
+        if self.deep_supervision:
+            return {"primary": output.primary, "auxiliary": output.auxiliary}
+        return {"primary": output.primary[0], "auxiliary": output.auxiliary[0]}
 
-    def measure(self, output: DualBranchOutput, target) -> tuple[dict[str, float], dict[str, float]]:
+    def _branch_dice(self, output: DualBranchOutput, target) -> dict[str, torch.Tensor]:
+        return {branch: self.dice(prediction, target) for branch, prediction in self._branches(output).items()}
+
+    def measure(self, output: DualBranchOutput, target) -> Measurement:
         """Each branch's soft Dice and each module's S_similarity, without a loss (the PPO baseline state)."""
         dice = {branch: float(-value) for branch, value in self._branch_dice(output, target).items()}
-        return dice, {a.key: float(a.similarity()) for a in output.alignments}
+        return Measurement(dice, {a.key: float(a.similarity()) for a in output.alignments})
+
+    def last_measurement(self) -> Measurement:
+        """The soft Dice and S_similarity recorded by the last training forward (``record_similarity`` set)."""
+        return Measurement({branch: float(value) for branch, value in self.last_dice.items()}, self.last_similarity)
 
     def forward(self, output, target) -> torch.Tensor:
         if not isinstance(output, DualBranchOutput):
             return self.stock(output, target)
         dice = self._branch_dice(output, target)
-        ce = {"primary": self.ce(output.primary, target), "auxiliary": self.ce(output.auxiliary, target)}
+        ce = {branch: self.ce(prediction, target) for branch, prediction in self._branches(output).items()}
         self.last_dice = {branch: -value.detach() for branch, value in dice.items()}  # tensors: no sync here
         if self.record_similarity:
             self.last_similarity = {a.key: float(a.similarity()) for a in output.alignments}

@@ -1,8 +1,13 @@
-"""PPO for RL-XAlign's PoseAlign policy (RL-U2Net, paper 000, eqs. 8-13 and Algorithm 1).
+"""PPO for RL-XAlign's PoseAlign policy.
 
-A rollout is one transition ``(s, s', a, log π_old(a), r)``: ``s`` the state with PoseAlign disabled, ``s'`` the
-state with it enabled, both ``[1 − L_Dice, S_similarity, epoch / E]`` (eq. 8), ``r = (1 − L_Dice) + S_similarity``
-(eq. 9). The critic is a small MLP ``V(s)``; the update runs ``ppo_epochs`` mini-epochs over shuffled mini-batches:
+J. Qu and J. Zhao, "RL-U2Net: A Dual-Branch UNet with Reinforcement Learning-Assisted Multimodal Feature Fusion for
+Accurate 3D Whole-Heart Segmentation" (preprint, no DOI), eqs. 8-13 and Algorithm 1; PPO itself: J. Schulman et al.,
+"Proximal Policy Optimization Algorithms", arXiv:1707.06347.
+
+A rollout sample is one :class:`Transition` ``(s, s', a, log π_old(a), r)``: ``s`` the state with PoseAlign disabled,
+``s'`` the state with it enabled, both ``[1 − L_Dice, S_similarity, epoch / E]`` (eq. 8), ``r = (1 − L_Dice) +
+S_similarity`` (eq. 9). The critic is a small MLP ``V(s)``; the update runs ``ppo_epochs`` mini-epochs over the
+shuffled mini-batches :meth:`RolloutBuffer.get` yields:
 
     V̂ = r + γ·V(s')                                       (eq. 13, V(s') detached)
     A = V̂ − V(s), normalised to mean 0, std 1              (eq. 10)
@@ -10,16 +15,45 @@ state with it enabled, both ``[1 − L_Dice, S_similarity, epoch / E]`` (eq. 8),
     L_value = mean((V(s) − V̂)²)                           (eq. 12)
 
 The policy is any module with ``log_prob(actions) -> (N,)`` and ``entropy() -> scalar`` (PoseAlign: a state-free
-softmax over the 24 cube rotations); the paper has no entropy bonus, so entropy is only reported. The paper's
-settings are the defaults: policy lr 5e-5, value lr 2e-4, 10 mini-epochs, mini-batch 64; ε and γ are not given,
-so we take PPO's usual ε = 0.2 and γ = 0.99.
+softmax over the 24 cube rotations); the paper has no entropy bonus, so entropy is only reported. Defaults are the
+plans' (``nnunet_rl.plans.rl_block``): the paper's policy lr 5e-5, value lr 2e-4, 10 mini-epochs, mini-batch 64; ε and
+γ are not given there, so ε = 0.2 (PPO's usual value) and γ = 0: a sample is a one-step episode (its s' is not the
+state the next action is taken from), so nothing is bootstrapped and A = r − V(s) (docs/rl_u2net.md).
 """
+from typing import Iterator, NamedTuple
+
 import torch
 from torch import nn
 
 STATE_DIM = 3  # eq. 8: [1 − L_Dice, S_similarity, epoch / E]
-FIELDS = ("state", "next_state", "actions", "log_prob_old", "reward")  # one transition, in Algorithm 1's order
+
+
+class Transition(NamedTuple):
+    """One rollout sample of Algorithm 1 (lines 5-14), or a batch of them along a leading dimension N.
+
+    ``state``/``next_state``: (3,) or (N, 3) (eq. 8); ``actions``: the k_sel rotation indices, (k_sel,) or
+    (N, k_sel); ``log_prob_old``: log π_old of those actions and ``reward`` (eq. 9): scalars or (N,).
+    :meth:`RolloutBuffer.get` yields mini-batches of this type, as Stable-Baselines3's ``RolloutBufferSamples``.
+    """
+    state: torch.Tensor
+    next_state: torch.Tensor
+    actions: torch.Tensor
+    log_prob_old: torch.Tensor
+    reward: torch.Tensor
+
+
 FLOAT_FIELDS = ("state", "next_state", "log_prob_old", "reward")  # the fields that must stay finite
+
+
+def state_vector(dice: float, similarity: float, progress: float) -> torch.Tensor:
+    """The PPO state of eq. 8, [1 − L_Dice, S_similarity, epoch / E], from the branch's soft Dice (= 1 − L_Dice)."""
+    return torch.tensor([dice, similarity, progress])
+
+
+def rollout_iterations(iterations: int, samples: int) -> frozenset[int]:
+    """The iterations of an epoch on which a rollout sample is taken: ``samples`` of them spread evenly over
+    ``iterations`` (iteration ⌊i·iterations/samples⌋ for i < samples), every iteration when the epoch is shorter."""
+    return frozenset(i * iterations // samples for i in range(samples))
 
 
 def normalise_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -58,8 +92,8 @@ class Critic(nn.Module):
 class RolloutBuffer:
     """Preallocated storage for ``capacity`` transitions (Algorithm 1, lines 1-14), on the CPU.
 
-    ``add`` takes one transition (state ``(3,)``, actions ``(k_sel,)``, scalar log-prob and reward) or a batch of
-    them (leading dimension N). The write position is part of ``state_dict`` so a resumed run continues exactly.
+    ``add`` takes a :class:`Transition` (one sample or a batch); ``get`` yields shuffled mini-batches of them. The
+    write position is part of ``state_dict`` so a resumed run continues exactly.
     """
 
     def __init__(self, capacity: int, k_sel: int, state_dim: int = STATE_DIM):
@@ -70,14 +104,13 @@ class RolloutBuffer:
         self.log_prob_old = torch.zeros(capacity)
         self.reward = torch.zeros(capacity)
 
-    def add(self, state: torch.Tensor, next_state: torch.Tensor, actions: torch.Tensor,
-            log_prob_old: torch.Tensor, reward: torch.Tensor) -> None:
+    def add(self, transition: Transition) -> None:
         state_dim = self.state.shape[1]
-        rows = {"state": state.detach().reshape(-1, state_dim),
-                "next_state": next_state.detach().reshape(-1, state_dim),
-                "actions": actions.detach().reshape(-1, self.k_sel),
-                "log_prob_old": log_prob_old.detach().reshape(-1),
-                "reward": torch.as_tensor(reward).detach().reshape(-1)}
+        rows = {"state": transition.state.detach().reshape(-1, state_dim),
+                "next_state": transition.next_state.detach().reshape(-1, state_dim),
+                "actions": transition.actions.detach().reshape(-1, self.k_sel),
+                "log_prob_old": transition.log_prob_old.detach().reshape(-1),
+                "reward": torch.as_tensor(transition.reward).detach().reshape(-1)}
         n = rows["state"].shape[0]
         sizes = {name: value.shape[0] for name, value in rows.items()}
         if set(sizes.values()) != {n}:
@@ -101,18 +134,22 @@ class RolloutBuffer:
         """Start a new round; the storage is overwritten, not reallocated."""
         self.size = 0
 
-    def batch(self, index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """``(state, next_state, actions, log_prob_old, reward)`` of the transitions at ``index``."""
-        return tuple(getattr(self, name)[index] for name in FIELDS)
+    def get(self, batch_size: int, generator: torch.Generator) -> Iterator[Transition]:
+        """The stored transitions in an order drawn from ``generator``, as mini-batches of ``batch_size`` (the last
+        one may be smaller)."""
+        order = torch.randperm(self.size, generator=generator)
+        for start in range(0, self.size, batch_size):
+            index = order[start:start + batch_size]
+            yield Transition(*(getattr(self, name)[index] for name in Transition._fields))
 
     def state_dict(self) -> dict:
-        return {"size": self.size} | {name: getattr(self, name).clone() for name in FIELDS}
+        return {"size": self.size} | {name: getattr(self, name).clone() for name in Transition._fields}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict["actions"].shape != self.actions.shape:
             raise ValueError(f"buffer of shape {tuple(state_dict['actions'].shape)} (capacity, k_sel) cannot be loaded "
                              f"into one of shape {tuple(self.actions.shape)}")
-        for name in FIELDS:
+        for name in Transition._fields:
             getattr(self, name).copy_(state_dict[name])
         self.size = int(state_dict["size"])
 
@@ -129,7 +166,7 @@ class PPOAgent:
     """
 
     def __init__(self, policy: nn.Module, policy_lr: float = 5e-5, value_lr: float = 2e-4, clip: float = 0.2,
-                 gamma: float = 0.99, ppo_epochs: int = 10, minibatch: int = 64, seed: int = 0):
+                 gamma: float = 0.0, ppo_epochs: int = 10, minibatch: int = 64, seed: int = 0):
         self.policy = policy
         with torch.random.fork_rng(devices=[]):  # the critic's initial weights from the seed: equal on every rank
             torch.manual_seed(seed)
@@ -156,16 +193,14 @@ class PPOAgent:
         totals = dict.fromkeys(("policy_loss", "value_loss", "entropy", "approx_kl", "clip_fraction"), 0.0)
         steps = 0
         for _ in range(self.ppo_epochs):
-            order = torch.randperm(n, generator=self.generator)
-            for start in range(0, n, size):
-                state, next_state, actions, log_prob_old, reward = buffer.batch(order[start:start + size])
-                state, next_state, reward = (t.to(critic_device) for t in (state, next_state, reward))
-                value_now = self.critic(state)
+            for batch in buffer.get(size, self.generator):
+                value_now = self.critic(batch.state.to(critic_device))
                 with torch.no_grad():
-                    target = reward + self.gamma * self.critic(next_state)  # eq. 13
+                    target = batch.reward.to(critic_device) + \
+                        self.gamma * self.critic(batch.next_state.to(critic_device))  # eq. 13
                 advantages = normalise_advantages(target - value_now.detach()).to(policy_device)  # eq. 10
-                log_prob_new = self.policy.log_prob(actions.to(policy_device))
-                log_prob_old = log_prob_old.to(policy_device)
+                log_prob_new = self.policy.log_prob(batch.actions.to(policy_device))
+                log_prob_old = batch.log_prob_old.to(policy_device)
                 actor_loss = policy_loss(log_prob_new, log_prob_old, advantages, self.clip)
                 value_loss = torch.mean((value_now - target) ** 2)  # eq. 12
                 self.policy_optimizer.zero_grad(set_to_none=True)

@@ -1,4 +1,7 @@
-"""RL-U2Net's RL-XAlign module (paper 000): cross-modal attention (CMA), PoseAlign and the fusion of eq. 7.
+"""RL-U2Net's RL-XAlign module: cross-modal attention (CMA), PoseAlign and the fusion of eq. 7.
+
+J. Qu and J. Zhao, "RL-U2Net: A Dual-Branch UNet with Reinforcement Learning-Assisted Multimodal Feature Fusion for
+Accurate 3D Whole-Heart Segmentation" (preprint, no DOI), eqs. 1-7.
 
 For one encoder stage with a primary map F_p and an auxiliary map F_a, both shaped (B, C, *spatial) (2D or 3D)::
 
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_rl.devices import copy_to_device
+from nnunet_rl.mirroring import Mirroring
 from nnunet_rl.rotations import cube_rotations, verify_rotation_group
 
 
@@ -173,11 +177,22 @@ class PoseAlign(nn.Module):
         initialisation. Deterministic, so predictions are reproducible."""
         return torch.argmax(self._theta_on_cpu()).reshape(1)
 
-    def forward(self, auxiliary: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """The mean over the rotation indices in actions (1-D) of the rotated map; index 0 (identity) is free."""
+    def _turn(self, auxiliary: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         rotated = [auxiliary if a == 0 else rotate_feature_map(auxiliary, self.rotations[a])
                    for a in actions.tolist()]
         return rotated[0] if len(rotated) == 1 else torch.stack(rotated).mean(dim=0)
+
+    def forward(self, auxiliary: torch.Tensor, actions: torch.Tensor,
+                mirroring: Mirroring | None = None) -> torch.Tensor:
+        """The mean over the rotation indices in actions (1-D) of the rotated map; index 0 (identity) is free.
+
+        With ``mirroring``, the samples of each mirrored group are turned by the conjugated rotations (F·R·F), so the
+        actions mean the same re-alignment on every sample (:mod:`nnunet_rl.mirroring`).
+        """
+        if mirroring is None or not mirroring.changes(actions):
+            return self._turn(auxiliary, actions)
+        return torch.cat([self._turn(auxiliary[group.start:group.stop], mirroring.conjugated(actions, group.axes))
+                          for group in mirroring.groups])
 
 
 def activity_map(features: torch.Tensor) -> torch.Tensor:
@@ -217,12 +232,24 @@ class RLXAlign(nn.Module):
     def __init__(self, channels: int, dim: int, window_size: int, k_sel: int, temperature: float,
                  fusion_weight: float = 0.3, use_cma: bool = True):
         super().__init__()
-        self.fusion_weight = fusion_weight
+        self.channels, self.fusion_weight = channels, fusion_weight
         self.pose = PoseAlign(dim, k_sel, temperature)
         self.cma = CrossModalAttention(channels, dim, window_size) if use_cma else None
 
-    def forward(self, primary: torch.Tensor, auxiliary: torch.Tensor,
-                actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        aligned = self.pose(auxiliary, actions)
+    def forward(self, primary: torch.Tensor, auxiliary: torch.Tensor, actions: torch.Tensor,
+                mirroring: Mirroring | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        aligned = self.pose(auxiliary, actions, mirroring)
         attended = self.cma(primary, aligned) if self.cma is not None else aligned
         return torch.lerp(primary, attended, self.fusion_weight), aligned
+
+    def compute_conv_feature_map_size(self, input_size) -> int:
+        """Elements this module stores for the backward pass on a map of spatial size ``input_size``: the turned
+        auxiliary map and the fused output; with CMA also both maps' window tokens, Q, K, V, the attention output, its
+        projection and the reversed windows (C per voxel each) and the attention weights (window_size^dim per voxel).
+        """
+        voxels = int(np.prod(input_size, dtype=np.int64))
+        channels = self.channels
+        if self.cma is None:
+            return 2 * channels * voxels
+        window = int(np.prod([min(self.cma.window_size, n) for n in input_size], dtype=np.int64))
+        return 10 * channels * voxels + window * voxels

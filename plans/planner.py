@@ -1,27 +1,52 @@
-"""``nnunet-rl plan``: nnU-Net's fingerprint/plan/preprocess where missing, then the ``rl`` block per configuration."""
+"""``nnunet-rl plan``: nnU-Net's fingerprint/plan/preprocess where missing, then the ``rl`` block per configuration;
+:class:`nnUNetPlannerRLU2Net`, nnU-Net's planner fitted to RL-U2Net's memory."""
 from pathlib import Path
+from typing import Sequence
 
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
-from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
-                                                                   preprocess)
-from nnunetv2.paths import nnUNet_preprocessed
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiment_dataset,
+                                                                   plan_experiments, preprocess)
+from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
 from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
+from nnunet_rl.dual_branch import NETWORK_HYPERPARAMETERS, DualBranchUNet
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.nnunet_folders import dataset_name as nnunet_dataset_name, require_nnunet_folders
-from nnunet_rl.plans.rl_block import RL_BLOCK_KEY, derive_rl_block
+from nnunet_rl.plans.rl_block import PAPER_DEFAULTS, RL_BLOCK_KEY, derive_rl_block
 
 RL_U2NET_PLANS = "nnUNetPlans_RLU2Net"
-# nnU-Net plans for an 8 GB GPU by default; RL-U2Net (two branches, CMA) takes 2.16x stock's peak memory on the same
-# plans and 2.65x at smaller patches (docs/benchmarks.md: 18.1 vs 8.4 GiB at 128^3; 7.96 GiB at the 96x96x80 patch
-# planned for 8/3 GB). Planning for a third of the target keeps RL-U2Net within what nnU-Net planned stock for.
-RL_U2NET_MEMORY_FRACTION = 1 / 3
-NNUNET_DEFAULT_MEMORY_TARGET_GB = 8
+
+
+class nnUNetPlannerRLU2Net(ExperimentPlanner):
+    """nnU-Net's default planner whose VRAM estimate is RL-U2Net's (Qu and Zhao, "RL-U2Net: A Dual-Branch UNet with
+    Reinforcement Learning-Assisted Multimodal Feature Fusion for Accurate 3D Whole-Heart Segmentation", preprint,
+    no DOI, Fig. 6).
+
+    The plans still describe one branch (PlainConvUNet, as stock plans), which ``nnUNetTrainerRLU2Net`` builds twice;
+    the patch and batch size are fitted, by nnU-Net's own search, to the memory estimate of the
+    :class:`~nnunet_rl.dual_branch.DualBranchUNet` built from that branch with the rl block's default channel split and
+    ``rl_u2net`` network settings: both branches and every RL-XAlign module (``compute_conv_feature_map_size``).
+    """
+
+    def __init__(self, dataset_name_or_id: str | int, gpu_memory_target_in_gb: float = 8,
+                 preprocessor_name: str = "DefaultPreprocessor", plans_name: str = RL_U2NET_PLANS,
+                 overwrite_target_spacing: Sequence[float] | None = None, suppress_transpose: bool = False):
+        super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
+                         overwrite_target_spacing, suppress_transpose)
+
+    @staticmethod
+    def static_estimate_VRAM_usage(patch_size, input_channels: int, output_channels: int, arch_class_name: str,
+                                   arch_kwargs: dict, arch_kwargs_req_import) -> int:
+        hp = PAPER_DEFAULTS["rl_u2net"]
+        network = DualBranchUNet(input_channels, output_channels, arch_class_name, arch_kwargs, arch_kwargs_req_import,
+                                 allow_init=False, **{key: hp[key] for key in NETWORK_HYPERPARAMETERS})
+        return network.compute_conv_feature_map_size(patch_size)
 
 
 def run_nnunet_planning_where_missing(dataset_name: str, configurations: list[str] | None, plans_name: str,
-                                      num_processes: int, gpu_memory_target_gb: float | None = None) -> Path:
+                                      num_processes: int) -> Path:
     """Run nnU-Net's own fingerprinting, planning and preprocessing for whatever is not there yet."""
     dataset_id = convert_dataset_name_to_id(dataset_name)
     folder = Path(str(nnUNet_preprocessed)) / dataset_name
@@ -32,8 +57,10 @@ def run_nnunet_planning_where_missing(dataset_name: str, configurations: list[st
         if plans_name not in ("nnUNetPlans", RL_U2NET_PLANS):
             raise NnunetRLError(f"{plans_file} does not exist; only nnUNetPlans and {RL_U2NET_PLANS} are planned "
                                 f"here (use nnUNetv2_plan_experiment -overwrite_plans_name {plans_name} for others)")
-        plan_experiments([dataset_id], gpu_memory_target_in_gb=gpu_memory_target_gb,
-                         overwrite_plans_name=None if plans_name == "nnUNetPlans" else plans_name)
+        if plans_name == RL_U2NET_PLANS:
+            plan_experiment_dataset(dataset_id, nnUNetPlannerRLU2Net)
+        else:
+            plan_experiments([dataset_id])
     plans = PlansManager(str(plans_file))
     unknown = sorted(set(configurations or []) - set(plans.available_configurations))
     if unknown:
@@ -50,16 +77,19 @@ def plan_rl(dataset: str | int, configurations: list[str] | None = None, plans_n
             num_processes: int = 1, rl_u2net: bool = False) -> list[Path]:
     """Plan (where needed) and write the ``rl`` block into each requested configuration of the plans.
 
-    ``rl_u2net``: plan ``nnUNetPlans_RLU2Net`` instead, nnU-Net's planner with a third of its GPU memory target
-    (smaller patch or batch), so that the two-branch RL-U2Net fits the memory stock nnU-Net was planned for; train
-    with ``nnUNetv2_train ... -tr nnUNetTrainerRLU2Net -p nnUNetPlans_RLU2Net``.
+    ``rl_u2net``: plan ``nnUNetPlans_RLU2Net`` instead with :class:`nnUNetPlannerRLU2Net`, nnU-Net's planner fitting
+    the two-branch RL-U2Net (not one U-Net) into nnU-Net's GPU memory target; train with
+    ``nnUNetv2_train ... -tr nnUNetTrainerRLU2Net -p nnUNetPlans_RLU2Net``.
     """
     require_nnunet_folders("nnUNet_raw", "nnUNet_preprocessed")
     dataset_name = nnunet_dataset_name(dataset)
     if rl_u2net:
         plans_name = RL_U2NET_PLANS
-    target = NNUNET_DEFAULT_MEMORY_TARGET_GB * RL_U2NET_MEMORY_FRACTION if rl_u2net else None
-    plans_file = run_nnunet_planning_where_missing(dataset_name, configurations, plans_name, num_processes, target)
+        channels = load_json(str(Path(str(nnUNet_raw)) / dataset_name / "dataset.json"))["channel_names"]
+        if len(channels) < 2:
+            raise NnunetRLError(f"--rl-u2net plans a two-branch network, which needs two or more input channels; "
+                                f"{dataset_name} has {list(channels.values())}")
+    plans_file = run_nnunet_planning_where_missing(dataset_name, configurations, plans_name, num_processes)
     plans = load_json(str(plans_file))
     folder = plans_file.parent
     block = derive_rl_block(load_json(str(folder / "dataset.json")), folder / "gt_segmentations")

@@ -10,7 +10,9 @@ from torch import nn
 from conftest import on_two_gloo_ranks
 
 from nnunet_rl.distributed import mean_across_ranks
-from nnunet_rl.ppo import FIELDS, Critic, PPOAgent, RolloutBuffer, normalise_advantages, policy_loss
+from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
+from nnunet_rl.ppo import (Critic, PPOAgent, RolloutBuffer, Transition, normalise_advantages, policy_loss,
+                           rollout_iterations)
 
 ACTIONS, BEST = 24, 7
 
@@ -43,15 +45,16 @@ def bandit_round(policy: SoftmaxPolicy, buffer: RolloutBuffer, generator: torch.
     with torch.no_grad():
         log_prob = policy.log_prob(actions)
     reward = (actions[:, 0] == BEST).float() + 0.01 * torch.randn(n, generator=generator)
-    buffer.add(torch.rand(n, 3, generator=generator), torch.rand(n, 3, generator=generator), actions, log_prob, reward)
+    buffer.add(Transition(torch.rand(n, 3, generator=generator), torch.rand(n, 3, generator=generator), actions,
+                          log_prob, reward))
 
 
 def filled_buffer(n: int = 16, k_sel: int = 2, seed: int = 0) -> RolloutBuffer:
     generator = torch.Generator().manual_seed(seed)
     buffer = RolloutBuffer(n, k_sel)
-    buffer.add(torch.rand(n, 3, generator=generator), torch.rand(n, 3, generator=generator),
+    buffer.add(Transition(torch.rand(n, 3, generator=generator), torch.rand(n, 3, generator=generator),
                torch.randint(ACTIONS, (n, k_sel), generator=generator), torch.full((n,), -2 * math.log(ACTIONS)),
-               torch.rand(n, generator=generator))
+               torch.rand(n, generator=generator)))
     return buffer
 
 
@@ -120,26 +123,29 @@ def test_update_reports_familiar_diagnostics():
 
 def test_buffer_add_len_full_clear():
     buffer = RolloutBuffer(3, 2)
-    buffer.add(torch.rand(3), torch.rand(3), torch.tensor([1, 2]), torch.tensor(-1.0), torch.tensor(0.5))
+    buffer.add(Transition(torch.rand(3), torch.rand(3), torch.tensor([1, 2]), torch.tensor(-1.0), torch.tensor(0.5)))
     assert len(buffer) == 1 and not buffer.full
-    buffer.add(torch.rand(2, 3), torch.rand(2, 3), torch.tensor([[3, 4], [5, 6]]), torch.zeros(2), torch.ones(2))
+    buffer.add(Transition(torch.rand(2, 3), torch.rand(2, 3), torch.tensor([[3, 4], [5, 6]]), torch.zeros(2),
+                          torch.ones(2)))
     assert len(buffer) == 3 and buffer.full
     assert buffer.actions.tolist() == [[1, 2], [3, 4], [5, 6]]
     with pytest.raises(ValueError, match="cannot add"):
-        buffer.add(torch.rand(3), torch.rand(3), torch.tensor([1, 2]), torch.tensor(-1.0), torch.tensor(0.5))
+        buffer.add(Transition(torch.rand(3), torch.rand(3), torch.tensor([1, 2]), torch.tensor(-1.0),
+                              torch.tensor(0.5)))
     buffer.clear()
     assert len(buffer) == 0
 
 
 def test_buffer_state_dict_roundtrip_continues_at_the_same_position():
     buffer = RolloutBuffer(4, 2)
-    buffer.add(torch.rand(2, 3), torch.rand(2, 3), torch.tensor([[1, 2], [3, 4]]), torch.zeros(2), torch.ones(2))
+    buffer.add(Transition(torch.rand(2, 3), torch.rand(2, 3), torch.tensor([[1, 2], [3, 4]]), torch.zeros(2),
+                          torch.ones(2)))
     resumed = RolloutBuffer(4, 2)
     resumed.load_state_dict(buffer.state_dict())
     assert len(resumed) == 2
     for b in (buffer, resumed):
-        b.add(torch.ones(3), torch.ones(3), torch.tensor([5, 6]), torch.tensor(-3.0), torch.tensor(2.0))
-    for name in FIELDS:
+        b.add(Transition(torch.ones(3), torch.ones(3), torch.tensor([5, 6]), torch.tensor(-3.0), torch.tensor(2.0)))
+    for name in Transition._fields:
         torch.testing.assert_close(getattr(resumed, name), getattr(buffer, name))
     assert len(resumed) == 3 and resumed.actions[2].tolist() == [5, 6]
     with pytest.raises(ValueError, match="cannot be loaded"):
@@ -165,13 +171,43 @@ def test_agent_state_dict_roundtrip_makes_the_next_update_identical():
         torch.testing.assert_close(resumed_param, param, rtol=0, atol=0)
 
 
+def test_buffer_hands_out_named_shuffled_minibatches_covering_every_transition():
+    buffer = filled_buffer(n=10)
+    batches = list(buffer.get(4, torch.Generator().manual_seed(0)))
+    assert [len(b.reward) for b in batches] == [4, 4, 2] and all(isinstance(b, Transition) for b in batches)
+    assert sorted(torch.cat([b.reward for b in batches]).tolist()) == sorted(buffer.reward.tolist())
+    first = batches[0]
+    row = int((buffer.reward == first.reward[0]).nonzero())
+    assert torch.equal(first.state[0], buffer.state[row]) and torch.equal(first.actions[0], buffer.actions[row])
+
+
+def test_agent_defaults_are_the_plans_defaults():
+    """One source of truth: PPOAgent's defaults (γ = 0 included) are the rl block's rl_u2net values."""
+    import inspect
+    from nnunet_rl import ppo
+    defaults = {name: p.default for name, p in inspect.signature(PPOAgent).parameters.items()
+                if p.default is not inspect.Parameter.empty and name != "seed"}
+    assert defaults == {name: PAPER_DEFAULTS["rl_u2net"][name] for name in defaults}
+    assert defaults["gamma"] == 0.0
+    assert "γ = 0" in ppo.__doc__ and "0.99" not in ppo.__doc__
+
+
+@pytest.mark.parametrize("iterations, samples, expected", [(250, 16, 16), (8, 8, 8), (4, 16, 4), (1000, 16, 16)])
+def test_rollout_iterations_take_exactly_the_planned_samples_per_epoch(iterations, samples, expected):
+    chosen = rollout_iterations(iterations, samples)
+    assert len(chosen) == expected and min(chosen) == 0 and max(chosen) < iterations
+    gaps = {b - a for a, b in zip(sorted(chosen), sorted(chosen)[1:])}
+    assert gaps <= {iterations // samples, -(-iterations // samples)} or iterations < samples
+
+
 def test_non_finite_rewards_and_states_are_refused():
     buffer = RolloutBuffer(4, 1)
     with pytest.raises(ValueError, match="reward"):
-        buffer.add(torch.rand(3), torch.rand(3), torch.tensor([0]), torch.tensor(-1.0), torch.tensor(math.nan))
+        buffer.add(Transition(torch.rand(3), torch.rand(3), torch.tensor([0]), torch.tensor(-1.0),
+                              torch.tensor(math.nan)))
     with pytest.raises(ValueError, match="next_state"):
-        buffer.add(torch.rand(3), torch.tensor([0.0, math.inf, 0.0]), torch.tensor([0]), torch.tensor(-1.0),
-                   torch.tensor(1.0))
+        buffer.add(Transition(torch.rand(3), torch.tensor([0.0, math.inf, 0.0]), torch.tensor([0]), torch.tensor(-1.0),
+                   torch.tensor(1.0)))
     assert len(buffer) == 0
     loaded = filled_buffer()
     loaded.reward[3] = math.nan  # e.g. a checkpoint written before the guard
@@ -209,8 +245,8 @@ def ddp_rank(rank: int, folder: str) -> None:
     with torch.no_grad():
         log_prob = policy.log_prob(actions)
     own_reward = torch.rand(8, generator=generator) + rank  # the ranks' rewards differ
-    buffer.add(torch.rand(8, 3, generator=generator), torch.rand(8, 3, generator=generator), actions, log_prob,
-               mean_across_ranks(own_reward))
+    buffer.add(Transition(torch.rand(8, 3, generator=generator), torch.rand(8, 3, generator=generator), actions, log_prob,
+               mean_across_ranks(own_reward)))
     agent.update(buffer)
     torch.save({"reward": own_reward, "theta": policy.theta.detach(), "critic": agent.critic.state_dict()},
                os.path.join(folder, f"rank{rank}.pt"))

@@ -21,16 +21,28 @@ from nnunet_rl.trainers.schedules import ShortSchedule
 from nnunet_rl.u2net_losses import AGWD, alignment_loss
 
 
-def branches(architecture, dim: int, channels: int):
-    kwargs = {**unet_kwargs(dim), "input_channels": channels, "n_conv_per_stage_decoder": 1}
+def branch_kwargs(architecture, dim: int) -> dict:
+    """A small planned topology in the plans' arch_kwargs form (classes instead of dotted names: nothing to import)."""
+    kwargs = {**unet_kwargs(dim), "n_conv_per_stage_decoder": 1}
+    for key in ("input_channels", "num_classes", "deep_supervision"):
+        kwargs.pop(key)
     kwargs["n_blocks_per_stage" if architecture is ResidualEncoderUNet else "n_conv_per_stage"] = 1
-    return architecture(**kwargs)
+    return kwargs
 
 
-def dual_branch(architecture=PlainConvUNet, dim: int = 3, directions=("primary", "auxiliary"), use_cma=True):
+def branches(architecture, dim: int, channels: int):
+    return architecture(input_channels=channels, num_classes=3, deep_supervision=True,
+                        **branch_kwargs(architecture, dim))
+
+
+def dual_branch(architecture=PlainConvUNet, dim: int = 3, directions=("primary", "auxiliary"), use_cma=True,
+                auxiliary_channels=(1, 2)):
     torch.manual_seed(0)
-    return DualBranchUNet(branches(architecture, dim, 1), branches(architecture, dim, 2), [0], [1, 2], [1, 2],
-                          directions, window_size=2, k_sel=2, temperature=0.1, fusion_weight=0.3, use_cma=use_cma)
+    return DualBranchUNet(3, 3, f"{architecture.__module__}.{architecture.__name__}",
+                          branch_kwargs(architecture, dim), primary_channels=[0],
+                          auxiliary_channels=list(auxiliary_channels), aligned_stages=[1, 2],
+                          fusion_directions=directions, window_size=2, k_sel=2, temperature=0.1, fusion_weight=0.3,
+                          use_cma=use_cma)
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -76,6 +88,27 @@ def test_eval_output_is_the_soft_vote_of_the_branches():
     torch.testing.assert_close(vote.softmax(1), mean, atol=1e-5, rtol=1e-4)
 
 
+def test_loss_without_deep_supervision_is_both_branches_dice_and_ce(planned_dataset):
+    """nnU-Net's loss is a bare DC_and_CE_loss when deep supervision is off; the branches then give one map each."""
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunet_rl.dual_branch_loss import DualBranchLoss
+    trainer = make_trainer(planned_dataset, nnUNetTrainerRLU2Net)
+    trainer.enable_deep_supervision = False
+    stock = nnUNetTrainer._build_loss(trainer)
+    network = dual_branch()
+    network.set_deep_supervision(False)
+    output = network(torch.randn(2, 3, 16, 16, 16))
+    assert len(output.primary) == 1
+    target = torch.randint(0, 3, (2, 1, 16, 16, 16))
+    loss = DualBranchLoss(stock, None, 0.0, 1.0, 1.0, 0.1)
+    expected = stock(output.primary[0], target) + stock(output.auxiliary[0], target)
+    torch.testing.assert_close(loss(output, target), expected)
+    with torch.no_grad():
+        measured = loss.measure(output, target)
+    assert set(measured.dice) == {"primary", "auxiliary"} and set(measured.similarity) == set(network.xalign)
+    assert torch.isfinite(trainer._build_loss()(output, target))
+
+
 def test_set_actions_choose_rotations_and_none_means_greedy():
     network = dual_branch(directions=("primary",))
     x = torch.randn(1, 3, 16, 16, 16)
@@ -101,9 +134,7 @@ def test_channel_groups_are_views_when_consecutive_and_selected_otherwise():
 def test_a_training_step_and_a_prediction_never_wait_for_the_gpu():
     """No device synchronisation from our code in the forward pass, the losses and the backward pass: actions,
     rotation matrices and sampled voxel indices live on the CPU and reach the GPU by non-blocking copies."""
-    network = DualBranchUNet(branches(PlainConvUNet, 3, 1), branches(PlainConvUNet, 3, 2), [0], [2, 1], [1, 2],
-                             ("primary", "auxiliary"), window_size=2, k_sel=2, temperature=0.1, fusion_weight=0.3,
-                             use_cma=True).cuda()
+    network = dual_branch(auxiliary_channels=(2, 1)).cuda()
     x = torch.randn(2, 3, 8, 16, 12, device="cuda")  # anisotropic: off-grid rotations are resampled
     agwd, generator = AGWD(), torch.Generator().manual_seed(0)
 
@@ -196,6 +227,38 @@ def test_policy_file_lists_every_rotation_with_its_matrix(trained_short_rl):
     assert len(rotations) == 24
 
 
+def test_the_trainer_mirrors_itself_and_predicts_with_the_commuting_axes(trained_short_rl):
+    from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+    from nnunet_rl.mirroring import commuting_axes
+    trainer = trained_short_rl
+    assert trainer.training_mirror_axes == (0, 1, 2)  # nnU-Net's axes for a 3D configuration ...
+    transforms = trainer.get_training_transforms(trainer.configuration_manager.patch_size, (0.0, 0.0), None,
+                                                 (0, 1, 2), False)
+    assert not any(isinstance(t, MirrorTransform) for t in transforms.transforms)  # ... not nnU-Net's transform
+    greedy = [int(m.pose.greedy_action()) for m in trainer.bare_network.xalign.values()]
+    checkpoint = torch.load(os.path.join(trainer.output_folder, "checkpoint_final.pth"), weights_only=False)
+    assert checkpoint["inference_allowed_mirroring_axes"] == commuting_axes((0, 1, 2), greedy, 3)
+    policy = json.load(open(os.path.join(trainer.output_folder, POLICY_FILE)))
+    assert policy["test_time_mirror_axes"] == list(commuting_axes((0, 1, 2), greedy, 3))
+
+
+def test_a_mirrored_batch_keeps_data_and_every_target_scale_together(trained_short_rl):
+    trainer = trained_short_rl
+    target = torch.randint(0, 3, (8, 1, 8, 8, 8))
+    batch = {"data": target.float().repeat(1, 2, 1, 1, 1), "target": [target, target[..., ::2, ::2, ::2]]}
+    mirrored = trainer._mirrored(batch)
+    try:
+        groups = trainer.bare_network.mirroring.groups
+    finally:
+        trainer.bare_network.set_mirroring(None)
+    assert any(group.axes for group in groups)
+    assert torch.equal(mirrored["data"][:, :1].long(), mirrored["target"][0])
+    for group in groups:
+        flipped = [2 + axis for axis in group.axes]
+        assert torch.equal(mirrored["target"][1][group.start:group.stop],
+                           target[group.start:group.stop, ..., ::2, ::2, ::2].flip(flipped))
+
+
 def test_resume_restores_the_rl_state_exactly(trained_short_rl, planned_dataset):
     checkpoint = os.path.join(trained_short_rl.output_folder, "checkpoint_final.pth")
     resumed = make_trainer(planned_dataset, ShortRL)
@@ -212,7 +275,7 @@ def test_resume_restores_the_rl_state_exactly(trained_short_rl, planned_dataset)
     torch.testing.assert_close(resumed.loss.agwd.running["dice"], trained_short_rl.loss.agwd.running["dice"])
 
 
-def test_plan_offers_rl_u2net_plans_for_a_third_of_the_memory(planned_dataset):
+def test_plan_writes_rl_u2net_plans_with_its_own_planner(planned_dataset):
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunet_rl.plans.planner import RL_U2NET_PLANS, plan_rl
     [plans_file] = plan_rl(planned_dataset, ["3d_fullres"], rl_u2net=True)
@@ -223,6 +286,28 @@ def test_plan_offers_rl_u2net_plans_for_a_third_of_the_memory(planned_dataset):
     assert np.prod(configuration["patch_size"]) * configuration["batch_size"] <= \
         np.prod(stock_configuration["patch_size"]) * stock_configuration["batch_size"]
     assert (plans_file.parent / f"{RL_U2NET_PLANS}_3d_fullres").is_dir()
+    assert ours["experiment_planner_used"] == "nnUNetPlannerRLU2Net"
+
+
+def test_planner_fits_the_dual_branch_estimate_not_one_unet_to_the_memory_target(planned_dataset):
+    """On a large volume nnU-Net's own search shrinks the patch until the DualBranchUNet estimate fits."""
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    from nnunet_rl.plans.planner import nnUNetPlannerRLU2Net
+    plans = {}
+    for planner_class in (ExperimentPlanner, nnUNetPlannerRLU2Net):
+        planner = planner_class(planned_dataset)
+        plans[planner_class] = planner.get_plans_for_configuration((1.0, 1.0, 1.0), (256, 256, 256), "x", 1e12, {})
+    ours, stock = plans[nnUNetPlannerRLU2Net], plans[ExperimentPlanner]
+    assert np.prod(ours["patch_size"]) < np.prod(stock["patch_size"])
+
+    def dual_estimate(plan):
+        architecture = plan["architecture"]
+        return nnUNetPlannerRLU2Net.static_estimate_VRAM_usage(
+            plan["patch_size"], 2, 3, architecture["network_class_name"], architecture["arch_kwargs"],
+            architecture["_kw_requires_import"])
+
+    reference, reference_batch = planner.UNet_reference_val_3d, planner.UNet_reference_val_corresp_bs_3d
+    assert dual_estimate(ours) / reference_batch * 2 <= reference < dual_estimate(stock) / reference_batch * 2
 
 
 def test_rl_u2net_trains_on_2d_configurations(planned_dataset):

@@ -1,13 +1,20 @@
-"""``nnUNetTrainerRLU2Net``: RL-U2Net (paper 000) on nnU-Net's planned topology, data, augmentation and loop.
+"""``nnUNetTrainerRLU2Net``: RL-U2Net on nnU-Net's planned topology, data, augmentation and loop.
+
+J. Qu and J. Zhao, "RL-U2Net: A Dual-Branch UNet with Reinforcement Learning-Assisted Multimodal Feature Fusion for
+Accurate 3D Whole-Heart Segmentation" (preprint, no DOI).
 
 The trainer only wires components into nnU-Net's hooks:
 
 - ``build_network_architecture``: :class:`~nnunet_rl.dual_branch.DualBranchUNet` from the plans (also used by
-  ``nnUNetv2_predict``, which then gets the branches' soft vote as logits);
+  ``nnUNetv2_predict``, which then gets the branches' soft vote as logits, eqs. 14-16);
 - ``_build_loss``: :class:`~nnunet_rl.dual_branch_loss.DualBranchLoss` (eq. 20, AGWD eqs. 18-19);
+- ``get_training_transforms`` / ``train_step``: nnU-Net's pipeline without its mirroring, which ``train_step`` does
+  itself so that PoseAlign turns each mirrored sample by the conjugated rotation (:mod:`nnunet_rl.mirroring`);
 - ``train_step``: during the RL phase, PoseAlign rotations are sampled per module; on rollout iterations a
   no-grad forward with PoseAlign disabled gives the baseline state, nnU-Net's own training step gives the next
   state and the reward (Algorithm 1, lines 5-14), and a full buffer triggers the PPO update (lines 17-31);
+- ``save_checkpoint``: the test-time mirror axes that commute with the greedy rotations, which ``nnUNetv2_predict``
+  reads from the checkpoint;
 - ``on_train_end``: ``rl_policy.json`` with every module's rotation probabilities and matrices.
 """
 import math
@@ -15,17 +22,16 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
 
-from nnunet_rl.distributed import mean_across_ranks
-from nnunet_rl.dual_branch import DualBranchUNet, default_aligned_stages
-from nnunet_rl.dual_branch_loss import DualBranchLoss
+from nnunet_rl.dual_branch import NETWORK_HYPERPARAMETERS, DualBranchUNet
+from nnunet_rl.dual_branch_loss import DualBranchLoss, Measurement
 from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.mirroring import commuting_axes, draw_mirroring, mirror_batch
 from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
-from nnunet_rl.ppo import PPOAgent, RolloutBuffer
+from nnunet_rl.ppo import PPOAgent, RolloutBuffer, Transition, rollout_iterations, state_vector
 from nnunet_rl.trainers.base import RLTrainerBase
 from nnunet_rl.u2net_losses import AGWD
 
@@ -71,20 +77,12 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
         block = configuration_manager.configuration.get(RL_BLOCK_KEY, {})
         hp = cls.hyperparameters_from(block, COMPONENT)
         primary, auxiliary = channel_indices(block, num_input_channels)
-
-        def branch(channels: int) -> nn.Module:
-            return get_network_from_plans(configuration_manager.network_arch_class_name,
-                                          configuration_manager.network_arch_init_kwargs,
-                                          configuration_manager.network_arch_init_kwargs_req_import,
-                                          channels, num_output_channels, allow_init=True,
-                                          deep_supervision=enable_deep_supervision)
-
-        first = branch(len(primary))
-        stages = hp["aligned_stages"]
-        if stages is None:
-            stages = default_aligned_stages(first.encoder.strides)
-        return DualBranchUNet(first, branch(len(auxiliary)), primary, auxiliary, stages, hp["fusion_directions"],
-                              hp["window_size"], hp["k_sel"], hp["temperature"], hp["fusion_weight"], hp["use_cma"])
+        return DualBranchUNet(num_input_channels, num_output_channels, configuration_manager.network_arch_class_name,
+                              configuration_manager.network_arch_init_kwargs,
+                              configuration_manager.network_arch_init_kwargs_req_import,
+                              primary_channels=primary, auxiliary_channels=auxiliary,
+                              deep_supervision=enable_deep_supervision,
+                              **{key: hp[key] for key in NETWORK_HYPERPARAMETERS})
 
     def _do_i_compile(self) -> bool:
         """Not compiled: the PoseAlign actions change per step and the training output is a dataclass."""
@@ -103,18 +101,37 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
         super().initialize()
         hp = self.rl_hyperparameters(COMPONENT)
         modules = self.bare_network.xalign
-        self.pose_generator = torch.Generator().manual_seed(hp["seed"])
+        self.pose_generator = torch.Generator().manual_seed(hp["seed"])  # rotations and mirroring flips
+        self.rl_epochs = math.ceil(hp["rl_fraction"] * self.num_epochs)
         self.agents = {key: PPOAgent(module.pose, hp["policy_lr"], hp["value_lr"], hp["clip"], hp["gamma"],
                                      hp["ppo_epochs"], hp["minibatch"], seed=hp["seed"])
-                       for key, module in modules.items()}
-        self.buffers = {key: RolloutBuffer(hp["rollout_samples"], hp["k_sel"]) for key in modules}
-        self.rl_epochs = math.ceil(hp["rl_fraction"] * self.num_epochs)
-        self.sample_stride = max(1, self.num_iterations_per_epoch // hp["rollout_samples"])
+                       for key, module in modules.items()} if self.rl_epochs > 0 else {}
+        self.buffers = {key: RolloutBuffer(hp["rollout_samples"], hp["k_sel"]) for key in self.agents}
+        self.rollout_iterations = rollout_iterations(self.num_iterations_per_epoch, hp["rollout_samples"])
+        self.training_mirror_axes: tuple[int, ...] | None = None  # set with the training transforms
         self.register_telemetry("rl_u2net/agwd_w_dice", "rl_u2net/agwd_w_ce", "rl_u2net/alignment_loss")
         if modules:
             self.register_telemetry("rl_u2net/reward", "rl_u2net/value_loss", "rl_u2net/policy_loss",
                                     "rl_u2net/entropy", *(f"rl_u2net/{key}/top_probability" for key in modules))
         self._epoch_records: dict[str, list[float]] = {}
+
+    def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
+                                do_dummy_2d_data_aug, **kwargs):
+        """nnU-Net's training pipeline without its ``MirrorTransform``: :meth:`train_step` mirrors along the same
+        axes itself, where it knows each sample's flips and PoseAlign can conjugate the rotation accordingly."""
+        self.training_mirror_axes = tuple(mirror_axes) if mirror_axes else None
+        return super().get_training_transforms(patch_size, rotation_for_DA, deep_supervision_scales, None,
+                                               do_dummy_2d_data_aug, **kwargs)
+
+    def prediction_mirror_axes(self) -> tuple[int, ...] | None:
+        """The training mirror axes whose flips commute with every module's greedy rotation: nnU-Net's test-time
+        mirroring cannot tell the network which flip it applied, and along these axes it needs none."""
+        greedy = [int(module.pose.greedy_action()) for module in self.bare_network.xalign.values()]
+        return commuting_axes(self.training_mirror_axes, greedy, len(self.configuration_manager.patch_size))
+
+    def save_checkpoint(self, filename: str) -> None:
+        self.inference_allowed_mirroring_axes = self.prediction_mirror_axes()  # what nnUNetv2_predict mirrors
+        super().save_checkpoint(filename)
 
     def in_rl_phase(self) -> bool:
         return bool(self.agents) and self.current_epoch < self.rl_epochs
@@ -127,32 +144,32 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
     def _record(self, key: str, value: float) -> None:
         self._epoch_records.setdefault(key, []).append(value)
 
-    def _disabled_pose_measurement(self, batch: dict) -> tuple[dict, dict]:
+    def _disabled_pose_measurement(self, batch: dict) -> Measurement:
         """Baseline state (Algorithm 1, lines 6-9): a no-grad forward with every PoseAlign at the identity."""
-        data, target = self.batch_to_device(batch)
         network = self.bare_network
         network.set_actions({key: torch.zeros(1, dtype=torch.long) for key in network.xalign})
         with torch.no_grad(), autocast(self.device.type, enabled=True) if self.device.type == "cuda" \
                 else dummy_context():
-            return self.loss.measure(self.network(data), target)
+            return self.loss.measure(self.network(batch["data"]), batch["target"])
+
+    def _mirrored(self, batch: dict) -> dict:
+        """The batch on the device, its samples mirrored as nnU-Net's MirrorTransform would; the network is told the
+        flips (:mod:`nnunet_rl.mirroring`)."""
+        data, target = self.batch_to_device(batch)
+        if self.training_mirror_axes is None:
+            return {"data": data, "target": target}
+        mirroring = draw_mirroring(data.shape[0], self.training_mirror_axes, data.ndim - 2, self.pose_generator)
+        self.bare_network.set_mirroring(mirroring)
+        target = [mirror_batch(t, mirroring) for t in target] if isinstance(target, list) else \
+            mirror_batch(target, mirroring)
+        return {"data": mirror_batch(data, mirroring), "target": target}
 
     def train_step(self, batch: dict) -> dict:
-        if not self.in_rl_phase():
-            result = super().train_step(batch)
-        else:
-            network = self.bare_network
-            collect = self._iteration % self.sample_stride == 0
-            before = self._disabled_pose_measurement(batch) if collect else None
-            actions = {key: module.pose.sample(self.pose_generator) for key, module in network.xalign.items()}
-            network.set_actions(actions)
-            self.loss.record_similarity = collect
-            try:
-                result = super().train_step(batch)
-            finally:
-                network.set_actions(None)
-                self.loss.record_similarity = False
-            if collect:
-                self._store_rollout(before, (self.loss.last_dice, self.loss.last_similarity), actions)
+        try:
+            batch = self._mirrored(batch)
+            result = self._rl_train_step(batch) if self.in_rl_phase() else super().train_step(batch)
+        finally:
+            self.bare_network.set_mirroring(None)
         self._iteration += 1
         if self.loss.agwd is not None:
             for kind in ("dice", "ce"):
@@ -160,22 +177,38 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
         self._record("rl_u2net/alignment_loss", float(self.loss.last_alignment_loss))
         return result
 
-    def _store_rollout(self, before: tuple[dict, dict], after: tuple[dict, dict], actions: dict) -> None:
-        """One (s, a, r, s') per module (eqs. 8-9): s from the disabled forward, s' and r from the training step."""
-        (dice_before, similarity_before), (dice_after, similarity_after) = before, after
-        dice_after = {branch: float(value) for branch, value in dice_after.items()}
+    def _rl_train_step(self, batch: dict) -> dict:
+        """nnU-Net's training step with sampled rotations; on rollout iterations also the PPO sample."""
+        network = self.bare_network
+        collect = self._iteration in self.rollout_iterations
+        before = self._disabled_pose_measurement(batch) if collect else None
+        actions = {key: module.pose.sample(self.pose_generator) for key, module in network.xalign.items()}
+        network.set_actions(actions)
+        self.loss.record_similarity = collect
+        try:
+            result = super().train_step(batch)
+        finally:
+            network.set_actions(None)
+            self.loss.record_similarity = False
+        if collect:
+            self._store_rollout(before, self.loss.last_measurement(), actions)
+        return result
+
+    def _store_rollout(self, before: Measurement, after: Measurement, actions: dict) -> None:
+        """One (s, a, r, s') per module (eqs. 8-9): s from the disabled forward, s' and r from the training step.
+        Values are averaged over DDP ranks first: identical buffers, hence identical policies, on all ranks."""
+        before, after = before.mean_across_ranks(), after.mean_across_ranks()
         progress, next_progress = self.current_epoch / self.num_epochs, (self.current_epoch + 1) / self.num_epochs
         for key, buffer in self.buffers.items():
-            branch = key.split("_stage")[0]
-            sample = mean_across_ranks(torch.tensor([  # identical buffers, hence identical policies, on all ranks
-                dice_before[branch], similarity_before[key], progress,
-                dice_after[branch], similarity_after[key], next_progress,
-                dice_after[branch] + similarity_after[key]], dtype=torch.float64)).float()
+            branch = self.bare_network.sites[key].direction
+            reward = after.dice[branch] + after.similarity[key]  # eq. 9
             pose = self.bare_network.xalign[key].pose
             with torch.no_grad():
                 log_prob = pose.log_prob(actions[key][None]).cpu()
-            buffer.add(sample[:3], sample[3:6], actions[key], log_prob[0], sample[6])
-            self._record("rl_u2net/reward", float(sample[6]))
+            buffer.add(Transition(state=state_vector(before.dice[branch], before.similarity[key], progress),
+                                  next_state=state_vector(after.dice[branch], after.similarity[key], next_progress),
+                                  actions=actions[key], log_prob_old=log_prob[0], reward=torch.tensor(reward)))
+            self._record("rl_u2net/reward", reward)
             if buffer.full:
                 with trainable(pose.theta):
                     stats = self.agents[key].update(buffer)
@@ -196,14 +229,16 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
         for key, module in self.bare_network.xalign.items():
             probabilities = module.pose.probabilities().detach().cpu().numpy()
             order = np.argsort(-probabilities, kind="stable")
-            direction, stage = key.split("_stage")
+            site = self.bare_network.sites[key]
             modules[key] = {
-                "receiving_branch": direction, "encoder_stage": int(stage),
+                "receiving_branch": site.direction, "encoder_stage": site.stage,
                 "greedy_index": int(module.pose.greedy_action()),
                 "rotations": [{"index": int(i), "probability": float(probabilities[i]),
                                "matrix": module.pose.rotations[i].cpu().int().tolist()} for i in order]}
+        axes = self.prediction_mirror_axes()
         return {"convention": "matrices in the feature maps' array-axis order; the auxiliary feature at centred "
                               "index x moves to matrix @ x (nnunet_rl.rotations); inference uses greedy_index",
+                "test_time_mirror_axes": None if axes is None else list(axes),
                 "modules": modules}
 
     def on_train_end(self) -> None:
