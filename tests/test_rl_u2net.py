@@ -14,8 +14,8 @@ from test_rl_xalign import feature_similarity
 from nnunet_rl.dual_branch import DualBranchOutput, DualBranchUNet, select_channels, default_aligned_stages
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.rotations import cube_rotations
-from nnunet_rl.trainers import (nnUNetTrainerRLU2Net, nnUNetTrainerRLU2Net_noCMA, nnUNetTrainerRLU2Net_noRLXAlign,
-                                nnUNetTrainerRLU2Net_lambda0p1)
+from nnunet_rl.trainers import (nnUNetTrainerRLU2Net, nnUNetTrainerRLU2Net_noCMA, nnUNetTrainerRLU2Net_noPPO,
+                                nnUNetTrainerRLU2Net_noRLXAlign, nnUNetTrainerRLU2Net_lambda0p1)
 from nnunet_rl.trainers.rl_u2net import COMPONENT, POLICY_FILE
 from nnunet_rl.trainers.schedules import ShortSchedule
 from nnunet_rl.u2net_losses import AGWD, alignment_loss
@@ -188,6 +188,21 @@ def test_variants_pin_their_hyperparameters(planned_dataset):
     trainer = make_trainer(planned_dataset, nnUNetTrainerRLU2Net_noCMA)
     trainer.initialize()
     assert all(m.cma is None for m in trainer.bare_network.xalign.values())
+
+
+def test_no_ppo_variant_keeps_rl_xalign_at_the_identity_without_an_agent(planned_dataset):
+    import nnunet_rl.trainers as trainers
+    from nnunet_rl.ablation import ablation_trainers
+    trainer = make_trainer(planned_dataset, nnUNetTrainerRLU2Net_noPPO)
+    trainer.initialize()
+    assert trainer.bare_network.xalign and not trainer.agents and not trainer.buffers and not trainer.in_rl_phase()
+    assert all(int(m.pose.greedy_action()) == 0 for m in trainer.bare_network.xalign.values())
+    assert trainer.prediction_mirror_axes() is None  # no training transforms built yet: nothing to restrict
+    rows = ablation_trainers("quick", sweep=False)
+    assert rows["w/o PPO (identity rotation)"] == "nnUNetTrainerRLU2Net_noPPO_3epochs_2iters"
+    assert all(hasattr(trainers, name) for name in ("nnUNetTrainerRLU2Net_noPPO",
+                                                    "nnUNetTrainerRLU2Net_noPPO_3epochs_2iters",
+                                                    "nnUNetTrainerRLU2Net_noPPO_10epochs_20iters"))
 
 
 class ShortRL(ShortSchedule, nnUNetTrainerRLU2Net):

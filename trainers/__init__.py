@@ -10,7 +10,7 @@ from nnunet_rl.trainers.rl_u2net_variants import (SHORT_SCHEDULES as _RL_U2NET_S
                                                   nnUNetTrainerRLU2Net_lambda0p3, nnUNetTrainerRLU2Net_lambda0p4,
                                                   nnUNetTrainerRLU2Net_lambda0p5, nnUNetTrainerRLU2Net_noAGWD,
                                                   nnUNetTrainerRLU2Net_noAuxLoss, nnUNetTrainerRLU2Net_noCMA,
-                                                  nnUNetTrainerRLU2Net_noRLXAlign)
+                                                  nnUNetTrainerRLU2Net_noRLXAlign, nnUNetTrainerRLU2Net_noPPO)
 from nnunet_rl.trainers.schedules import (nnUNetTrainer_3epochs_2iters, nnUNetTrainer_10epochs_20iters,
                                           nnUNetTrainerPAM_3epochs_2iters, nnUNetTrainerPAM_10epochs_20iters,
                                           nnUNetTrainerRLDeepSup_3epochs_2iters,
@@ -28,4 +28,4 @@ __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10
            "nnUNetTrainerRLU2Net", "nnUNetTrainerRLU2Net_noCMA", "nnUNetTrainerRLU2Net_noRLXAlign",
            "nnUNetTrainerRLU2Net_noAuxLoss", "nnUNetTrainerRLU2Net_noAGWD", "nnUNetTrainerRLU2Net_lambda0p1",
            "nnUNetTrainerRLU2Net_lambda0p2", "nnUNetTrainerRLU2Net_lambda0p3", "nnUNetTrainerRLU2Net_lambda0p4",
-           "nnUNetTrainerRLU2Net_lambda0p5", *_RL_U2NET_SHORT_SCHEDULES]
+           "nnUNetTrainerRLU2Net_lambda0p5", *_RL_U2NET_SHORT_SCHEDULES, "nnUNetTrainerRLU2Net_noPPO"]

@@ -1,7 +1,11 @@
-"""RL-U2Net's ablations (paper 000, Table 2 and Fig. 9) as tiny subclasses, nnU-Net style, and their short schedules.
+"""RL-U2Net's ablations as tiny subclasses, nnU-Net style, and their short schedules.
+
+J. Qu and J. Zhao, "RL-U2Net: A Dual-Branch UNet with Reinforcement Learning-Assisted Multimodal Feature Fusion for
+Accurate 3D Whole-Heart Segmentation" (preprint, no DOI), Table 2 and Fig. 9.
 
 Each variant pins hyperparameters of the ``rl_u2net`` section through ``rl_overrides``; the name says what it
-removes or sets. ``nnunet-rl ablation`` trains them side by side (``ABLATIONS`` lists them in Table 2's order).
+removes or sets. ``nnunet-rl ablation`` trains them side by side (``ABLATIONS`` lists them in Table 2's order, then
+ours: w/o PPO, which isolates what the learned rotation adds to the fusion).
 """
 from nnunet_rl.trainers.rl_u2net import COMPONENT, nnUNetTrainerRLU2Net
 from nnunet_rl.trainers.schedules import Demo, Smoke
@@ -15,6 +19,12 @@ class nnUNetTrainerRLU2Net_noCMA(nnUNetTrainerRLU2Net):
 class nnUNetTrainerRLU2Net_noRLXAlign(nnUNetTrainerRLU2Net):
     """w/o RL-XAlign: two independent branches (no fusion, no PPO, no alignment loss), ensembled."""
     rl_overrides = {COMPONENT: {"aligned_stages": []}}
+
+
+class nnUNetTrainerRLU2Net_noPPO(nnUNetTrainerRLU2Net):
+    """w/o PPO: RL-XAlign (CMA, fusion, alignment loss) with PoseAlign fixed at the identity and no agent: no RL phase
+    (``rl_fraction`` 0), so θ stays at zero, whose greedy rotation is the identity (index 0)."""
+    rl_overrides = {COMPONENT: {"rl_fraction": 0.0}}
 
 
 class nnUNetTrainerRLU2Net_noAuxLoss(nnUNetTrainerRLU2Net):
@@ -52,7 +62,8 @@ ABLATIONS = {"RL-U2Net": nnUNetTrainerRLU2Net,
              "w/o CMA": nnUNetTrainerRLU2Net_noCMA,
              "w/o RL-XAlign": nnUNetTrainerRLU2Net_noRLXAlign,
              "w/o aux loss": nnUNetTrainerRLU2Net_noAuxLoss,
-             "w/o AGWD": nnUNetTrainerRLU2Net_noAGWD}
+             "w/o AGWD": nnUNetTrainerRLU2Net_noAGWD,
+             "w/o PPO (identity rotation)": nnUNetTrainerRLU2Net_noPPO}
 LAMBDA_SWEEP = {0.1: nnUNetTrainerRLU2Net_lambda0p1, 0.2: nnUNetTrainerRLU2Net_lambda0p2,
                 0.3: nnUNetTrainerRLU2Net_lambda0p3, 0.4: nnUNetTrainerRLU2Net_lambda0p4,
                 0.5: nnUNetTrainerRLU2Net_lambda0p5}
