@@ -1,4 +1,5 @@
-"""nnUNetTrainerRLDeepSup[_faithful] on a tiny planned dataset: it learns, keeps α valid, resumes exactly."""
+"""nnUNetTrainerRLDeepSup[_faithful] and AWSnet on a tiny planned dataset: reward cases held out of training and apart
+from validation, α valid, exact resume, datasets with an ignore label, regions and empty classes."""
 import json
 import os
 
@@ -9,8 +10,12 @@ import torch
 from conftest import make_trainer
 
 from nnunet_rl.deep_supervision_rl import DeepSupervisionWeights
-from nnunet_rl.trainers import nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_faithful
-from nnunet_rl.trainers.rl_deep_supervision import COMPONENT, WEIGHTS_FILE
+from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.pam import PixelAttentionGate
+from nnunet_rl.trainers import nnUNetTrainerAWSnet, nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_faithful
+from nnunet_rl.trainers.reward_cases import REWARD_CASES_FILE, carve_reward_cases
+from nnunet_rl.trainers.rl_deep_supervision import (COMPONENT, WEIGHTS_FILE, hard_foreground_dice,
+                                                    soft_foreground_dice)
 from nnunet_rl.trainers.schedules import ShortSchedule
 
 NOISY_OUTPUT = 1
@@ -90,3 +95,161 @@ def test_faithful_mode_trains_candidates_and_continues_from_the_best(planned_dat
     assert trainer.num_iterations_per_epoch == FaithfulTwoCandidates.iterations
     assert not np.allclose(trainer.das_weights.alpha(), stock_alpha(trainer)[:-1])
     assert trainer.baseline.value is not None
+
+
+class RecordsBatches:
+    """Test-only: every batch drawn from the training, validation and reward loaders is recorded with its case
+    identifiers and whether an RL round was running."""
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.in_round, self.drawn = False, []
+        self._loaders = self.dataloader_train, self.dataloader_val, self.dataloader_reward
+        self.dataloader_train, self.dataloader_val, self.dataloader_reward = (
+            self._recording(loader, name) for loader, name in zip(self._loaders, ("train", "val", "reward")))
+
+    def _recording(self, loader, name: str):
+        while True:
+            batch = next(loader)
+            self.drawn.append((name, self.in_round, set(batch["keys"])))
+            yield batch
+
+    def rl_round(self, score) -> None:
+        self.in_round = True
+        try:
+            super().rl_round(score)
+        finally:
+            self.in_round = False
+
+    def on_train_end(self) -> None:
+        self.dataloader_train, self.dataloader_val, self.dataloader_reward = self._loaders
+        super().on_train_end()
+
+
+class LookAheadRecordsBatches(RecordsBatches, CleanDeepSup):
+    pass
+
+
+class FaithfulRecordsBatches(RecordsBatches, FaithfulTwoCandidates):
+    pass
+
+
+@pytest.mark.parametrize("trainer_class", [LookAheadRecordsBatches, FaithfulRecordsBatches])
+def test_the_rl_never_loads_a_validation_case(planned_dataset, trainer_class):
+    """The reward comes from cases carved out of the fold's training cases, written to the fold folder; nnU-Net trains
+    on none of them, and no batch of the fold's validation cases is drawn while an RL round runs."""
+    trainer = trained(planned_dataset, trainer_class)
+    split = json.load(open(os.path.join(trainer.output_folder, REWARD_CASES_FILE)))
+    folds = json.load(open(os.path.join(trainer.preprocessed_dataset_folder_base, "splits_final.json")))
+    assert sorted(split["training"] + split["reward"]) == sorted(folds[0]["train"])
+    assert split["validation"] == folds[0]["val"] and len(split["reward"]) >= 2
+    assert not set(split["reward"]) & set(split["validation"])
+    drawn = {name: set().union(*[keys for n, _, keys in trainer.drawn if n == name]) for name in ("train", "reward")}
+    assert drawn["reward"] and drawn["reward"] <= set(split["reward"])
+    assert not drawn["train"] & set(split["reward"])
+    assert not [keys for name, in_round, keys in trainer.drawn if name == "val" and in_round]
+    assert any(name == "reward" and in_round for name, in_round, _ in trainer.drawn)
+
+
+def test_reward_cases_are_a_fixed_seeded_tenth_of_at_least_two():
+    cases = [f"case_{i:03d}" for i in range(40)]
+    reward = carve_reward_cases(cases, 0.1, 2)
+    assert len(reward) == 4 and set(reward) <= set(cases)
+    assert carve_reward_cases(list(reversed(cases)), 0.1, 2) == reward
+    assert len(carve_reward_cases(cases[:5], 0.1, 2)) == 2
+    with pytest.raises(NnunetRLError, match="none would be left"):
+        carve_reward_cases(cases[:2], 0.1, 2)
+
+
+def test_awsnet_is_pam_and_das_in_one_trainer(planned_dataset):
+    trainer = trained(planned_dataset, AWSnetTiny)
+    assert sum(isinstance(m, PixelAttentionGate) for m in trainer.network.modules()) == \
+        len(trainer.network.decoder.stages)
+    learned = json.load(open(os.path.join(trainer.output_folder, WEIGHTS_FILE)))
+    assert sum(learned["alpha"]) == pytest.approx(1.0) and learned["alpha"][-1] == 0
+    assert trainer.logger.local_logger.my_fantastic_logging["rl_deep_supervision/reward"]
+
+
+class AWSnetTiny(TinySchedule, nnUNetTrainerAWSnet):
+    pass
+
+
+def loss_of(trainer_class, planned_dataset: str, labels: dict, **dataset_keys):
+    """The deep-supervision loss ``trainer_class`` builds for the planned dataset with other labels."""
+    trainer = make_trainer(planned_dataset, trainer_class)
+    trainer.dataset_json = {**trainer.dataset_json, "labels": labels, **dataset_keys}
+    trainer.label_manager = trainer.plans_manager.get_label_manager(trainer.dataset_json)
+    trainer.initialize()
+    return trainer
+
+
+LABELS = {"background": 0, "a": 1, "b": 2}
+
+
+def test_the_look_ahead_masks_an_ignore_label(planned_dataset):
+    trainer = loss_of(CleanDeepSup, planned_dataset, {**LABELS, "ignore": 3})
+    dice = trainer.look_ahead_dice(synthetic_batch(trainer, labels=4), synthetic_batch(trainer, labels=4),
+                                   candidate_betas(trainer), 1)
+    assert dice.shape == (3,) and np.all(np.isfinite(dice)) and np.all((0 <= dice) & (dice <= 1))
+    target = synthetic_batch(trainer, labels=4)["target"][0]
+    output = torch.randn(target.shape[0], 3, *target.shape[2:])
+    changed = torch.where(target == 3, torch.randn_like(output), output)  # other logits where the label is ignored
+    torch.testing.assert_close(soft_foreground_dice(trainer.loss.loss, changed, target),
+                               soft_foreground_dice(trainer.loss.loss, output, target))
+
+
+def test_the_look_ahead_scores_region_targets_with_an_ignore_channel(planned_dataset):
+    trainer = loss_of(CleanDeepSup, planned_dataset, {"background": 0, "whole": [1, 2], "b": 2, "ignore": 3},
+                      regions_class_order=[1, 2])
+    assert trainer.label_manager.has_regions and trainer.label_manager.has_ignore_label
+    regions = lambda: {**synthetic_batch(trainer, labels=2, channels=3)}
+    dice = trainer.look_ahead_dice(regions(), regions(), candidate_betas(trainer), 1)
+    assert np.all(np.isfinite(dice)) and np.all((0 <= dice) & (dice <= 1))
+
+
+def test_an_all_empty_reward_batch_scores_one_not_nan():
+    zero = torch.zeros(3, dtype=torch.float64)
+    assert hard_foreground_dice(zero, zero, zero) == 1.0
+    assert hard_foreground_dice(torch.tensor([2.0, 0, 0]), torch.tensor([0.0, 0, 2]), torch.tensor([2.0, 0, 0])) == \
+        pytest.approx((4 / 6 + 1 + 0) / 3)
+
+
+def candidate_betas(trainer) -> np.ndarray:
+    return trainer.das_weights.candidates(trainer.controllers, 3)[1]
+
+
+class PredictsBackground(torch.nn.Module):
+    """Logits of a network that finds nothing, at every deep-supervision output (shapes as the targets')."""
+
+    def __init__(self, classes: int, target_shapes: list[tuple]):
+        super().__init__()
+        self.classes, self.target_shapes = classes, target_shapes
+
+    def forward(self, data: torch.Tensor) -> list[torch.Tensor]:
+        outputs = [torch.zeros(shape[0], self.classes, *shape[2:]) for shape in self.target_shapes]
+        for logits in outputs:
+            logits[:, 0] = 10
+        return outputs
+
+
+def test_the_faithful_reward_of_a_batch_without_foreground_is_one(planned_dataset):
+    """Nothing to find and nothing found: every class is empty, where a plain mean Dice is NaN."""
+    trainer = make_trainer(planned_dataset, FaithfulTwoCandidates)
+    trainer.initialize()
+    batch = synthetic_batch(trainer, labels=1)
+    trainer.network = PredictsBackground(trainer.label_manager.num_segmentation_heads,
+                                         [t.shape for t in batch["target"]])
+    assert trainer._reward_dice([batch]) == 1.0
+
+
+def synthetic_batch(trainer, labels: int, channels: int = 1) -> dict:
+    """Random data and deep-supervision targets with label values below ``labels`` (``channels`` > 1: one-hot
+    region targets of that many channels)."""
+    patch = trainer.configuration_manager.patch_size
+    generator = torch.Generator().manual_seed(labels * 10 + channels)
+    data = torch.randn(2, trainer.num_input_channels, *patch, generator=generator)
+    targets = []
+    for scale in trainer._get_deep_supervision_scales():
+        shape = (2, channels, *np.round(np.multiply(patch, scale)).astype(int))
+        targets.append(torch.randint(0, labels, shape, generator=generator).float())
+    return {"data": data, "target": targets, "keys": ["synthetic"] * 2}

@@ -3,7 +3,9 @@
 Class names are part of every saved model (``checkpoint['trainer_name']``): never rename one.
 """
 from nnunet_rl.trainers.pam import nnUNetTrainerPAM
-from nnunet_rl.trainers.rl_deep_supervision import nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_faithful
+from nnunet_rl.trainers.rl_deep_supervision import (nnUNetTrainerAWSnet, nnUNetTrainerRLDeepSup,
+                                                    nnUNetTrainerRLDeepSup_faithful,
+                                                    nnUNetTrainerRLDeepSup_randomSearch)
 from nnunet_rl.trainers.rl_u2net import nnUNetTrainerRLU2Net
 from nnunet_rl.trainers.rl_u2net_variants import (SHORT_SCHEDULES as _RL_U2NET_SHORT_SCHEDULES,
                                                   nnUNetTrainerRLU2Net_lambda0p1, nnUNetTrainerRLU2Net_lambda0p2,
@@ -16,7 +18,10 @@ from nnunet_rl.trainers.schedules import (nnUNetTrainer_3epochs_2iters, nnUNetTr
                                           nnUNetTrainerRLDeepSup_3epochs_2iters,
                                           nnUNetTrainerRLDeepSup_10epochs_20iters,
                                           nnUNetTrainerRLDeepSup_faithful_3epochs_2iters,
-                                          nnUNetTrainerRLDeepSup_faithful_10epochs_20iters)
+                                          nnUNetTrainerRLDeepSup_faithful_10epochs_20iters,
+                                          nnUNetTrainerRLDeepSup_randomSearch_3epochs_2iters,
+                                          nnUNetTrainerRLDeepSup_randomSearch_10epochs_20iters,
+                                          nnUNetTrainerAWSnet_3epochs_2iters, nnUNetTrainerAWSnet_10epochs_20iters)
 
 globals().update(_RL_U2NET_SHORT_SCHEDULES)
 
@@ -24,7 +29,9 @@ __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10
            "nnUNetTrainerPAM_3epochs_2iters", "nnUNetTrainerPAM_10epochs_20iters",
            "nnUNetTrainerRLDeepSup", "nnUNetTrainerRLDeepSup_faithful", "nnUNetTrainerRLDeepSup_3epochs_2iters",
            "nnUNetTrainerRLDeepSup_10epochs_20iters", "nnUNetTrainerRLDeepSup_faithful_3epochs_2iters",
-           "nnUNetTrainerRLDeepSup_faithful_10epochs_20iters",
+           "nnUNetTrainerRLDeepSup_faithful_10epochs_20iters", "nnUNetTrainerRLDeepSup_randomSearch",
+           "nnUNetTrainerRLDeepSup_randomSearch_3epochs_2iters", "nnUNetTrainerRLDeepSup_randomSearch_10epochs_20iters",
+           "nnUNetTrainerAWSnet", "nnUNetTrainerAWSnet_3epochs_2iters", "nnUNetTrainerAWSnet_10epochs_20iters",
            "nnUNetTrainerRLU2Net", "nnUNetTrainerRLU2Net_noCMA", "nnUNetTrainerRLU2Net_noRLXAlign",
            "nnUNetTrainerRLU2Net_noAuxLoss", "nnUNetTrainerRLU2Net_noAGWD", "nnUNetTrainerRLU2Net_lambda0p1",
            "nnUNetTrainerRLU2Net_lambda0p2", "nnUNetTrainerRLU2Net_lambda0p3", "nnUNetTrainerRLU2Net_lambda0p4",

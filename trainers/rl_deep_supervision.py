@@ -1,27 +1,33 @@
-"""``nnUNetTrainerRLDeepSup``: nnU-Net's deep-supervision weights learned per dataset by AWSnet's DAS (paper 003).
+"""``nnUNetTrainerRLDeepSup``: nnU-Net's deep-supervision weights learned per dataset by AWSnet's DAS.
 
-The loss stays nnU-Net's ``DeepSupervisionWrapper(DC_and_CE)``; only its ``weight_factors`` change, to
-α = softmax(β) over the outputs nnU-Net supervises (its zero-weight lowest output stays at its stock value). After a
-warm-up with nnU-Net's fixed weights, each RL round samples K weightings from the controllers, rewards each with a
-cubed validation Dice, updates the controllers by REINFORCE against a moving baseline and keeps the best weighting
-(:mod:`nnunet_rl.deep_supervision_rl`). The two trainers differ only in how a candidate's validation Dice is found:
+Wang et al., "AWSnet: An auto-weighted supervision attention network for myocardial scar and edema segmentation in
+multi-sequence cardiac magnetic resonance images", Medical Image Analysis 77 (2022) 102362,
+doi:10.1016/j.media.2022.102362, Sec. 3.3 and Fig. 4. The loss stays nnU-Net's ``DeepSupervisionWrapper(DC_and_CE)``;
+only its ``weight_factors`` change, to α = softmax(β) over the outputs nnU-Net supervises (its zero-weight lowest
+output stays at its stock value). After a warm-up with nnU-Net's fixed weights, each RL round samples K weightings
+from the controllers, rewards each with a cubed Dice on held-out *reward cases*, updates the controllers by REINFORCE
+against a moving baseline and keeps the best weighting (:mod:`nnunet_rl.deep_supervision_rl`).
+
+Reward cases are carved out of the fold's training cases (:class:`HeldOutRewardCases`): the fold's validation cases,
+which nnU-Net and ``nnunet-rl compare`` report as unseen, never reach the RL. The trainers differ in how a
+candidate's Dice is found:
 
 - ``nnUNetTrainerRLDeepSup_faithful``: the paper's bilevel scheme. Every RL epoch trains K copies of the network for
-  one epoch each from the same start, scores each on the same validation batches and continues from the best copy.
-- ``nnUNetTrainerRLDeepSup`` (default): a one-step look-ahead. Per RL step, the gradients g_l of each output's loss
-  on a training batch and the gradient h of the soft Dice on a validation batch give, to first order, the Dice
-  after training with weighting α: D(α) ≈ D − η Σ_l α_l ⟨g_l, h⟩, η the SGD step size summed over the iterations
-  until the next RL step. All K candidates are scored from L + 1 backward passes. docs/rl_deep_supervision.md
-  explains why this optimises the same objective.
-
-Validation data: batches drawn from nnU-Net's own validation dataloader of the fold (the fold's validation cases of
-``splits_final.json``, patches sampled as nnU-Net samples them for its per-epoch pseudo Dice), never the test set.
+  one epoch each from the same start, scores each on the same reward batches and continues from the best copy.
+- ``nnUNetTrainerRLDeepSup`` (default): a first-order look-ahead, a cheap proxy. Per RL round, the gradients g_l of
+  each output's loss on a training batch and the gradient h of the soft Dice on a reward batch give
+  D(α) ≈ D − c Σ_l α_l ⟨g_l, h⟩ (c > 0); all K candidates are scored from L + 1 backward passes. The proxy ranks
+  candidates by a quantity linear in α; docs/rl_deep_supervision.md says what it does and does not estimate.
+- ``_randomSearch`` variants: the same candidates and keep-the-best rule with frozen controllers, the control that
+  shows what REINFORCE adds.
+- ``nnUNetTrainerAWSnet``: the paper's whole network, PAM on every skip (:mod:`nnunet_rl.pam`) and DAS.
 """
 import copy
 import math
 
 import numpy as np
 import torch
+from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
 from nnunet_rl.deep_supervision_rl import (DASControllers, DeepSupervisionWeights, MovingBaseline, cubed_reward,
@@ -29,18 +35,44 @@ from nnunet_rl.deep_supervision_rl import (DASControllers, DeepSupervisionWeight
 from nnunet_rl.distributed import mean_across_ranks
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.trainers.base import RLTrainerBase
+from nnunet_rl.trainers.pam import nnUNetTrainerPAM
+from nnunet_rl.trainers.reward_cases import HeldOutRewardCases
 
 COMPONENT = "rl_deep_supervision"
 WEIGHTS_FILE = "rl_deep_supervision.json"
 
 
-def soft_foreground_dice(dice_loss: torch.nn.Module, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """nnU-Net's soft Dice (its Dice term is the negative soft Dice over the foreground classes)."""
-    return -dice_loss(output, target)
+def soft_foreground_dice(loss: torch.nn.Module, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """nnU-Net's soft Dice of ``loss`` (``DC_and_CE_loss`` or, for regions, ``DC_and_BCE_loss``), differentiable.
+
+    Voxels of the ignore label are masked as the loss masks them: label maps have the ignore label replaced by 0 and
+    left out by the mask; region targets carry the ignore mask as their last channel.
+    """
+    if isinstance(loss, DC_and_BCE_loss):
+        mask = None
+        if loss.use_ignore_label:
+            mask = ~target[:, -1:].bool()
+            target = target[:, :-1]
+    elif loss.ignore_label is not None:
+        mask = target != loss.ignore_label
+        target = torch.where(mask, target, 0)
+    else:
+        mask = None
+    return -loss.dc(output, target, loss_mask=mask)
 
 
-class DeepSupervisionRLTrainer(RLTrainerBase):
-    """What both DAS trainers share: weights, controllers, baseline, telemetry, state; subclasses score candidates."""
+def hard_foreground_dice(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -> float:
+    """Mean foreground Dice from per-class counts; a class absent from reference and prediction scores 1 (nothing
+    to find, nothing found), so a reward is never NaN, also when every class is empty."""
+    denominator = 2 * tp + fp + fn
+    per_class = torch.where(denominator > 0, 2 * tp / denominator.clamp(min=1), torch.ones_like(denominator))
+    return float(per_class.mean())
+
+
+class DeepSupervisionRLTrainer(HeldOutRewardCases, RLTrainerBase):
+    """What the DAS trainers share: weights, controllers, baseline, reward cases, telemetry, state; subclasses score
+    candidates. ``controllers_learn = False`` freezes the controllers (random search over the same candidates)."""
+    controllers_learn = True
 
     def initialize(self) -> None:
         super().initialize()
@@ -81,7 +113,8 @@ class DeepSupervisionRLTrainer(RLTrainerBase):
         """One DAS round: K candidates, scored by ``score(betas) -> dice per candidate``; REINFORCE; keep the best."""
         actions, betas = self.das_weights.candidates(self.controllers, self.candidates)
         rewards = [cubed_reward(float(d)) for d in score(betas)]
-        self.controllers.update(actions, rewards, self.baseline)
+        if self.controllers_learn:
+            self.controllers.update(actions, rewards, self.baseline)
         self.das_weights.keep(betas[int(np.argmax(rewards))])
         self._apply_weights()
         self._rewards.extend(rewards)
@@ -119,26 +152,27 @@ class DeepSupervisionRLTrainer(RLTrainerBase):
 
 
 class nnUNetTrainerRLDeepSup(DeepSupervisionRLTrainer):
-    """DAS with candidates scored by a one-step look-ahead: ``rl_steps_per_epoch`` rounds per RL epoch."""
+    """DAS with candidates scored by a first-order look-ahead: ``rl_steps_per_epoch`` rounds per RL epoch."""
 
     def train_step(self, batch: dict) -> dict:
         steps_every = max(1, self.num_iterations_per_epoch // self.rl_steps_per_epoch)
         if self.in_rl_phase() and self._iteration % steps_every == 0:
-            self.rl_round(lambda betas: self.look_ahead_dice(batch, next(self.dataloader_val), betas, steps_every))
+            self.rl_round(lambda betas: self.look_ahead_dice(batch, next(self.dataloader_reward), betas, steps_every))
         self._iteration += 1
         return super().train_step(batch)
 
-    def look_ahead_dice(self, batch: dict, val_batch: dict, betas: np.ndarray, steps: int) -> np.ndarray:
-        """First-order validation Dice after ``steps`` SGD steps with each candidate weighting (float32, no AMP).
+    def look_ahead_dice(self, batch: dict, reward_batch: dict, betas: np.ndarray, steps: int) -> np.ndarray:
+        """First-order soft Dice on a reward batch after ``steps`` SGD steps with each candidate weighting (float32).
 
-        D(α) ≈ D_val − η·steps·Σ_l α_l ⟨g_l, h⟩, g_l = ∇ L_l(train batch), h = ∇ softDice(val batch), on the
-        network without its DDP wrapper; ⟨g_l, h⟩ and D_val are averaged over ranks so every rank scores alike.
+        D(α) ≈ D − η·steps·Σ_l α_l ⟨g_l, h⟩, g_l = ∇ L_l(train batch), h = ∇ softDice(reward batch), on the
+        network without its DDP wrapper; ⟨g_l, h⟩ and D are averaged over ranks so every rank scores alike. The
+        ranking of the candidates depends on the ⟨g_l, h⟩ only, not on η·steps.
         """
         network = self.bare_network
         parameters = [p for p in network.parameters() if p.requires_grad]
-        val_data, val_target = self.batch_to_device(val_batch)
-        dice = soft_foreground_dice(self.loss.loss.dc, network(val_data)[0], val_target[0])
-        dice_gradient = torch.autograd.grad(dice, parameters, allow_unused=True)  # frees the validation graph
+        reward_data, reward_target = self.batch_to_device(reward_batch)
+        dice = soft_foreground_dice(self.loss.loss, network(reward_data)[0], reward_target[0])
+        dice_gradient = torch.autograd.grad(dice, parameters, allow_unused=True)  # frees the reward graph
         data, target = self.batch_to_device(batch)
         outputs = network(data)
         controlled = self.das_weights.num_controlled
@@ -156,6 +190,11 @@ class nnUNetTrainerRLDeepSup(DeepSupervisionRLTrainer):
         return np.clip(summary[0] - step_size * alphas @ summary[1:], 0.0, 1.0)
 
 
+class nnUNetTrainerRLDeepSup_randomSearch(nnUNetTrainerRLDeepSup):
+    """Control: the same candidates, scores and keep-the-best rule, controllers frozen at their initial policy."""
+    controllers_learn = False
+
+
 class nnUNetTrainerRLDeepSup_faithful(DeepSupervisionRLTrainer):
     """The paper's bilevel DAS: K copies trained one epoch each per RL epoch, the best one continues (≈ K× cost)."""
 
@@ -166,13 +205,13 @@ class nnUNetTrainerRLDeepSup_faithful(DeepSupervisionRLTrainer):
             self.rl_round(self.train_candidates)
 
     def train_candidates(self, betas: np.ndarray) -> list[float]:
-        """Train one epoch per candidate from the same start; score each on the same validation batches.
+        """Train one epoch per candidate from the same start; score each on the same reward batches.
 
         The best copy's weights, optimizer state and training losses become this epoch's; nnU-Net's loop then
         skips its own training iterations for this epoch and goes on to its validation.
         """
         start = self._training_state()
-        val_batches = [next(self.dataloader_val) for _ in range(self.num_val_iterations_per_epoch)]
+        reward_batches = [next(self.dataloader_reward) for _ in range(self.num_val_iterations_per_epoch)]
         dice, best = [], None
         for beta in betas:
             self._load_training_state(start)
@@ -180,7 +219,7 @@ class nnUNetTrainerRLDeepSup_faithful(DeepSupervisionRLTrainer):
             self._apply_weights()
             outputs = [self.train_step(next(self.dataloader_train))
                        for _ in range(self.num_iterations_per_epoch)]
-            dice.append(self._validation_dice(val_batches))
+            dice.append(self._reward_dice(reward_batches))
             if best is None or dice[-1] > best[0]:
                 best = (dice[-1], self._training_state(), outputs)
         self._load_training_state(best[1])
@@ -203,13 +242,21 @@ class nnUNetTrainerRLDeepSup_faithful(DeepSupervisionRLTrainer):
         if self.grad_scaler is not None:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
 
-    def _validation_dice(self, val_batches: list[dict]) -> float:
-        """Mean foreground Dice over the batches, as nnU-Net's per-epoch pseudo Dice (tp/fp/fn summed, all ranks)."""
+    def _reward_dice(self, reward_batches: list[dict]) -> float:
+        """Mean foreground Dice over the batches as nnU-Net's per-epoch pseudo Dice (tp/fp/fn summed, all ranks).
+
+        nnU-Net's ``validation_step`` rewrites an ignore label in its target in place, so each call gets a copy.
+        """
         self.network.eval()
         with torch.no_grad():
-            counts = [self.validation_step(batch) for batch in val_batches]
+            counts = [self.validation_step({**batch, "target": [t.clone() for t in batch["target"]]})
+                      for batch in reward_batches]
         self.network.train()
         tp, fp, fn = (mean_across_ranks(torch.tensor(np.sum([c[key] for c in counts], axis=0), dtype=torch.float64))
                       for key in ("tp_hard", "fp_hard", "fn_hard"))
-        per_class = 2 * tp / (2 * tp + fp + fn)
-        return float(torch.nanmean(per_class))
+        return hard_foreground_dice(tp, fp, fn)
+
+
+class nnUNetTrainerAWSnet(nnUNetTrainerPAM, nnUNetTrainerRLDeepSup):
+    """AWSnet's network on nnU-Net's topology: PAM on every skip connection and DAS (look-ahead mode) on the
+    deep-supervision weights."""

@@ -8,7 +8,9 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_rl.trainers.pam import nnUNetTrainerPAM
-from nnunet_rl.trainers.rl_deep_supervision import nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_faithful
+from nnunet_rl.trainers.rl_deep_supervision import (nnUNetTrainerAWSnet, nnUNetTrainerRLDeepSup,
+                                                    nnUNetTrainerRLDeepSup_faithful,
+                                                    nnUNetTrainerRLDeepSup_randomSearch)
 
 
 class ShortSchedule:
@@ -67,4 +69,20 @@ class nnUNetTrainerRLDeepSup_faithful_3epochs_2iters(Smoke, nnUNetTrainerRLDeepS
 
 
 class nnUNetTrainerRLDeepSup_faithful_10epochs_20iters(Demo, nnUNetTrainerRLDeepSup_faithful):
+    pass
+
+
+class nnUNetTrainerRLDeepSup_randomSearch_3epochs_2iters(Smoke, nnUNetTrainerRLDeepSup_randomSearch):
+    pass
+
+
+class nnUNetTrainerRLDeepSup_randomSearch_10epochs_20iters(Demo, nnUNetTrainerRLDeepSup_randomSearch):
+    pass
+
+
+class nnUNetTrainerAWSnet_3epochs_2iters(Smoke, nnUNetTrainerAWSnet):
+    pass
+
+
+class nnUNetTrainerAWSnet_10epochs_20iters(Demo, nnUNetTrainerAWSnet):
     pass
