@@ -13,6 +13,7 @@ from test_rl_xalign import feature_similarity
 
 from nnunet_rl.dual_branch import DualBranchOutput, DualBranchUNet, select_channels, default_aligned_stages
 from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.mirroring import draw_mirroring
 from nnunet_rl.rotations import cube_rotations
 from nnunet_rl.trainers import (nnUNetTrainerRLU2Net, nnUNetTrainerRLU2Net_noCMA, nnUNetTrainerRLU2Net_noPPO,
                                 nnUNetTrainerRLU2Net_noRLXAlign, nnUNetTrainerRLU2Net_lambda0p1)
@@ -146,6 +147,7 @@ def test_a_training_step_and_a_prediction_never_wait_for_the_gpu():
     torch.cuda.set_sync_debug_mode("error")
     try:
         network.set_actions(sampled_actions())
+        network.set_mirroring(draw_mirroring(2, (0, 1, 2), 3, generator))  # per-sample conjugated rotations
         output = network(x)
         loss = agwd.balance("dice", output.primary[0].mean(), output.auxiliary[0].mean())
         loss = loss + alignment_loss([a.own for a in output.alignments], [a.aligned for a in output.alignments])
@@ -261,11 +263,13 @@ def test_a_mirrored_batch_keeps_data_and_every_target_scale_together(trained_sho
     trainer = trained_short_rl
     target = torch.randint(0, 3, (8, 1, 8, 8, 8))
     batch = {"data": target.float().repeat(1, 2, 1, 1, 1), "target": [target, target[..., ::2, ::2, ::2]]}
-    mirrored = trainer._mirrored(batch)
+    generator_state = trainer.pose_generator.get_state()  # the shared trainer's state stays as trained
     try:
+        mirrored = trainer._mirrored(batch)
         groups = trainer.bare_network.mirroring.groups
     finally:
         trainer.bare_network.set_mirroring(None)
+        trainer.pose_generator.set_state(generator_state)
     assert any(group.axes for group in groups)
     assert torch.equal(mirrored["data"][:, :1].long(), mirrored["target"][0])
     for group in groups:
