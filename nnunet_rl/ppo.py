@@ -16,9 +16,10 @@ shuffled mini-batches :meth:`RolloutBuffer.get` yields:
 
 The policy is any module with ``log_prob(actions) -> (N,)`` and ``entropy() -> scalar`` (PoseAlign: a state-free
 softmax over the 24 cube rotations); the paper has no entropy bonus, so entropy is only reported. Defaults are the
-plans' (``nnunet_rl.plans.rl_block``): the paper's policy lr 5e-5, value lr 2e-4, 10 mini-epochs, mini-batch 64; ε and
-γ are not given there, so ε = 0.2 (PPO's usual value) and γ = 0: a sample is a one-step episode (its s' is not the
-state the next action is taken from), so nothing is bootstrapped and A = r − V(s) (docs/rl_u2net.md).
+plans' (``nnunet_rl.plans.rl_block``): the paper's value lr 2e-4, 10 mini-epochs and mini-batch 64; policy lr 1e-3,
+not the paper's 5e-5, with which the policy cannot leave uniform within a default run (docs/rl_u2net.md); ε and γ are
+not given there, so ε = 0.2 (PPO's usual value) and γ = 0: a sample is a one-step episode (its s' is not the
+state the next action is taken from), so nothing is bootstrapped and A = r − V(s).
 """
 from typing import Iterator, NamedTuple
 
@@ -165,7 +166,7 @@ class PPOAgent:
     before ``add``) from the same initial policy.
     """
 
-    def __init__(self, policy: nn.Module, policy_lr: float = 5e-5, value_lr: float = 2e-4, clip: float = 0.2,
+    def __init__(self, policy: nn.Module, policy_lr: float = 1e-3, value_lr: float = 2e-4, clip: float = 0.2,
                  gamma: float = 0.0, ppo_epochs: int = 10, minibatch: int = 64, seed: int = 0):
         self.policy = policy
         with torch.random.fork_rng(devices=[]):  # the critic's initial weights from the seed: equal on every rank

@@ -41,7 +41,9 @@ PAPER_DEFAULTS: dict[str, dict] = {
         "temperature": 0.1,                # τ of π = softmax(θ/τ); ours
         "fusion_weight": 0.3,              # λ of eq. 7, best in the paper's sweep (Fig. 9)
         "use_cma": True,
-        "policy_lr": 5e-5,                 # PPO (eqs. 10-13, Algorithm 1): the paper's settings
+        "policy_lr": 1e-3,                 # PPO (eqs. 10-13, Algorithm 1); ours: the paper's 5e-5 moves θ by at most
+                                           # ~0.1 in a default run's RL phase (2000 Adam steps), π stays < 0.25
+                                           # (docs/rl_u2net.md); the rest of this group: the paper's settings
         "value_lr": 2e-4,
         "clip": 0.2,                       # ε of eq. 11; ours (PPO's usual value)
         "gamma": 0.0,                      # γ of eqs. 10, 13; ours: each sample is a one-step episode (its s' is not
