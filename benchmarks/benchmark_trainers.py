@@ -111,7 +111,7 @@ def _time_das_rounds(trainer, batches: list, sync) -> dict:
     for batch in batches:
         sync()
         t0 = time.perf_counter()
-        trainer.rl_round(lambda betas: trainer.look_ahead_dice(batch, next(trainer.dataloader_val), betas, 1))
+        trainer.rl_round(lambda betas: trainer.look_ahead_dice(batch, next(trainer.dataloader_reward), betas, 1))
         sync()
         rounds.append(time.perf_counter() - t0)
     return _summary(rounds)
@@ -251,7 +251,8 @@ def run_worker(args) -> dict:
         os.makedirs(trainer.output_folder, exist_ok=True)
         trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()  # the inference mirror axes
         trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
-        trainer.dataloader_train = trainer.dataloader_val = synthetic_batches(trainer, args.seed)
+        trainer.dataloader_train = trainer.dataloader_val = trainer.dataloader_reward = \
+            synthetic_batches(trainer, args.seed)
     else:
         trainer.on_train_start()
     if epoch:

@@ -102,8 +102,10 @@ def cubed_reward(dice: float | torch.Tensor) -> float | torch.Tensor:
 
 
 class MovingBaseline:
-    """The reward baseline B_t of Eq. 8 with the paper's γ = 0.99, as the authors' code applies it:
-    B_t = B_{t−1} + γ·(r_t − B_{t−1}), r_t a round's mean reward; the first round sets B to r.
+    """The reward baseline B_t of Eq. 8 as the authors' code applies it: B_t = B_{t−1} + γ·(r_t − B_{t−1}), r_t a
+    round's mean reward; the first round sets B to r. The paper's γ is 0.99; the plans default to γ = 1, the round's
+    own mean (its K candidates are scored from the same state): with 0.99 the 1 % lag behind a Dice that rises from
+    round to round outweighs the spread of the candidates' rewards and gives them all advantages of one sign.
 
     The paper's formula is lost in our copy; read as B_t = γ·B_{t−1} + (1 − γ)·r_t (γ weighting the old value) the
     baseline lags rewards that rise from round to round, every advantage comes out positive and the controllers
@@ -184,14 +186,19 @@ class DASControllers:
 
         Order, from the authors' code (the paper indexes the baseline by epoch, B_t): the baseline is
         updated once per round with the round's mean reward, and then every sample's advantage is
-        A_k = R_k − B_t with that updated B_t. In the first round B_t is the mean reward, so the
-        advantages are centred. Then one Adam step on :meth:`reinforce_loss`.
+        A_k = (R_k − B_t)/σ_R with that updated B_t, σ_R the standard deviation of the round's rewards (1 when they
+        are all equal). In the first round B_t is the mean reward, so the advantages are centred. Then one Adam step
+        on :meth:`reinforce_loss`.
+
+        Dividing by σ_R is ours: candidates differ in Dice by as little as 1e-9, below Adam's ε = 1e-8, where Adam no
+        longer normalises the step; with σ_R every round casts an equal vote.
         """
         rewards = torch.as_tensor(rewards, dtype=torch.float64)
         if actions.shape != (rewards.numel(), self.num_controlled):
             raise ValueError(f"actions must have shape ({rewards.numel()}, {self.num_controlled}), "
                              f"got {tuple(actions.shape)}")
-        advantages = rewards - baseline.update(rewards.mean().item())
+        spread = rewards.std(unbiased=False).item()
+        advantages = (rewards - baseline.update(rewards.mean().item())) / (spread if spread > 0 else 1.0)
         self.optimizer.zero_grad()
         loss = self.reinforce_loss(actions, advantages)
         loss.backward()

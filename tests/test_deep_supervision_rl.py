@@ -9,6 +9,8 @@ import torch
 
 from conftest import on_two_gloo_ranks
 
+from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
+
 from nnunet_rl.deep_supervision_rl import (ACTIONS, DASControllers, DeepSupervisionWeights, MovingBaseline,
                                            alpha_from_beta, beta_from_alpha, cubed_reward,
                                            expand_to_all_outputs, num_controlled, stock_weights)
@@ -139,23 +141,32 @@ def test_initial_controllers_are_near_uniform_and_sample_valid_actions():
     assert set(controllers.delta_beta(actions).unique().tolist()) <= set(ACTIONS)
 
 
-def test_controllers_learn_to_lower_the_weight_that_hurts_dice():
-    """Paper settings (K = 10, Adam lr 1e-3) with the authors' code's baseline, B += 0.99·(r̄ − B).
-
-    Read the other way (γ weighting the old baseline) the lagging baseline makes every advantage positive once the
-    kept β has improved: in a 30-seed sweep this toy then ended with "−0.15" most probable on row 2 in only 16 runs
-    (30 of 30 as here).
-    """
+def toy_probability_of_lowering(seed: int, lr: float, arm: str = "learner") -> float:
+    """π(Δβ = −0.15) of output 2's controller after 40 DAS rounds of K = 10 candidates on a toy reward:
+    Dice = 0.9 − 0.5·α_2 + N(0, 0.01²) (output 2's weight hurts; the noise is as large as the candidates' spread).
+    ``arm``: "learner"; "shuffled" (rewards permuted across the round's candidates); "frozen" (random search)."""
     weights = DeepSupervisionWeights.stock(5)
-    controllers, baseline = DASControllers(weights.num_controlled, seed=0), MovingBaseline()
-    start = weights.alpha()[2]
-    for _ in range(60):
-        actions, betas = weights.candidates(controllers, k=10)
-        rewards = [cubed_reward(0.9 - 0.5 * alpha_from_beta(beta)[2]) for beta in betas]
-        controllers.update(actions, rewards, baseline)
+    controllers = DASControllers(weights.num_controlled, lr=lr, init_std=PLANS["init_std"], seed=seed)
+    baseline, noise = MovingBaseline(PLANS["baseline_gamma"]), np.random.default_rng(seed)
+    for _ in range(40):
+        actions, betas = weights.candidates(controllers, k=PLANS["candidates"])
+        rewards = np.array([cubed_reward(0.9 - 0.5 * alpha_from_beta(beta)[2] + noise.normal(0, 0.01))
+                            for beta in betas])
+        if arm == "shuffled":
+            rewards = noise.permutation(rewards)
+        if arm != "frozen":
+            controllers.update(actions, rewards, baseline)
         weights.keep(betas[int(np.argmax(rewards))])
-    assert weights.alpha()[2] < start
-    assert controllers.probabilities()[2].argmax().item() == ACTIONS.index(-0.15)
+    return controllers.probabilities()[2, ACTIONS.index(-0.15)].item()
+
+
+PLANS = PAPER_DEFAULTS["rl_deep_supervision"]
+
+
+def test_the_papers_learning_rate_barely_moves_the_policy():
+    """Why the plans' lr differs from the paper's 1e-3: Adam moves θ by about lr a round, so in 40 rounds π cannot
+    leave the neighbourhood of 1/3 however clear the reward (the plans' lr on this toy: docs/rl_deep_supervision.md)."""
+    assert all(toy_probability_of_lowering(seed, 1e-3) < 0.4 for seed in (0, 1, 2))
 
 
 def test_state_dicts_resume_the_same_samples():

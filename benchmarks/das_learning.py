@@ -1,0 +1,127 @@
+"""Do DAS's controllers learn at the plans' defaults under nnU-Net's own training? The learner beside two controls.
+
+Set-up, fixed before the first run (docs/rl_deep_supervision.md, "Evidence"): a 6-case 32³ synthetic dataset planned
+by ``nnunet-rl plan``, nnU-Net's own training (augmentation, patch sampling) of the look-ahead trainer with every
+``rl_deep_supervision`` default of the plans except the schedule: RL from the first epoch, one round per iteration,
+40 rounds in all (a default run has 250). Deep-supervision output 1 is trained on random labels, so its weight can
+only hurt. Arms: the learner; the same with each round's scores shuffled across its candidates; random search
+(``nnUNetTrainerRLDeepSup_randomSearch``: frozen controllers). Outcome: π(Δβ = −0.15) of output 1's controller.
+Threshold: ≥ 0.6 for the learner in every seed, < 0.6 for each control in every seed (the uniform start is 1/3).
+
+    python benchmarks/das_learning.py -c 3d_fullres --seeds 0 1 2 -o das_learning.json
+
+It works in a temporary folder of its own (nnU-Net's folder variables are set for this process only).
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nnunet_rl.deep_supervision_rl import ACTIONS
+from nnunet_rl.trainers import nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_randomSearch
+from nnunet_rl.trainers.rl_deep_supervision import COMPONENT
+from nnunet_rl.trainers.schedules import ShortSchedule
+
+NOISY_OUTPUT = 1
+THRESHOLD = 0.6
+ARMS = ("learner", "shuffled", "random search")
+DATASET_ID = 951
+
+
+class FortyRounds(ShortSchedule):
+    epochs, iterations, val_iterations = 4, 10, 1
+    schedule = {"warmup_fraction": 0.0, "rl_steps_per_epoch": 10}
+
+
+class NoisyOutput:
+    """Deep-supervision output 1 is trained on random labels; every round records which candidates scored better."""
+
+    def train_step(self, batch: dict) -> dict:
+        target = list(batch["target"])
+        generator = torch.Generator().manual_seed(self.current_epoch * 1000 + self._iteration)
+        target[NOISY_OUTPUT] = torch.randint(0, self.label_manager.num_segmentation_heads,
+                                             target[NOISY_OUTPUT].shape, generator=generator).to(target[0].dtype)
+        return super().train_step({**batch, "target": target})
+
+
+class ShuffledRewards:
+    """Control: each round's scores are permuted across its candidates before they become rewards."""
+
+    def rl_round(self, score) -> None:
+        generator = np.random.default_rng(self.controllers.generator.initial_seed() + self.current_epoch * 1000
+                                          + self._iteration)
+        super().rl_round(lambda betas: generator.permutation(score(betas)))
+
+
+def trainer_class(arm: str, seed: int) -> type:
+    bases = {"learner": (nnUNetTrainerRLDeepSup,), "shuffled": (ShuffledRewards, nnUNetTrainerRLDeepSup),
+             "random search": (nnUNetTrainerRLDeepSup_randomSearch,)}[arm]
+    return type(f"DAS_{arm.replace(' ', '_')}_seed{seed}", (FortyRounds, NoisyOutput, *bases),
+                {"rl_overrides": {COMPONENT: {**FortyRounds.schedule, "seed": seed}}})
+
+
+def trainer_for(dataset: str, trainer_class: type, configuration: str):
+    """A CPU trainer for a planned dataset, constructed as nnUNetv2_train constructs it."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    folder = Path(os.environ["nnUNet_preprocessed"]) / dataset
+    plans = load_json(str(folder / "nnUNetPlans.json"))
+    plans["continue_training"] = False
+    return trainer_class(plans, configuration, 0, load_json(str(folder / "dataset.json")), torch.device("cpu"))
+
+
+def probability_of_lowering_output_1(dataset: str, arm: str, seed: int, configuration: str) -> float:
+    torch.manual_seed(seed)
+    trainer = trainer_for(dataset, trainer_class(arm, seed), configuration)
+    trainer.run_training()
+    return trainer.controllers.probabilities()[NOISY_OUTPUT, ACTIONS.index(-0.15)].item()
+
+
+def planned_dataset(base: Path) -> str:
+    """The tests' dataset: 6 synthetic 32³ two-channel cases, planned for 2d and 3d_fullres, under ``base``."""
+    from nnunet_rl.datasets.synthetic import make_dataset
+    from nnunet_rl.nnunet_folders import NNUNET_FOLDER_VARIABLES
+    from nnunet_rl.plans.planner import plan_rl
+    for name in NNUNET_FOLDER_VARIABLES:
+        (base / name).mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(base / name)
+    folder = make_dataset("multimodal", DATASET_ID, cases=6, size=32)
+    plan_rl(folder.name, ["2d", "3d_fullres"])
+    return folder.name
+
+
+def run(dataset: str, configuration: str, seeds: list[int]) -> dict:
+    outcomes = {arm: [] for arm in ARMS}
+    for arm in ARMS:
+        for seed in seeds:
+            start = time.perf_counter()
+            outcomes[arm].append(probability_of_lowering_output_1(dataset, arm, seed, configuration))
+            print(f"{arm}, seed {seed}: pi(lower output 1) = {outcomes[arm][-1]:.3f} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return {"configuration": configuration, "seeds": seeds, "threshold": THRESHOLD, "outcomes": outcomes,
+            "learner_passes": min(outcomes["learner"]) >= THRESHOLD,
+            "controls_fail": all(max(outcomes[arm]) < THRESHOLD for arm in ARMS[1:])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-c", "--configuration", default="3d_fullres")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("-o", "--output", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as base:
+        result = run(planned_dataset(Path(base)), args.configuration, args.seeds)
+    print(json.dumps(result, indent=2))
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("nnUNet_compile", "f")
+    os.environ.setdefault("nnUNet_n_proc_DA", "1")
+    sys.exit(main())
