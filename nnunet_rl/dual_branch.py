@@ -31,7 +31,7 @@ from nnunet_rl.u2net_losses import soft_vote
 FUSION_DIRECTIONS = ("primary", "auxiliary")  # "primary": the primary branch takes in the auxiliary one; and back
 # the rl block's rl_u2net keys that shape the network; DualBranchUNet takes them as keyword arguments of these names
 NETWORK_HYPERPARAMETERS = ("aligned_stages", "fusion_directions", "window_size", "k_sel", "temperature",
-                           "fusion_weight", "use_cma")
+                           "fusion_weight", "use_cma", "min_greedy_probability")
 
 
 class AlignmentSite(NamedTuple):
@@ -156,7 +156,8 @@ class DualBranchUNet(nn.Module):
 
     ``set_actions`` chooses the PoseAlign rotations of the next forward pass per module (``{key: LongTensor}``);
     ``None`` (the default, and always in eval mode) uses each module's deterministic rule, the most probable
-    rotation, so predictions are reproducible. ``set_mirroring`` tells a training forward which samples of the batch
+    rotation where π on it reaches ``min_greedy_probability`` and the identity otherwise, so predictions are
+    reproducible and never rest on a rotation chosen by noise. ``set_mirroring`` tells a training forward which samples of the batch
     were mirrored, so that each module turns them by the conjugated rotation (:class:`~nnunet_rl.mirroring.Mirroring`).
     """
 
@@ -164,8 +165,8 @@ class DualBranchUNet(nn.Module):
                  branch_kwargs_req_import: Sequence[str] = (), *, primary_channels: Sequence[int] | None = None,
                  auxiliary_channels: Sequence[int] | None = None, aligned_stages: Sequence[int] | None = None,
                  fusion_directions: Sequence[str] = FUSION_DIRECTIONS, window_size: int, k_sel: int,
-                 temperature: float, fusion_weight: float, use_cma: bool = True, deep_supervision: bool = True,
-                 allow_init: bool = True):
+                 temperature: float, fusion_weight: float, use_cma: bool = True, min_greedy_probability: float,
+                 deep_supervision: bool = True, allow_init: bool = True):
         super().__init__()
         unknown = sorted(set(fusion_directions) - set(FUSION_DIRECTIONS))
         if unknown:
@@ -195,7 +196,8 @@ class DualBranchUNet(nn.Module):
         self.sites = {self.module_key(direction, stage): AlignmentSite(direction, stage)
                       for stage in self.aligned_stages for direction in fusion_directions}
         self.xalign = nn.ModuleDict({
-            key: RLXAlign(features[site.stage], dim, window_size, k_sel, temperature, fusion_weight, use_cma)
+            key: RLXAlign(features[site.stage], dim, window_size, k_sel, temperature, fusion_weight, use_cma,
+                          min_greedy_probability)
             for key, site in self.sites.items()})
         for module in self.xalign.values():  # θ is trained by PPO only, never by the segmentation loss (nor DDP)
             module.pose.theta.requires_grad_(False)
@@ -228,7 +230,7 @@ class DualBranchUNet(nn.Module):
     def action(self, key: str) -> torch.Tensor:
         if self.training and self.actions is not None:
             return self.actions[key]
-        return self.xalign[key].pose.greedy_action()
+        return self.xalign[key].pose.deterministic_action()
 
     def set_deep_supervision(self, enabled: bool) -> None:
         self.primary_branch.decoder.deep_supervision = enabled

@@ -128,16 +128,18 @@ class PoseAlign(nn.Module):
     """PoseAlign, eq. 6: the policy π = softmax(θ/τ) over the rotations of the cube, and their application.
 
     ``theta`` (24 in 3D, 4 in 2D, zero-initialised: uniform π) is the PPO actor. The caller chooses the actions:
-    :meth:`sample` during the RL phase, :meth:`greedy_action` after it and at inference; :meth:`forward` averages
-    the auxiliary map over the chosen rotations (the paper's mean over K_sel sampled rotations).
+    :meth:`sample` during the RL phase, :meth:`deterministic_action` after it and at inference; :meth:`forward`
+    averages the auxiliary map over the chosen rotations (the paper's mean over K_sel sampled rotations).
+    ``min_greedy_probability``: the margin rule of :meth:`deterministic_action` (0: always the most probable).
     """
 
-    def __init__(self, dim: int, k_sel: int, temperature: float):
+    def __init__(self, dim: int, k_sel: int, temperature: float, min_greedy_probability: float = 0.0):
         super().__init__()
         rotations = cube_rotations(dim)
         verify_rotation_group(rotations)
         self.k_sel = k_sel
         self.temperature = temperature
+        self.min_greedy_probability = min_greedy_probability
         self.theta = nn.Parameter(torch.zeros(len(rotations)))
         self.rotations = torch.as_tensor(np.stack(rotations), dtype=torch.long)  # on the CPU: read without a sync
         self._cpu_theta: tuple[int, torch.Tensor] | None = None  # (θ's version, θ on the CPU)
@@ -176,6 +178,14 @@ class PoseAlign(nn.Module):
         """argmax π (= argmax θ) as a CPU LongTensor (1,); ties go to the lowest index: the identity at
         initialisation. Deterministic, so predictions are reproducible."""
         return torch.argmax(self._theta_on_cpu()).reshape(1)
+
+    def deterministic_action(self) -> torch.Tensor:
+        """The rotation applied after the RL phase and at inference, a CPU LongTensor (1,): the greedy one where π
+        puts at least ``min_greedy_probability`` on it, else the identity. A policy that has not settled (on
+        co-registered data, or when learning fell short) then never applies a rotation chosen by noise."""
+        greedy = self.greedy_action()
+        probability = torch.softmax(self._theta_on_cpu() / self.temperature, dim=0)[greedy]
+        return greedy if float(probability) >= self.min_greedy_probability else torch.zeros(1, dtype=torch.long)
 
     def _turn(self, auxiliary: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
         rotated = [auxiliary if a == 0 else rotate_feature_map(auxiliary, self.rotations[a])
@@ -230,10 +240,10 @@ class RLXAlign(nn.Module):
     """
 
     def __init__(self, channels: int, dim: int, window_size: int, k_sel: int, temperature: float,
-                 fusion_weight: float = 0.3, use_cma: bool = True):
+                 fusion_weight: float = 0.3, use_cma: bool = True, min_greedy_probability: float = 0.0):
         super().__init__()
         self.channels, self.fusion_weight = channels, fusion_weight
-        self.pose = PoseAlign(dim, k_sel, temperature)
+        self.pose = PoseAlign(dim, k_sel, temperature, min_greedy_probability)
         self.cma = CrossModalAttention(channels, dim, window_size) if use_cma else None
 
     def forward(self, primary: torch.Tensor, auxiliary: torch.Tensor, actions: torch.Tensor,

@@ -41,6 +41,8 @@ PAPER_DEFAULTS: dict[str, dict] = {
         "temperature": 0.1,                # τ of π = softmax(θ/τ); ours
         "fusion_weight": 0.3,              # λ of eq. 7, best in the paper's sweep (Fig. 9)
         "use_cma": True,
+        "min_greedy_probability": 0.5,     # ours: after the RL phase and at inference the most probable rotation is
+                                           # applied only where π on it is at least this, else the identity
         "policy_lr": 1e-3,                 # PPO (eqs. 10-13, Algorithm 1); ours: the paper's 5e-5 moves θ by at most
                                            # ~0.1 in a default run's RL phase (2000 Adam steps), π stays < 0.25
                                            # (docs/rl_u2net.md); the rest of this group: the paper's settings
@@ -64,13 +66,10 @@ PAPER_DEFAULTS: dict[str, dict] = {
     # AWSnet's DAS (paper 003); see docs/rl_deep_supervision.md.
     "rl_deep_supervision": {
         "candidates": 10,                  # K weightings sampled per round
-        "lr": 0.05,                        # Adam on the controllers' θ; ours (the paper's 1e-3 moves θ by at most
-                                           # 1e-3 a round: π stays near uniform; see docs/rl_deep_supervision.md)
+        "lr": 1e-3,                        # Adam on the controllers' θ
         "init_std": 0.001,                 # θ ~ N(0, 0.001)
-        "baseline_gamma": 1.0,             # moving baseline B_t; ours: the round's mean reward (the paper's 0.99
-                                           # lags a rising Dice by more than the candidates' spread)
-        "warmup_fraction": 0.75,           # fixed nnU-Net weights first: 150 of 200 epochs in the paper (50 rounds);
-                                           # 750 of nnU-Net's 1000 (250 rounds)
+        "baseline_gamma": 0.99,            # moving baseline B_t
+        "warmup_fraction": 0.75,           # fixed nnU-Net weights first: 150 of 200 epochs
         "rl_steps_per_epoch": 1,           # look-ahead rounds per RL epoch (the paper: one round per epoch)
         "seed": 0,                         # controller initialisation and sampling
     },

@@ -55,7 +55,8 @@ def stage0_activity(known: int, seed: int) -> dict[str, torch.Tensor]:
                               "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "nonlin": torch.nn.LeakyReLU,
                               "nonlin_kwargs": {"inplace": True}},
                              window_size=DEFAULTS["window_size"], k_sel=DEFAULTS["k_sel"],
-                             temperature=DEFAULTS["temperature"], fusion_weight=DEFAULTS["fusion_weight"])
+                             temperature=DEFAULTS["temperature"], fusion_weight=DEFAULTS["fusion_weight"],
+                             min_greedy_probability=DEFAULTS["min_greedy_probability"])
     with torch.no_grad():
         flipped = torch.stack([x.flip([2 + axis for axis in axes]) for axes in PATTERNS], dim=1)  # (CASES, P, 2, ...)
         return {branch: activity_map(_encoder_stage(encoder, 0, flipped[:, :, [channel]].flatten(0, 1)))

@@ -43,7 +43,7 @@ def dual_branch(architecture=PlainConvUNet, dim: int = 3, directions=("primary",
                           branch_kwargs(architecture, dim), primary_channels=[0],
                           auxiliary_channels=list(auxiliary_channels), aligned_stages=[1, 2],
                           fusion_directions=directions, window_size=2, k_sel=2, temperature=0.1, fusion_weight=0.3,
-                          use_cma=use_cma)
+                          use_cma=use_cma, min_greedy_probability=0.0)
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -121,6 +121,22 @@ def test_set_actions_choose_rotations_and_none_means_greedy():
     torch.testing.assert_close(network(x).alignments[1].aligned, greedy)
     network.set_actions(identity)
     assert not torch.allclose(network(x).alignments[1].aligned, greedy)
+
+
+def test_a_rotation_is_applied_only_where_the_policy_has_settled_on_it():
+    """The margin rule: the most probable rotation is applied after the RL phase and at inference only where π on it
+    reaches min_greedy_probability; otherwise the identity (co-registered data never get a rotation chosen by noise)."""
+    network = dual_branch(directions=("primary",)).eval()
+    network.set_deep_supervision(False)
+    key = DualBranchUNet.module_key("primary", 2)
+    pose = network.xalign[key].pose
+    pose.min_greedy_probability = 0.5
+    with torch.no_grad():
+        pose.theta[5] = 0.2  # π = e²/(e² + 23) ≈ 0.24 on rotation 5
+    assert int(pose.greedy_action()) == 5 and int(network.action(key)) == 0
+    with torch.no_grad():
+        pose.theta[5] = 0.4  # π ≈ 0.70
+    assert int(network.action(key)) == 5
 
 
 def test_channel_groups_are_views_when_consecutive_and_selected_otherwise():
@@ -252,11 +268,12 @@ def test_the_trainer_mirrors_itself_and_predicts_with_the_commuting_axes(trained
     transforms = trainer.get_training_transforms(trainer.configuration_manager.patch_size, (0.0, 0.0), None,
                                                  (0, 1, 2), False)
     assert not any(isinstance(t, MirrorTransform) for t in transforms.transforms)  # ... not nnU-Net's transform
-    greedy = [int(m.pose.greedy_action()) for m in trainer.bare_network.xalign.values()]
+    applied = [int(m.pose.deterministic_action()) for m in trainer.bare_network.xalign.values()]
     checkpoint = torch.load(os.path.join(trainer.output_folder, "checkpoint_final.pth"), weights_only=False)
-    assert checkpoint["inference_allowed_mirroring_axes"] == commuting_axes((0, 1, 2), greedy, 3)
+    assert checkpoint["inference_allowed_mirroring_axes"] == commuting_axes((0, 1, 2), applied, 3)
     policy = json.load(open(os.path.join(trainer.output_folder, POLICY_FILE)))
-    assert policy["test_time_mirror_axes"] == list(commuting_axes((0, 1, 2), greedy, 3))
+    assert policy["test_time_mirror_axes"] == list(commuting_axes((0, 1, 2), applied, 3))
+    assert all(m["applied_index"] in (0, m["greedy_index"]) for m in policy["modules"].values())
 
 
 def test_a_mirrored_batch_keeps_data_and_every_target_scale_together(trained_short_rl):

@@ -124,10 +124,11 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
                                                do_dummy_2d_data_aug, **kwargs)
 
     def prediction_mirror_axes(self) -> tuple[int, ...] | None:
-        """The training mirror axes whose flips commute with every module's greedy rotation: nnU-Net's test-time
-        mirroring cannot tell the network which flip it applied, and along these axes it needs none."""
-        greedy = [int(module.pose.greedy_action()) for module in self.bare_network.xalign.values()]
-        return commuting_axes(self.training_mirror_axes, greedy, len(self.configuration_manager.patch_size))
+        """The training mirror axes whose flips commute with the rotation every module applies at inference:
+        nnU-Net's test-time mirroring cannot tell the network which flip it applied, and along these axes it needs
+        none."""
+        applied = [int(module.pose.deterministic_action()) for module in self.bare_network.xalign.values()]
+        return commuting_axes(self.training_mirror_axes, applied, len(self.configuration_manager.patch_size))
 
     def save_checkpoint(self, filename: str) -> None:
         self.inference_allowed_mirroring_axes = self.prediction_mirror_axes()  # what nnUNetv2_predict mirrors
@@ -233,11 +234,14 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
             modules[key] = {
                 "receiving_branch": site.direction, "encoder_stage": site.stage,
                 "greedy_index": int(module.pose.greedy_action()),
+                "applied_index": int(module.pose.deterministic_action()),
                 "rotations": [{"index": int(i), "probability": float(probabilities[i]),
                                "matrix": module.pose.rotations[i].cpu().int().tolist()} for i in order]}
         axes = self.prediction_mirror_axes()
         return {"convention": "matrices in the feature maps' array-axis order; the auxiliary feature at centred "
-                              "index x moves to matrix @ x (nnunet_rl.rotations); inference uses greedy_index",
+                              "index x moves to matrix @ x (nnunet_rl.rotations); greedy_index is the most probable "
+                              "rotation; after the RL phase and at inference the network applies applied_index: "
+                              "greedy_index where its probability reaches min_greedy_probability, else 0 (identity)",
                 "test_time_mirror_axes": None if axes is None else list(axes),
                 "modules": modules}
 
