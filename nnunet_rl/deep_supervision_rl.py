@@ -1,11 +1,13 @@
 """AWSnet's deep auto-weighted supervision (DAS): deep-supervision weights learned by REINFORCE.
 
-Wang et al., "AWSnet", DAS section and Fig. 4 (paper 003). The deep-supervision loss is Σ_l α_l·L_l with
+Wang et al., "AWSnet: An auto-weighted supervision attention network for myocardial scar and edema segmentation in
+multi-sequence cardiac magnetic resonance images", Medical Image Analysis 77 (2022) 102362,
+doi:10.1016/j.media.2022.102362, DAS section and Fig. 4. The deep-supervision loss is Σ_l α_l·L_l with
 α = softmax(β). One controller per supervised output holds three logits θ_l; softmax(θ_l) is its policy over
 the additive actions Δβ_l ∈ {−0.15, 0, +0.15}. Each round (bilevel, Fig. 4):
 
 1. sample K joint actions, giving K candidate weightings β + Δβ_k (:meth:`DeepSupervisionWeights.candidates`);
-2. the trainer trains K copies of the network one epoch each and scores them on validation data;
+2. the trainer trains K copies of the network one epoch each and scores them on held-out reward cases;
 3. reward R_k = Dice_k³ (Eq. 7, :func:`cubed_reward`);
 4. REINFORCE with a moving baseline (Eqs. 6 and 8): θ ← θ + η·(1/K)·Σ_k (R_k − B_t)·∇_θ log g(β_k), with
    g(β_k) = Π_l π_l(a_{k,l}) since the controllers are independent (:meth:`DASControllers.update`);

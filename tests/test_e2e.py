@@ -144,13 +144,15 @@ def test_rl_u2net_trains_resumes_predicts_and_runs_the_ablation(tmp_path):
         assert f"| {row} |" in table
 
 
-def test_rl_deep_supervision_trains_and_predicts_with_nnunet_commands(tmp_path):
-    trainer = "nnUNetTrainerRLDeepSup_3epochs_2iters"
+@pytest.mark.parametrize("trainer", ["nnUNetTrainerRLDeepSup_3epochs_2iters", "nnUNetTrainerAWSnet_3epochs_2iters"])
+def test_rl_deep_supervision_trains_and_predicts_with_nnunet_commands(tmp_path, trainer):
     env = user_environment(tmp_path)
     make_planned_dataset(env)
     cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", env=env)
     learned = json.loads((fold_folder(env, trainer) / "rl_deep_supervision.json").read_text())
     assert sum(learned["alpha"]) == pytest.approx(1.0) and learned["alpha"][-1] == 0
+    split = json.loads((fold_folder(env, trainer) / "rl_reward_cases.json").read_text())
+    assert split["reward"] and not set(split["reward"]) & set(split["validation"])
     predict(env, trainer, tmp_path / "predictions")
 
 

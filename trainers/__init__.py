@@ -21,7 +21,11 @@ from nnunet_rl.trainers.schedules import (nnUNetTrainer_3epochs_2iters, nnUNetTr
                                           nnUNetTrainerRLDeepSup_faithful_10epochs_20iters,
                                           nnUNetTrainerRLDeepSup_randomSearch_3epochs_2iters,
                                           nnUNetTrainerRLDeepSup_randomSearch_10epochs_20iters,
-                                          nnUNetTrainerAWSnet_3epochs_2iters, nnUNetTrainerAWSnet_10epochs_20iters)
+                                          nnUNetTrainerAWSnet_3epochs_2iters, nnUNetTrainerAWSnet_10epochs_20iters,
+                                          nnUNetTrainer_30epochs_50iters, nnUNetTrainerPAM_30epochs_50iters,
+                                          nnUNetTrainerRLDeepSup_30epochs_50iters,
+                                          nnUNetTrainerRLDeepSup_randomSearch_30epochs_50iters,
+                                          nnUNetTrainerAWSnet_30epochs_50iters)
 
 globals().update(_RL_U2NET_SHORT_SCHEDULES)
 
@@ -32,6 +36,9 @@ __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10
            "nnUNetTrainerRLDeepSup_faithful_10epochs_20iters", "nnUNetTrainerRLDeepSup_randomSearch",
            "nnUNetTrainerRLDeepSup_randomSearch_3epochs_2iters", "nnUNetTrainerRLDeepSup_randomSearch_10epochs_20iters",
            "nnUNetTrainerAWSnet", "nnUNetTrainerAWSnet_3epochs_2iters", "nnUNetTrainerAWSnet_10epochs_20iters",
+           "nnUNetTrainer_30epochs_50iters", "nnUNetTrainerPAM_30epochs_50iters",
+           "nnUNetTrainerRLDeepSup_30epochs_50iters",
+           "nnUNetTrainerRLDeepSup_randomSearch_30epochs_50iters", "nnUNetTrainerAWSnet_30epochs_50iters",
            "nnUNetTrainerRLU2Net", "nnUNetTrainerRLU2Net_noCMA", "nnUNetTrainerRLU2Net_noRLXAlign",
            "nnUNetTrainerRLU2Net_noAuxLoss", "nnUNetTrainerRLU2Net_noAGWD", "nnUNetTrainerRLU2Net_lambda0p1",
            "nnUNetTrainerRLU2Net_lambda0p2", "nnUNetTrainerRLU2Net_lambda0p3", "nnUNetTrainerRLU2Net_lambda0p4",

@@ -2,11 +2,12 @@
 
 Wang et al., "AWSnet: An auto-weighted supervision attention network for myocardial scar and edema segmentation in
 multi-sequence cardiac magnetic resonance images", Medical Image Analysis 77 (2022) 102362,
-doi:10.1016/j.media.2022.102362, Sec. 3.3 and Fig. 4. The loss stays nnU-Net's ``DeepSupervisionWrapper(DC_and_CE)``;
-only its ``weight_factors`` change, to α = softmax(β) over the outputs nnU-Net supervises (its zero-weight lowest
-output stays at its stock value). After a warm-up with nnU-Net's fixed weights, each RL round samples K weightings
-from the controllers, rewards each with a cubed Dice on held-out *reward cases*, updates the controllers by REINFORCE
-against a moving baseline and keeps the best weighting (:mod:`nnunet_rl.deep_supervision_rl`).
+doi:10.1016/j.media.2022.102362, the DAS section and Fig. 4. The loss stays nnU-Net's
+``DeepSupervisionWrapper(DC_and_CE)``; only its ``weight_factors`` change, to α = softmax(β) over the outputs nnU-Net
+supervises (its zero-weight lowest output stays at its stock value). After a warm-up with nnU-Net's fixed weights,
+each RL round samples K weightings from the controllers, rewards each with a cubed Dice on held-out *reward cases*,
+updates the controllers by REINFORCE against a baseline and keeps the best weighting
+(:mod:`nnunet_rl.deep_supervision_rl`).
 
 Reward cases are carved out of the fold's training cases (:class:`HeldOutRewardCases`): the fold's validation cases,
 which nnU-Net and ``nnunet-rl compare`` report as unseen, never reach the RL. The trainers differ in how a

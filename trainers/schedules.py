@@ -40,6 +40,12 @@ class Demo(ShortSchedule):
     suffix = "_10epochs_20iters"
 
 
+class Study(ShortSchedule):
+    """An hour or so per trainer on a CPU for a small real dataset: ``benchmarks/das_hippocampus_study.py``."""
+    epochs, iterations, val_iterations = 30, 50, 10
+    suffix = "_30epochs_50iters"
+
+
 class nnUNetTrainer_3epochs_2iters(Smoke, nnUNetTrainer):
     pass
 
@@ -85,4 +91,24 @@ class nnUNetTrainerAWSnet_3epochs_2iters(Smoke, nnUNetTrainerAWSnet):
 
 
 class nnUNetTrainerAWSnet_10epochs_20iters(Demo, nnUNetTrainerAWSnet):
+    pass
+
+
+class nnUNetTrainer_30epochs_50iters(Study, nnUNetTrainer):
+    pass
+
+
+class nnUNetTrainerPAM_30epochs_50iters(Study, nnUNetTrainerPAM):
+    pass
+
+
+class nnUNetTrainerRLDeepSup_30epochs_50iters(Study, nnUNetTrainerRLDeepSup):
+    pass
+
+
+class nnUNetTrainerRLDeepSup_randomSearch_30epochs_50iters(Study, nnUNetTrainerRLDeepSup_randomSearch):
+    pass
+
+
+class nnUNetTrainerAWSnet_30epochs_50iters(Study, nnUNetTrainerAWSnet):
     pass
