@@ -33,8 +33,7 @@ class RankingProbe(nnUNetTrainerRLDeepSup_faithful):
     def scores(self, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(look-ahead, faithful) scores of the candidates, both from the current state; the network then holds the
         faithful mode's best candidate."""
-        look_ahead = self.look_ahead_dice(next(self.dataloader_train), next(self.dataloader_reward), betas,
-                                          self.num_iterations_per_epoch)
+        look_ahead = self.look_ahead_dice(next(self.dataloader_train), next(self.dataloader_reward), betas)
         faithful = np.array(self.train_candidates(betas))
         self.num_iterations_per_epoch = self._scheduled_iterations
         return look_ahead, faithful
@@ -42,8 +41,9 @@ class RankingProbe(nnUNetTrainerRLDeepSup_faithful):
 
 def measure(dataset: str, configuration: str, args) -> dict:
     folder = Path(os.environ["nnUNet_preprocessed"]) / dataset
-    trainer = RankingProbe(load_json(str(folder / "nnUNetPlans.json")), configuration, args.fold,
-                           load_json(str(folder / "dataset.json")), torch.device(args.device))
+    plans = {**load_json(str(folder / "nnUNetPlans.json")), "continue_training": False}  # as nnUNetv2_train sets it
+    trainer = RankingProbe(plans, configuration, args.fold, load_json(str(folder / "dataset.json")),
+                           torch.device(args.device))
     trainer.num_iterations_per_epoch = args.iterations
     trainer.num_val_iterations_per_epoch = args.reward_batches
     trainer.output_folder = trainer.output_folder_base = str(Path(args.scratch).resolve())
@@ -59,7 +59,8 @@ def measure(dataset: str, configuration: str, args) -> dict:
         rho = spearmanr(look_ahead, faithful).statistic
         rounds.append({"rho": None if np.isnan(rho) else float(rho), "look_ahead": look_ahead.tolist(),
                        "faithful": faithful.tolist(), "alpha": trainer.das_weights.alpha().tolist()})
-        print(f"round {index}: rho = {rho:.3f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"round {index}: rho = {rho:.3f} ({time.perf_counter() - start:.0f} s); look-ahead "
+              f"{np.round(look_ahead, 6).tolist()}, faithful {np.round(faithful, 4).tolist()}", flush=True)
     trainer.on_train_end()
     rhos = np.array([r["rho"] for r in rounds if r["rho"] is not None])
     return {"dataset": dataset, "configuration": configuration, "fold": args.fold, "warmup": args.warmup,

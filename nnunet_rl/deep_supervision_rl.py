@@ -31,6 +31,8 @@ from torch import nn
 
 ACTIONS = (-0.15, 0.0, +0.15)
 """Δβ of one controller, indexed by the action index (DAS section; the code's ``delta * (sample - 1)``)."""
+MIN_REWARD_SPREAD = 1e-12
+"""Below this spread of a round's rewards the advantages are not standardised (float64 ties, not a preference)."""
 
 
 def stock_weights(num_outputs: int) -> np.ndarray:
@@ -188,19 +190,20 @@ class DASControllers:
 
         Order, from the authors' code (the paper indexes the baseline by epoch, B_t): the baseline is
         updated once per round with the round's mean reward, and then every sample's advantage is
-        A_k = (R_k − B_t)/σ_R with that updated B_t, σ_R the standard deviation of the round's rewards (1 when they
-        are all equal). In the first round B_t is the mean reward, so the advantages are centred. Then one Adam step
-        on :meth:`reinforce_loss`.
+        A_k = (R_k − B_t)/σ_R with that updated B_t, σ_R the standard deviation of the round's rewards (1 when
+        it is below :data:`MIN_REWARD_SPREAD`: ties and rounding are no signal). In the first round B_t is the
+        mean reward, so the advantages are centred. Then one Adam step on :meth:`reinforce_loss`.
 
-        Dividing by σ_R is ours: candidates differ in Dice by as little as 1e-9, below Adam's ε = 1e-8, where Adam no
-        longer normalises the step; with σ_R every round casts an equal vote.
+        Dividing by σ_R is ours: candidates differ in Dice by as little as 1e-9, below Adam's ε = 1e-8, where
+        Adam no longer normalises the step; with σ_R every round casts an equal vote.
         """
         rewards = torch.as_tensor(rewards, dtype=torch.float64)
         if actions.shape != (rewards.numel(), self.num_controlled):
             raise ValueError(f"actions must have shape ({rewards.numel()}, {self.num_controlled}), "
                              f"got {tuple(actions.shape)}")
         spread = rewards.std(unbiased=False).item()
-        advantages = (rewards - baseline.update(rewards.mean().item())) / (spread if spread > 0 else 1.0)
+        scale = spread if spread > MIN_REWARD_SPREAD else 1.0
+        advantages = (rewards - baseline.update(rewards.mean().item())) / scale
         self.optimizer.zero_grad()
         loss = self.reinforce_loss(actions, advantages)
         loss.backward()

@@ -178,7 +178,7 @@ LABELS = {"background": 0, "a": 1, "b": 2}
 def test_the_look_ahead_masks_an_ignore_label(planned_dataset):
     trainer = loss_of(CleanDeepSup, planned_dataset, {**LABELS, "ignore": 3})
     dice = trainer.look_ahead_dice(synthetic_batch(trainer, labels=4), synthetic_batch(trainer, labels=4),
-                                   candidate_betas(trainer), 1)
+                                   candidate_betas(trainer))
     assert dice.shape == (3,) and np.all(np.isfinite(dice)) and np.all((0 <= dice) & (dice <= 1))
     target = synthetic_batch(trainer, labels=4)["target"][0]
     output = torch.randn(target.shape[0], 3, *target.shape[2:])
@@ -192,7 +192,7 @@ def test_the_look_ahead_scores_region_targets_with_an_ignore_channel(planned_dat
                       regions_class_order=[1, 2])
     assert trainer.label_manager.has_regions and trainer.label_manager.has_ignore_label
     regions = lambda: {**synthetic_batch(trainer, labels=2, channels=3)}
-    dice = trainer.look_ahead_dice(regions(), regions(), candidate_betas(trainer), 1)
+    dice = trainer.look_ahead_dice(regions(), regions(), candidate_betas(trainer))
     assert np.all(np.isfinite(dice)) and np.all((0 <= dice) & (dice <= 1))
 
 

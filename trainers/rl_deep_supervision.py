@@ -158,22 +158,25 @@ class nnUNetTrainerRLDeepSup(DeepSupervisionRLTrainer):
     def train_step(self, batch: dict) -> dict:
         steps_every = max(1, self.num_iterations_per_epoch // self.rl_steps_per_epoch)
         if self.in_rl_phase() and self._iteration % steps_every == 0:
-            self.rl_round(lambda betas: self.look_ahead_dice(batch, next(self.dataloader_reward), betas, steps_every))
+            self.rl_round(lambda betas: self.look_ahead_dice(batch, next(self.dataloader_reward), betas))
         self._iteration += 1
         return super().train_step(batch)
 
-    def look_ahead_dice(self, batch: dict, reward_batch: dict, betas: np.ndarray, steps: int) -> np.ndarray:
-        """First-order soft Dice on a reward batch after ``steps`` SGD steps with each candidate weighting (float32).
+    def look_ahead_dice(self, batch: dict, reward_batch: dict, betas: np.ndarray) -> np.ndarray:
+        """First-order soft Dice on a reward batch after one SGD step with each candidate weighting (float32).
 
-        D(α) ≈ D − η·steps·Σ_l α_l ⟨g_l, h⟩, g_l = ∇ L_l(train batch), h = ∇ softDice(reward batch), on the
-        network without its DDP wrapper; ⟨g_l, h⟩ and D are averaged over ranks so every rank scores alike. The
-        ranking of the candidates depends on the ⟨g_l, h⟩ only, not on η·steps.
+        D(α) ≈ D − η·Σ_l α_l ⟨g_l, h⟩, g_l = ∇ L_l(train batch), h = ∇ softDice(reward batch, network in eval mode
+        as nnU-Net validates), on the network without its DDP wrapper; ⟨g_l, h⟩ and D are averaged over ranks so every
+        rank scores alike. The candidates' ranking does not depend on the step: a horizon of S steps would multiply
+        η by S and only push the scores into the clip to [0, 1], where candidates tie.
         """
         network = self.bare_network
         parameters = [p for p in network.parameters() if p.requires_grad]
         reward_data, reward_target = self.batch_to_device(reward_batch)
+        network.eval()
         dice = soft_foreground_dice(self.loss.loss, network(reward_data)[0], reward_target[0])
         dice_gradient = torch.autograd.grad(dice, parameters, allow_unused=True)  # frees the reward graph
+        network.train()
         data, target = self.batch_to_device(batch)
         outputs = network(data)
         controlled = self.das_weights.num_controlled
@@ -184,11 +187,10 @@ class nnUNetTrainerRLDeepSup(DeepSupervisionRLTrainer):
                 if g is not None and h is not None)
             for i in range(controlled)])
         summary = mean_across_ranks(torch.cat([dice.detach()[None], alignment.detach()]).double().cpu()).numpy()
-        step_size = self.optimizer.param_groups[0]["lr"] * steps
         alphas = np.exp(betas - betas.max(axis=1, keepdims=True))
         alphas /= alphas.sum(axis=1, keepdims=True)
         network.zero_grad(set_to_none=True)
-        return np.clip(summary[0] - step_size * alphas @ summary[1:], 0.0, 1.0)
+        return np.clip(summary[0] - self.optimizer.param_groups[0]["lr"] * alphas @ summary[1:], 0.0, 1.0)
 
 
 class nnUNetTrainerRLDeepSup_randomSearch(nnUNetTrainerRLDeepSup):
