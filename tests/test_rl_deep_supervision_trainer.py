@@ -12,7 +12,8 @@ from conftest import make_trainer
 from nnunet_rl.deep_supervision_rl import DeepSupervisionWeights
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.pam import PixelAttentionGate
-from nnunet_rl.trainers import nnUNetTrainerAWSnet, nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_faithful
+from nnunet_rl.trainers import (nnUNetTrainerAWSnet, nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_faithful,
+                                nnUNetTrainerRLDeepSup_randomSearch)
 from nnunet_rl.trainers.reward_cases import REWARD_CASES_FILE, carve_reward_cases
 from nnunet_rl.trainers.rl_deep_supervision import (COMPONENT, WEIGHTS_FILE, hard_foreground_dice,
                                                     soft_foreground_dice)
@@ -27,6 +28,10 @@ class TinySchedule(ShortSchedule):
 
 
 class CleanDeepSup(TinySchedule, nnUNetTrainerRLDeepSup):
+    pass
+
+
+class RandomSearchTiny(TinySchedule, nnUNetTrainerRLDeepSup_randomSearch):
     pass
 
 
@@ -64,6 +69,15 @@ def test_clean_data_keeps_a_valid_distribution_and_loss_decreases(planned_datase
     assert losses[-1] < losses[0]
     rewards = trainer.logger.local_logger.my_fantastic_logging["rl_deep_supervision/reward"]
     assert all(0 <= r <= 1 for r in rewards)
+
+
+def test_random_search_keeps_the_best_candidate_with_frozen_controllers(planned_dataset):
+    torch.manual_seed(0)
+    initial = make_trainer(planned_dataset, RandomSearchTiny)
+    initial.initialize()
+    trainer = trained(planned_dataset, RandomSearchTiny)
+    torch.testing.assert_close(trainer.controllers.theta, initial.controllers.theta, rtol=0, atol=0)
+    assert not np.allclose(trainer.das_weights.alpha(), stock_alpha(trainer)[:-1])
 
 
 def test_resume_restores_controllers_weights_and_baseline(planned_dataset):
