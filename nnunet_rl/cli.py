@@ -31,6 +31,13 @@ def _plan(args):
         print(f"wrote the rl block into {path}")
 
 
+def _plan_unpaired(args):
+    from nnunet_rl.plans.unpaired import plan_unpaired
+    primary, auxiliary = plan_unpaired(args.primary, args.auxiliary, args.c, plans_name=args.p, num_processes=args.np)
+    print(f"wrote the unpaired rl block into {primary} and {auxiliary}; train with: nnUNetv2_train {args.primary} "
+          f"{args.c[0]} FOLD -tr nnUNetTrainerRLU2Net_unpaired -p {args.p}")
+
+
 def _compare(args):
     from nnunet_rl.compare import compare_trainers
     out = compare_trainers(args.dataset, args.c, args.tr, folds=args.f, output_dir=args.o, plans=args.p)
@@ -85,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "estimate of the two-branch RL-U2Net to nnU-Net's GPU memory target (train with -p "
                         "nnUNetPlans_RLU2Net)")
     p.set_defaults(func=_plan)
+
+    p = sub.add_parser("plan-unpaired", help="plan two single-modality datasets (MM-WHS CT and MRI) for "
+                                             "nnUNetTrainerRLU2Net_unpaired: the primary's nnU-Net plans moved onto "
+                                             "the auxiliary dataset (its own normalisation kept), both preprocessed")
+    p.add_argument("primary", help="dataset name or ID given to nnUNetv2_train (e.g. the CT dataset)")
+    p.add_argument("auxiliary", help="dataset name or ID feeding the other branch (e.g. the MRI dataset)")
+    p.add_argument("-c", nargs="+", required=True, help="configurations, e.g. 3d_fullres")
+    p.add_argument("-p", default="nnUNetPlans", help="the primary's plans identifier (default: nnUNetPlans); the "
+                                                      "auxiliary gets <p>_from<primary ID>")
+    p.add_argument("-np", type=int, default=1, help="processes for nnU-Net's fingerprinting and preprocessing")
+    p.set_defaults(func=_plan_unpaired)
 
     p = sub.add_parser("compare", help="compare trainers' nnU-Net validation predictions (Dice, IoU, HD95, ASD, "
                                        "boundary IoU, Wilcoxon against the first trainer)")

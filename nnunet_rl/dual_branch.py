@@ -247,7 +247,9 @@ class DualBranchUNet(nn.Module):
         alignments.append(Alignment(key, direction, own, aligned, module.pose, action, finest, mirroring))
         return fused
 
-    def forward(self, x: torch.Tensor):
+    def branch_outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor] | torch.Tensor,
+                                                       list[torch.Tensor] | torch.Tensor, list[Alignment]]:
+        """Both branches' decoder outputs (deep-supervision lists or full-resolution maps) and the alignments."""
         primary = select_channels(x, self.primary_channels)
         auxiliary = select_channels(x, self.auxiliary_channels)
         primary_skips, auxiliary_skips, alignments = [], [], []
@@ -262,8 +264,10 @@ class DualBranchUNet(nn.Module):
                     self._align("auxiliary", stage, auxiliary, primary, finest, alignments))
             primary_skips.append(primary)
             auxiliary_skips.append(auxiliary)
-        primary_out = self.primary_branch.decoder(primary_skips)
-        auxiliary_out = self.auxiliary_branch.decoder(auxiliary_skips)
+        return self.primary_branch.decoder(primary_skips), self.auxiliary_branch.decoder(auxiliary_skips), alignments
+
+    def forward(self, x: torch.Tensor):
+        primary_out, auxiliary_out, alignments = self.branch_outputs(x)
         if self.training:
             return DualBranchOutput(_as_list(primary_out), _as_list(auxiliary_out), alignments)
         if isinstance(primary_out, (list, tuple)):

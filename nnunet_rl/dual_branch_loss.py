@@ -10,6 +10,7 @@ L_final = (L_Dice^balanced + L_CE^balanced) + λ₁ Σ_i L_align^(i)
   the CE weight set to 0 and one with the Dice weight set to 0, so ignore labels, batch Dice and the
   deep-supervision weights behave exactly as in stock nnU-Net.
 - AGWD (eqs. 18-19) balances the two branches, separately for Dice and for CE; without AGWD the two are summed.
+- Paired data: one label map supervises both branches; unpaired data (:class:`BranchTargets`): each branch its own.
 - L_align (eq. 17) = α·InfoNCE + β·cosine between a branch's features and the aligned features of the other, for
   every RL-XAlign module.
 
@@ -34,6 +35,24 @@ def _only(stock_loss: nn.Module, keep: str) -> nn.Module:
     terms = single.loss if isinstance(single, DeepSupervisionWrapper) else single
     setattr(terms, "weight_ce" if keep == "dice" else "weight_dice", 0)
     return single
+
+
+class BranchTargets(dict):
+    """Each branch's own target ({branch: tensor or deep-supervision list}): unpaired training, where the two
+    branches see patches of different patients. ``to`` moves every target, as nnU-Net's ``train_step`` moves one;
+    ``map`` applies a function to every target tensor."""
+
+    def map(self, function) -> "BranchTargets":
+        return BranchTargets({branch: [function(t) for t in target] if isinstance(target, list) else function(target)
+                              for branch, target in self.items()})
+
+    def to(self, *args, **kwargs) -> "BranchTargets":
+        return self.map(lambda t: t.to(*args, **kwargs))
+
+
+def branch_target(target, branch: str):
+    """The target of ``branch``: its own in :class:`BranchTargets`, else the one label map both branches share."""
+    return target[branch] if isinstance(target, BranchTargets) else target
 
 
 class Measurement(NamedTuple):
@@ -89,7 +108,8 @@ class DualBranchLoss(nn.Module):
         return {"primary": output.primary[0], "auxiliary": output.auxiliary[0]}
 
     def _branch_dice(self, output: DualBranchOutput, target) -> dict[str, torch.Tensor]:
-        return {branch: self.dice(prediction, target) for branch, prediction in self._branches(output).items()}
+        return {branch: self.dice(prediction, branch_target(target, branch))
+                for branch, prediction in self._branches(output).items()}
 
     def measure(self, output: DualBranchOutput, target) -> Measurement:
         """Each branch's soft Dice and each module's S_similarity, without a loss (the PPO baseline state)."""
@@ -104,7 +124,8 @@ class DualBranchLoss(nn.Module):
         if not isinstance(output, DualBranchOutput):
             return self.stock(output, target)
         dice = self._branch_dice(output, target)
-        ce = {branch: self.ce(prediction, target) for branch, prediction in self._branches(output).items()}
+        ce = {branch: self.ce(prediction, branch_target(target, branch))
+              for branch, prediction in self._branches(output).items()}
         self.last_dice = {branch: -value.detach() for branch, value in dice.items()}  # tensors: no sync here
         if self.record_similarity:
             self.last_similarity = {a.key: float(a.similarity()) for a in output.alignments}

@@ -62,6 +62,8 @@ PAPER_DEFAULTS: dict[str, dict] = {
         "infonce_weight": 1.0,             # α, β of eq. 17; ours
         "cosine_weight": 1.0,
         "infonce_temperature": 0.1,
+        "unpaired": None,                  # ours: the two datasets of nnUNetTrainerRLU2Net_unpaired (MM-WHS as
+                                           # distributed), written by `nnunet-rl plan-unpaired`; null: paired channels
     },
     # AWSnet's DAS (paper 003); see docs/rl_deep_supervision.md.
     "rl_deep_supervision": {
@@ -74,6 +76,8 @@ PAPER_DEFAULTS: dict[str, dict] = {
         "warmup_fraction": 0.75,           # fixed nnU-Net weights first: 150 of 200 epochs in the paper (50 rounds);
                                            # 750 of nnU-Net's 1000 (250 rounds)
         "rl_steps_per_epoch": 1,           # look-ahead rounds per RL epoch (the paper: one round per epoch)
+        "trial_steps": 10,                 # _shortHorizon: training steps per candidate, on common batches
+        "trial_reward_batches": 5,         # _shortHorizon: reward batches scoring each candidate
         "seed": 0,                         # controller initialisation and sampling
     },
 }

@@ -5,8 +5,12 @@ Class names are part of every saved model (``checkpoint['trainer_name']``): neve
 from nnunet_rl.trainers.pam import nnUNetTrainerPAM
 from nnunet_rl.trainers.rl_deep_supervision import (nnUNetTrainerAWSnet, nnUNetTrainerRLDeepSup,
                                                     nnUNetTrainerRLDeepSup_faithful,
-                                                    nnUNetTrainerRLDeepSup_randomSearch)
+                                                    nnUNetTrainerRLDeepSup_randomSearch,
+                                                    nnUNetTrainerRLDeepSup_shortHorizon)
 from nnunet_rl.trainers.rl_u2net import nnUNetTrainerRLU2Net
+from nnunet_rl.trainers.rl_u2net_unpaired import (nnUNetTrainerRLU2Net_unpaired,
+                                                  nnUNetTrainerRLU2Net_unpaired_3epochs_2iters,
+                                                  nnUNetTrainerRLU2Net_unpaired_10epochs_20iters)
 from nnunet_rl.trainers.rl_u2net_variants import (SHORT_SCHEDULES as _RL_U2NET_SHORT_SCHEDULES,
                                                   nnUNetTrainerRLU2Net_lambda0p1, nnUNetTrainerRLU2Net_lambda0p2,
                                                   nnUNetTrainerRLU2Net_lambda0p3, nnUNetTrainerRLU2Net_lambda0p4,
@@ -25,7 +29,10 @@ from nnunet_rl.trainers.schedules import (nnUNetTrainer_3epochs_2iters, nnUNetTr
                                           nnUNetTrainer_30epochs_50iters, nnUNetTrainerPAM_30epochs_50iters,
                                           nnUNetTrainerRLDeepSup_30epochs_50iters,
                                           nnUNetTrainerRLDeepSup_randomSearch_30epochs_50iters,
-                                          nnUNetTrainerAWSnet_30epochs_50iters)
+                                          nnUNetTrainerAWSnet_30epochs_50iters,
+                                          nnUNetTrainerRLDeepSup_shortHorizon_3epochs_2iters,
+                                          nnUNetTrainerRLDeepSup_shortHorizon_10epochs_20iters,
+                                          nnUNetTrainerRLDeepSup_shortHorizon_30epochs_50iters)
 
 globals().update(_RL_U2NET_SHORT_SCHEDULES)
 
@@ -39,7 +46,11 @@ __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10
            "nnUNetTrainer_30epochs_50iters", "nnUNetTrainerPAM_30epochs_50iters",
            "nnUNetTrainerRLDeepSup_30epochs_50iters",
            "nnUNetTrainerRLDeepSup_randomSearch_30epochs_50iters", "nnUNetTrainerAWSnet_30epochs_50iters",
+           "nnUNetTrainerRLDeepSup_shortHorizon", "nnUNetTrainerRLDeepSup_shortHorizon_3epochs_2iters",
+           "nnUNetTrainerRLDeepSup_shortHorizon_10epochs_20iters", "nnUNetTrainerRLDeepSup_shortHorizon_30epochs_50iters",
            "nnUNetTrainerRLU2Net", "nnUNetTrainerRLU2Net_noCMA", "nnUNetTrainerRLU2Net_noRLXAlign",
            "nnUNetTrainerRLU2Net_noAuxLoss", "nnUNetTrainerRLU2Net_noAGWD", "nnUNetTrainerRLU2Net_lambda0p1",
            "nnUNetTrainerRLU2Net_lambda0p2", "nnUNetTrainerRLU2Net_lambda0p3", "nnUNetTrainerRLU2Net_lambda0p4",
-           "nnUNetTrainerRLU2Net_lambda0p5", *_RL_U2NET_SHORT_SCHEDULES, "nnUNetTrainerRLU2Net_noPPO"]
+           "nnUNetTrainerRLU2Net_lambda0p5", *_RL_U2NET_SHORT_SCHEDULES, "nnUNetTrainerRLU2Net_noPPO",
+           "nnUNetTrainerRLU2Net_unpaired", "nnUNetTrainerRLU2Net_unpaired_3epochs_2iters",
+           "nnUNetTrainerRLU2Net_unpaired_10epochs_20iters"]

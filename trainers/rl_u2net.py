@@ -27,7 +27,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import autocast, nn
 
 from nnunet_rl.dual_branch import NETWORK_HYPERPARAMETERS, DualBranchUNet
-from nnunet_rl.dual_branch_loss import DualBranchLoss, Measurement
+from nnunet_rl.dual_branch_loss import BranchTargets, DualBranchLoss, Measurement
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.mirroring import commuting_axes, draw_mirroring, mirror_batch
 from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
@@ -63,12 +63,17 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        self.check_channels(dataset_json)
+        super().__init__(plans, configuration, fold, dataset_json, device)
+
+    def check_channels(self, dataset_json: dict) -> None:
+        """Paired data: a primary and an auxiliary modality as channels of one dataset."""
         if len(dataset_json["channel_names"]) < 2:
             raise NnunetRLError(
                 f"{type(self).__name__} needs paired multi-channel data (a primary and an auxiliary modality); this "
                 f"dataset has the single channel {list(dataset_json['channel_names'].values())}. For single-channel "
-                f"data use {', '.join(SINGLE_CHANNEL_TRAINERS)}.")
-        super().__init__(plans, configuration, fold, dataset_json, device)
+                f"data use {', '.join(SINGLE_CHANNEL_TRAINERS)}; for two single-modality datasets (MM-WHS) "
+                f"nnUNetTrainerRLU2Net_unpaired.")
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -161,8 +166,11 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
             return {"data": data, "target": target}
         mirroring = draw_mirroring(data.shape[0], self.training_mirror_axes, data.ndim - 2, self.pose_generator)
         self.bare_network.set_mirroring(mirroring)
-        target = [mirror_batch(t, mirroring) for t in target] if isinstance(target, list) else \
-            mirror_batch(target, mirroring)
+        if isinstance(target, BranchTargets):
+            target = target.map(lambda t: mirror_batch(t, mirroring))
+        else:
+            target = [mirror_batch(t, mirroring) for t in target] if isinstance(target, list) else \
+                mirror_batch(target, mirroring)
         return {"data": mirror_batch(data, mirroring), "target": target}
 
     def train_step(self, batch: dict) -> dict:

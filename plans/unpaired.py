@@ -1,0 +1,95 @@
+"""``nnunet-rl plan-unpaired``: one set of plans for two single-modality datasets (MM-WHS CT and MRI), the nnU-Net way.
+
+nnU-Net plans and preprocesses the primary dataset; its plans are moved onto the auxiliary dataset with nnU-Net's
+``move_plans_between_datasets`` (the ``nnUNetv2_move_plans_between_datasets`` command), so both share spacing, axis
+order, patch size, batch size and topology; the intensity normalisation stays the auxiliary modality's own (nnU-Net's
+scheme for its channel names, its own fingerprint's intensities), because moved plans would normalise an MRI with CT
+statistics. nnU-Net then preprocesses the auxiliary dataset with the moved plans, and both plans get the same rl block
+naming the two datasets (``rl_u2net.unpaired``), which ``nnUNetTrainerRLU2Net_unpaired`` reads.
+"""
+import copy
+from pathlib import Path
+
+from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
+from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, preprocess
+from nnunetv2.experiment_planning.plans_for_pretraining.move_plans_between_datasets import \
+    move_plans_between_datasets
+from nnunetv2.paths import nnUNet_raw
+from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
+
+from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.nnunet_folders import dataset_name as nnunet_dataset_name, require_nnunet_folders
+from nnunet_rl.plans.planner import run_nnunet_planning_where_missing
+from nnunet_rl.plans.rl_block import RL_BLOCK_KEY, derive_rl_block
+from nnunet_rl.unpaired import UNPAIRED_KEY, UnpairedDatasets, UnpairedSide, check_same_labels
+
+
+def auxiliary_plans_name(plans_name: str, primary_dataset: str) -> str:
+    """The moved plans' identifier in the auxiliary dataset, e.g. ``nnUNetPlans_from601``: the auxiliary dataset's
+    own ``nnUNetPlans`` (for stock nnU-Net on that modality) stays untouched."""
+    return f"{plans_name}_from{convert_dataset_name_to_id(primary_dataset):03d}"
+
+
+def _own_normalisation(plans: dict, auxiliary_id: int, configurations: list[str]) -> None:
+    """Give the moved plans the auxiliary modality's normalisation, as nnU-Net's planner would plan it."""
+    planner = ExperimentPlanner(auxiliary_id)
+    schemes, use_mask = planner.determine_normalization_scheme_and_whether_mask_is_used_for_norm()
+    plans["foreground_intensity_properties_per_channel"] = \
+        planner.dataset_fingerprint["foreground_intensity_properties_per_channel"]
+    for configuration in configurations:
+        plans["configurations"][configuration].update(normalization_schemes=schemes, use_mask_for_norm=use_mask)
+
+
+def plan_unpaired(primary: str | int, auxiliary: str | int, configurations: list[str], plans_name: str = "nnUNetPlans",
+                  num_processes: int = 1) -> list[Path]:
+    """Plan and preprocess ``primary`` (where missing), move its plans onto ``auxiliary`` and preprocess that with
+    them, and write the rl block naming both into both plans files (returned: primary's, then auxiliary's)."""
+    _, preprocessed = require_nnunet_folders("nnUNet_raw", "nnUNet_preprocessed")
+    primary_name, auxiliary_name = nnunet_dataset_name(primary), nnunet_dataset_name(auxiliary)
+    if primary_name == auxiliary_name:
+        raise NnunetRLError(f"unpaired training needs two different datasets, got {primary_name} twice")
+    raw_jsons = {name: _raw_dataset_json(name) for name in (primary_name, auxiliary_name)}
+    check_same_labels(raw_jsons[primary_name], raw_jsons[auxiliary_name], primary_name, auxiliary_name)
+    primary_file = run_nnunet_planning_where_missing(primary_name, configurations, plans_name, num_processes)
+    primary_plans = load_json(str(primary_file))
+
+    auxiliary_id = convert_dataset_name_to_id(auxiliary_name)
+    auxiliary_folder = preprocessed / auxiliary_name
+    if not (auxiliary_folder / "dataset_fingerprint.json").is_file():
+        extract_fingerprints([auxiliary_id], num_processes=num_processes, check_dataset_integrity=True)
+    target_plans = auxiliary_plans_name(plans_name, primary_name)
+    move_plans_between_datasets(primary_name, auxiliary_name, plans_name, target_plans)
+    auxiliary_file = auxiliary_folder / f"{target_plans}.json"
+    auxiliary_plans = load_json(str(auxiliary_file))
+    _own_normalisation(auxiliary_plans, auxiliary_id, configurations)
+
+    datasets = UnpairedDatasets(
+        primary=UnpairedSide(primary_name, plans_name, _channels(raw_jsons[primary_name])),
+        auxiliary=UnpairedSide(auxiliary_name, target_plans, _channels(raw_jsons[auxiliary_name])))
+    for configuration in configurations:
+        block = copy.deepcopy(primary_plans["configurations"][configuration].get(RL_BLOCK_KEY)) or \
+            derive_rl_block(load_json(str(primary_file.parent / "dataset.json")),
+                            primary_file.parent / "gt_segmentations")
+        block.setdefault("rl_u2net", {})[UNPAIRED_KEY] = datasets.as_section_value()
+        primary_plans["configurations"][configuration][RL_BLOCK_KEY] = block
+        auxiliary_block = copy.deepcopy(block)
+        auxiliary_block["dataset"] = derive_rl_block(raw_jsons[auxiliary_name], None)["dataset"]
+        auxiliary_plans["configurations"][configuration][RL_BLOCK_KEY] = auxiliary_block
+    save_json(primary_plans, str(primary_file), sort_keys=False)
+    save_json(auxiliary_plans, str(auxiliary_file), sort_keys=False)
+    save_json(raw_jsons[auxiliary_name], str(auxiliary_folder / "dataset.json"), sort_keys=False)  # as nnU-Net's planner
+    preprocess([auxiliary_id], target_plans, configurations, [num_processes] * len(configurations))
+    return [primary_file, auxiliary_file]
+
+
+def _raw_dataset_json(dataset: str) -> dict:
+    file = Path(str(nnUNet_raw)) / dataset / "dataset.json"
+    if not file.is_file():
+        raise NnunetRLError(f"{file} not found: convert the dataset first (nnunet-rl convert-mmwhs)")
+    return load_json(str(file))
+
+
+def _channels(dataset_json: dict) -> tuple[str, ...]:
+    names = dataset_json["channel_names"]
+    return tuple(names[key] for key in sorted(names, key=int))
