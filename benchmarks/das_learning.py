@@ -30,7 +30,9 @@ import numpy as np
 import torch
 
 from nnunet_rl.deep_supervision_rl import ACTIONS
-from nnunet_rl.trainers import nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_randomSearch
+from nnunet_rl.trainers import (nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_randomSearch,
+                                nnUNetTrainerRLDeepSup_shortHorizon)
+from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
 from nnunet_rl.trainers.rl_deep_supervision import COMPONENT
 from nnunet_rl.trainers.schedules import ShortSchedule
 
@@ -41,8 +43,19 @@ DATASET_ID = 951
 
 
 class FortyRounds(ShortSchedule):
+    """The look-ahead: 10 rounds in each of 4 epochs."""
     epochs, iterations, val_iterations = 4, 10, 1
     schedule = {"warmup_fraction": 0.0, "rl_steps_per_epoch": 10}
+
+
+class FortyEpochRounds(ShortSchedule):
+    """``_shortHorizon``: one round per epoch, as at nnU-Net's schedule; an epoch as long as one trial."""
+    epochs, iterations, val_iterations = 40, PAPER_DEFAULTS[COMPONENT]["trial_steps"], 1
+    schedule = {"warmup_fraction": 0.0}
+
+
+MODES = {"lookAhead": (nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_randomSearch, FortyRounds),
+         "shortHorizon": (nnUNetTrainerRLDeepSup_shortHorizon, None, FortyEpochRounds)}
 
 
 class RecordsPreference:
@@ -67,14 +80,22 @@ class RecordsPreference:
 
 
 class NoisyOutput:
-    """Deep-supervision output 1 is trained on random labels."""
+    """Deep-supervision output 1 is trained on random labels, drawn once per batch (a batch that several
+    candidates train on gives each the same labels)."""
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self._noise_draws = 0
 
     def train_step(self, batch: dict) -> dict:
-        target = list(batch["target"])
-        generator = torch.Generator().manual_seed(self.current_epoch * 1000 + self._iteration)
-        target[NOISY_OUTPUT] = torch.randint(0, self.label_manager.num_segmentation_heads,
-                                             target[NOISY_OUTPUT].shape, generator=generator).to(target[0].dtype)
-        return super().train_step({**batch, "target": target})
+        if "noisy_target" not in batch:
+            target = list(batch["target"])
+            generator = torch.Generator().manual_seed(self._noise_draws)
+            self._noise_draws += 1
+            target[NOISY_OUTPUT] = torch.randint(0, self.label_manager.num_segmentation_heads,
+                                                 target[NOISY_OUTPUT].shape, generator=generator).to(target[0].dtype)
+            batch["noisy_target"] = target
+        return super().train_step({**batch, "target": batch["noisy_target"]})
 
 
 class ShuffledRewards:
@@ -86,13 +107,16 @@ class ShuffledRewards:
         super().rl_round(lambda betas: generator.permutation(score(betas)))
 
 
-def trainer_class(arm: str, seed: int) -> type:
-    bases = {"learner": (NoisyOutput, nnUNetTrainerRLDeepSup),
-             "shuffled": (NoisyOutput, ShuffledRewards, nnUNetTrainerRLDeepSup),
-             "random search": (NoisyOutput, nnUNetTrainerRLDeepSup_randomSearch),
-             "clean": (nnUNetTrainerRLDeepSup,)}[arm]
-    return type(f"DAS_{arm.replace(' ', '_')}_seed{seed}", (FortyRounds, RecordsPreference, *bases),
-                {"rl_overrides": {COMPONENT: {**FortyRounds.schedule, "seed": seed}}})
+def trainer_class(arm: str, seed: int, mode: str = "lookAhead") -> type:
+    learner, random_search, schedule = MODES[mode]
+    if arm == "random search" and random_search is None:
+        raise ValueError(f"no random-search trainer for mode {mode}")
+    bases = {"learner": (NoisyOutput, learner),
+             "shuffled": (NoisyOutput, ShuffledRewards, learner),
+             "random search": (NoisyOutput, random_search),
+             "clean": (learner,)}[arm]
+    return type(f"DAS_{mode}_{arm.replace(' ', '_')}_seed{seed}", (schedule, RecordsPreference, *bases),
+                {"rl_overrides": {COMPONENT: {**schedule.schedule, "seed": seed}}})
 
 
 def trainer_for(dataset: str, trainer_class: type, configuration: str):
@@ -104,11 +128,12 @@ def trainer_for(dataset: str, trainer_class: type, configuration: str):
     return trainer_class(plans, configuration, 0, load_json(str(folder / "dataset.json")), torch.device("cpu"))
 
 
-def probability_of_lowering_output_1(dataset: str, arm: str, seed: int, configuration: str) -> tuple[float, float]:
+def probability_of_lowering_output_1(dataset: str, arm: str, seed: int, configuration: str,
+                                     mode: str = "lookAhead") -> tuple[float, float]:
     """π(Δβ = −0.15) of output 1's controller after the run, and the fraction of rounds whose scores favoured
     lowering output 1."""
     torch.manual_seed(seed)
-    trainer = trainer_for(dataset, trainer_class(arm, seed), configuration)
+    trainer = trainer_for(dataset, trainer_class(arm, seed, mode), configuration)
     trainer.run_training()
     return (trainer.controllers.probabilities()[NOISY_OUTPUT, ACTIONS.index(-0.15)].item(),
             float(np.mean(np.array(trainer.preferences) > 0)))
@@ -127,18 +152,18 @@ def planned_dataset(base: Path) -> str:
     return folder.name
 
 
-def run(dataset: str, configuration: str, seeds: list[int], arms: list[str]) -> dict:
+def run(dataset: str, configuration: str, seeds: list[int], arms: list[str], mode: str) -> dict:
     outcomes, favoured = {arm: [] for arm in arms}, {arm: [] for arm in arms}
     for arm in arms:
         for seed in seeds:
             start = time.perf_counter()
-            probability, fraction = probability_of_lowering_output_1(dataset, arm, seed, configuration)
+            probability, fraction = probability_of_lowering_output_1(dataset, arm, seed, configuration, mode)
             outcomes[arm].append(probability)
             favoured[arm].append(fraction)
             print(f"{arm}, seed {seed}: pi(lower output 1) = {probability:.3f}, rounds favouring it {fraction:.2f} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     controls = [arm for arm in arms if arm != "learner"]
-    return {"configuration": configuration, "seeds": seeds, "threshold": THRESHOLD, "outcomes": outcomes,
+    return {"mode": mode, "configuration": configuration, "seeds": seeds, "threshold": THRESHOLD, "outcomes": outcomes,
             "rounds_favouring_lowering_output_1": favoured,
             "learner_passes": min(outcomes["learner"]) >= THRESHOLD if "learner" in arms else None,
             "controls_fail": {arm: max(outcomes[arm]) < THRESHOLD for arm in controls}}
@@ -149,10 +174,12 @@ def main() -> None:
     parser.add_argument("-c", "--configuration", default="3d_fullres")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--mode", default="lookAhead", choices=list(MODES),
+                        help="lookAhead: nnUNetTrainerRLDeepSup; shortHorizon: nnUNetTrainerRLDeepSup_shortHorizon")
     parser.add_argument("-o", "--output", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as base:
-        result = run(planned_dataset(Path(base)), args.configuration, args.seeds, args.arms)
+        result = run(planned_dataset(Path(base)), args.configuration, args.seeds, args.arms, args.mode)
     print(json.dumps(result, indent=2))
     if args.output:
         args.output.write_text(json.dumps(result, indent=2))

@@ -13,7 +13,7 @@ from nnunet_rl.deep_supervision_rl import DeepSupervisionWeights
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.pam import PixelAttentionGate
 from nnunet_rl.trainers import (nnUNetTrainerAWSnet, nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_faithful,
-                                nnUNetTrainerRLDeepSup_randomSearch)
+                                nnUNetTrainerRLDeepSup_randomSearch, nnUNetTrainerRLDeepSup_shortHorizon)
 from nnunet_rl.trainers.reward_cases import REWARD_CASES_FILE, carve_reward_cases
 from nnunet_rl.trainers.rl_deep_supervision import (COMPONENT, WEIGHTS_FILE, hard_foreground_dice,
                                                     soft_foreground_dice)
@@ -38,6 +38,27 @@ class RandomSearchTiny(TinySchedule, nnUNetTrainerRLDeepSup_randomSearch):
 class FaithfulTwoCandidates(TinySchedule, nnUNetTrainerRLDeepSup_faithful):
     rl_overrides = {COMPONENT: {"warmup_fraction": 0.0, "candidates": 2}}
     epochs, iterations = 2, 2
+
+
+class ShortHorizonThreeCandidates(TinySchedule, nnUNetTrainerRLDeepSup_shortHorizon):
+    """Trials of 2 steps in epochs of 3: the best copy's 2 steps and 1 more make the epoch."""
+    rl_overrides = {COMPONENT: {"warmup_fraction": 0.0, "candidates": 3, "trial_steps": 2,
+                                "trial_reward_batches": 2}}
+    epochs, iterations = 2, 3
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.trained_on: list[int] = []  # per train step: the serial number of its batch
+        self._loader = self.dataloader_train
+        self.dataloader_train = ({**batch, "serial": serial} for serial, batch in enumerate(self._loader))
+
+    def on_train_end(self) -> None:
+        self.dataloader_train = self._loader  # for nnU-Net to shut its workers down
+        super().on_train_end()
+
+    def train_step(self, batch: dict) -> dict:
+        self.trained_on.append(batch["serial"])
+        return super().train_step(batch)
 
 
 def trained(dataset: str, trainer_class, configuration: str = "3d_fullres"):
@@ -98,6 +119,20 @@ def test_faithful_mode_trains_candidates_and_continues_from_the_best(planned_dat
     assert trainer.num_iterations_per_epoch == FaithfulTwoCandidates.iterations
     assert not np.allclose(trainer.das_weights.alpha(), stock_alpha(trainer)[:-1])
     assert trainer.baseline.value is not None
+
+
+def test_short_horizon_trials_share_their_batches_and_keep_the_epoch_length(planned_dataset):
+    trainer = trained(planned_dataset, ShortHorizonThreeCandidates)
+    per_epoch = 3 * 2 + 1  # three candidates of two steps, then the epoch's one remaining step
+    assert len(trainer.trained_on) == ShortHorizonThreeCandidates.epochs * per_epoch
+    for epoch in range(ShortHorizonThreeCandidates.epochs):
+        steps = trainer.trained_on[epoch * per_epoch:(epoch + 1) * per_epoch]
+        assert steps[0:2] == steps[2:4] == steps[4:6]  # every candidate trains on the same two batches
+        assert steps[6] not in steps[:6]
+    log = trainer.logger.local_logger.my_fantastic_logging
+    assert len(log["train_losses"]) == ShortHorizonThreeCandidates.epochs and np.all(np.isfinite(log["train_losses"]))
+    assert trainer.num_iterations_per_epoch == ShortHorizonThreeCandidates.iterations
+    assert not np.allclose(trainer.das_weights.alpha(), stock_alpha(trainer)[:-1])
 
 
 class RecordsBatches:

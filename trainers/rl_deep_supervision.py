@@ -199,41 +199,51 @@ class nnUNetTrainerRLDeepSup_randomSearch(nnUNetTrainerRLDeepSup):
 
 
 class nnUNetTrainerRLDeepSup_faithful(DeepSupervisionRLTrainer):
-    """The paper's bilevel DAS: K copies trained one epoch each per RL epoch, the best one continues (≈ K× cost)."""
+    """The paper's bilevel DAS: per RL epoch, each of the K weightings trains a copy of the network for one epoch
+    from the same start (weights, optimizer state with nnU-Net's momentum, grad scaler) with nnU-Net's own
+    ``train_step``, each copy on batches of its own; every copy is scored on the same
+    ``num_val_iterations_per_epoch`` reward batches and the best one continues (≈ K× cost per RL epoch)."""
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
-        self._best_outputs = None
+        self._best_outputs: list[dict] = []
+        self._scheduled_iterations = self.num_iterations_per_epoch
         if self.in_rl_phase():
             self.rl_round(self.train_candidates)
 
-    def train_candidates(self, betas: np.ndarray) -> list[float]:
-        """Train one epoch per candidate from the same start; score each on the same reward batches.
+    def candidate_batches(self):
+        """A function returning one candidate's training batches: a fresh epoch's worth per call."""
+        return lambda: (next(self.dataloader_train) for _ in range(self._scheduled_iterations))
 
-        The best copy's weights, optimizer state and training losses become this epoch's; nnU-Net's loop then
-        skips its own training iterations for this epoch and goes on to its validation.
+    def reward_batches(self) -> int:
+        return self.num_val_iterations_per_epoch
+
+    def train_candidates(self, betas: np.ndarray) -> list[float]:
+        """Train each candidate from the same start, score each on the same reward batches, keep the best copy.
+
+        The best copy's weights, optimizer state and training losses become this epoch's; nnU-Net's loop then runs
+        only the epoch's remaining iterations, so an epoch still has ``num_iterations_per_epoch`` training steps.
         """
         start = self._training_state()
-        reward_batches = [next(self.dataloader_reward) for _ in range(self.num_val_iterations_per_epoch)]
+        reward_batches = [next(self.dataloader_reward) for _ in range(self.reward_batches())]
+        batches = self.candidate_batches()
         dice, best = [], None
         for beta in betas:
             self._load_training_state(start)
             self.das_weights.keep(beta)
             self._apply_weights()
-            outputs = [self.train_step(next(self.dataloader_train))
-                       for _ in range(self.num_iterations_per_epoch)]
+            outputs = [self.train_step(batch) for batch in batches()]
             dice.append(self._reward_dice(reward_batches))
             if best is None or dice[-1] > best[0]:
                 best = (dice[-1], self._training_state(), outputs)
         self._load_training_state(best[1])
         self._best_outputs = best[2]
-        self._scheduled_iterations, self.num_iterations_per_epoch = self.num_iterations_per_epoch, 0
+        self.num_iterations_per_epoch = self._scheduled_iterations - len(self._best_outputs)
         return dice
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
-        if self._best_outputs is not None:
-            train_outputs, self.num_iterations_per_epoch = self._best_outputs, self._scheduled_iterations
-        super().on_train_epoch_end(train_outputs)
+        self.num_iterations_per_epoch = self._scheduled_iterations
+        super().on_train_epoch_end(self._best_outputs + train_outputs)
 
     def _training_state(self) -> dict:
         return copy.deepcopy({"network": self.network.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -258,6 +268,24 @@ class nnUNetTrainerRLDeepSup_faithful(DeepSupervisionRLTrainer):
         tp, fp, fn = (mean_across_ranks(torch.tensor(np.sum([c[key] for c in counts], axis=0), dtype=torch.float64))
                       for key in ("tp_hard", "fp_hard", "fn_hard"))
         return hard_foreground_dice(tp, fp, fn)
+
+
+class nnUNetTrainerRLDeepSup_shortHorizon(nnUNetTrainerRLDeepSup_faithful):
+    """The paper's bilevel scoring on a short horizon: each copy trains ``trial_steps`` steps on the *same*
+    training batches (common random numbers: the candidates differ only by their weighting) and is scored on
+    ``trial_reward_batches`` reward batches. Costs about K·trial_steps extra steps per RL epoch."""
+
+    def initialize(self) -> None:
+        super().initialize()
+        hp = self.rl_hyperparameters(COMPONENT)
+        self.trial_steps, self.trial_reward_batches = hp["trial_steps"], hp["trial_reward_batches"]
+
+    def candidate_batches(self):
+        common = [next(self.dataloader_train) for _ in range(min(self.trial_steps, self._scheduled_iterations))]
+        return lambda: common
+
+    def reward_batches(self) -> int:
+        return self.trial_reward_batches
 
 
 class nnUNetTrainerAWSnet(nnUNetTrainerPAM, nnUNetTrainerRLDeepSup):

@@ -10,7 +10,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_rl.trainers.pam import nnUNetTrainerPAM
 from nnunet_rl.trainers.rl_deep_supervision import (nnUNetTrainerAWSnet, nnUNetTrainerRLDeepSup,
                                                     nnUNetTrainerRLDeepSup_faithful,
-                                                    nnUNetTrainerRLDeepSup_randomSearch)
+                                                    nnUNetTrainerRLDeepSup_randomSearch,
+                                                    nnUNetTrainerRLDeepSup_shortHorizon)
 
 
 class ShortSchedule:
@@ -86,6 +87,14 @@ class nnUNetTrainerRLDeepSup_randomSearch_10epochs_20iters(Demo, nnUNetTrainerRL
     pass
 
 
+class nnUNetTrainerRLDeepSup_shortHorizon_3epochs_2iters(Smoke, nnUNetTrainerRLDeepSup_shortHorizon):
+    pass
+
+
+class nnUNetTrainerRLDeepSup_shortHorizon_10epochs_20iters(Demo, nnUNetTrainerRLDeepSup_shortHorizon):
+    pass
+
+
 class nnUNetTrainerAWSnet_3epochs_2iters(Smoke, nnUNetTrainerAWSnet):
     pass
 
@@ -111,4 +120,8 @@ class nnUNetTrainerRLDeepSup_randomSearch_30epochs_50iters(Study, nnUNetTrainerR
 
 
 class nnUNetTrainerAWSnet_30epochs_50iters(Study, nnUNetTrainerAWSnet):
+    pass
+
+
+class nnUNetTrainerRLDeepSup_shortHorizon_30epochs_50iters(Study, nnUNetTrainerRLDeepSup_shortHorizon):
     pass
