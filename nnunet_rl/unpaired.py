@@ -170,8 +170,8 @@ def check_same_plans(primary_plans: dict, auxiliary_plans: dict, configuration: 
         if mine.get("rl", {}).get("rl_u2net") != theirs.get("rl", {}).get("rl_u2net"):
             differences.append("rl block section rl_u2net")
     if differences:
-        raise NnunetRLError(f"the auxiliary dataset {auxiliary_plans['dataset_name']} was preprocessed with other plans "
-                            f"than {primary_plans['dataset_name']} (differ: {', '.join(differences)}); rerun: "
+        raise NnunetRLError(f"the auxiliary dataset {auxiliary_plans['dataset_name']} was preprocessed with other "
+                            f"plans than {primary_plans['dataset_name']} (differ: {', '.join(differences)}); rerun: "
                             f"nnunet-rl plan-unpaired {primary_plans['dataset_name']} "
                             f"{auxiliary_plans['dataset_name']} -c {configuration} -p {primary_plans['plans_name']}")
 

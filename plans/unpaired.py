@@ -78,7 +78,8 @@ def plan_unpaired(primary: str | int, auxiliary: str | int, configurations: list
         auxiliary_plans["configurations"][configuration][RL_BLOCK_KEY] = auxiliary_block
     save_json(primary_plans, str(primary_file), sort_keys=False)
     save_json(auxiliary_plans, str(auxiliary_file), sort_keys=False)
-    save_json(raw_jsons[auxiliary_name], str(auxiliary_folder / "dataset.json"), sort_keys=False)  # as nnU-Net's planner
+    # nnU-Net's planner copies dataset.json into the preprocessed folder; its preprocessing reads it from there
+    save_json(raw_jsons[auxiliary_name], str(auxiliary_folder / "dataset.json"), sort_keys=False)
     preprocess([auxiliary_id], target_plans, configurations, [num_processes] * len(configurations))
     return [primary_file, auxiliary_file]
 

@@ -88,8 +88,8 @@ class nnUNetTrainerRLU2Net_unpaired(nnUNetTrainerRLU2Net):
         primary, auxiliary = self.datasets.primary, self.datasets.auxiliary
         if self.plans_manager.dataset_name != primary.dataset or self.plans_manager.plans_name != primary.plans:
             raise NnunetRLError(f"these unpaired plans train {primary.dataset} with plans {primary.plans} (the "
-                                f"auxiliary {auxiliary.dataset} trains alongside); got {self.plans_manager.dataset_name}"
-                                f" with {self.plans_manager.plans_name}")
+                                f"auxiliary {auxiliary.dataset} trains alongside); got "
+                                f"{self.plans_manager.dataset_name} with {self.plans_manager.plans_name}")
         base = join(nnUNet_preprocessed, auxiliary.dataset)
         rerun = f"nnunet-rl plan-unpaired {primary.dataset} {auxiliary.dataset} -c {self.configuration_name} " \
                 f"-p {primary.plans}"
