@@ -90,7 +90,7 @@ def test_plans_share_the_topology_and_keep_each_modality_normalisation(nnunet_en
     assert mr_json["channel_names"] == {"0": "MRI"}
 
 
-def test_each_branch_sees_only_its_own_dataset_cases(nnunet_env):
+def test_each_branch_sees_only_its_own_dataset_cases_and_resume_keeps_the_references(nnunet_env, tmp_path):
     unpaired = trainer(*preprocessed(nnunet_env, CT))
     unpaired.initialize()
     train, validation = unpaired.get_dataloaders()
@@ -114,6 +114,15 @@ def test_each_branch_sees_only_its_own_dataset_cases(nnunet_env):
     finally:
         train.finish()
         validation._finish()
+
+    unpaired.save_checkpoint(str(tmp_path / "checkpoint.pth"))  # as --c finds it: loaded before the dataloaders start
+    resumed = trainer(*preprocessed(nnunet_env, CT))
+    resumed.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    train, validation = resumed.get_dataloaders()
+    train.finish()
+    validation._finish()
+    for branch in ("primary", "auxiliary"):
+        assert torch.equal(resumed.bare_network.reference(branch), unpaired.bare_network.reference(branch))
 
 
 def test_clear_errors_for_bad_set_ups(nnunet_env):
