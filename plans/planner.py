@@ -40,7 +40,9 @@ class nnUNetPlannerRLU2Net(ExperimentPlanner):
     def static_estimate_VRAM_usage(patch_size, input_channels: int, output_channels: int, arch_class_name: str,
                                    arch_kwargs: dict, arch_kwargs_req_import) -> int:
         hp = PAPER_DEFAULTS["rl_u2net"]
-        network = DualBranchUNet(input_channels, output_channels, arch_class_name, arch_kwargs, arch_kwargs_req_import,
+        # a single-channel dataset is the primary half of an unpaired pair (nnUNetTrainerRLU2Net_unpaired): the
+        # network then takes the auxiliary dataset's channel too
+        network = DualBranchUNet(max(input_channels, 2), output_channels, arch_class_name, arch_kwargs, arch_kwargs_req_import,
                                  allow_init=False, **{key: hp[key] for key in NETWORK_HYPERPARAMETERS})
         return network.compute_conv_feature_map_size(patch_size)
 

@@ -18,6 +18,7 @@ from test_rl_u2net import branch_kwargs
 from nnunet_rl.datasets.mmwhs import LABEL_MAP
 from nnunet_rl.datasets.synthetic import _heart_case
 from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.plans.planner import nnUNetPlannerRLU2Net
 from nnunet_rl.trainers import nnUNetTrainerRLU2Net_unpaired_3epochs_2iters as Unpaired
 from nnunet_rl.unpaired import UnpairedDualBranchUNet
 
@@ -147,6 +148,13 @@ def test_clear_errors_for_bad_set_ups(nnunet_env):
 
     other_labels = {**dataset_json, "labels": {"background": 0, "heart": 1}}
     refused(plans, other_labels, "same labels", CT, MR)
+
+
+def test_rl_u2net_planner_estimates_a_single_channel_primary_with_its_auxiliary_channel():
+    estimate = nnUNetPlannerRLU2Net.static_estimate_VRAM_usage
+    kwargs = branch_kwargs(PlainConvUNet, 3)
+    name = f"{PlainConvUNet.__module__}.{PlainConvUNet.__name__}"
+    assert estimate((16, 16, 16), 1, 8, name, kwargs, ()) == estimate((16, 16, 16), 2, 8, name, kwargs, ())
 
 
 def test_eval_feeds_the_other_branch_its_reference_patch():
