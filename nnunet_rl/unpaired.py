@@ -90,7 +90,11 @@ class JointLoader:
 
     def __next__(self) -> dict:
         batches = {branch: next(loader) for branch, loader in self.loaders.items()}
-        return {"data": torch.cat([torch.as_tensor(batches[b]["data"]) for b in FUSION_DIRECTIONS], 1),
+        parts = [torch.as_tensor(batches[b]["data"]) for b in FUSION_DIRECTIONS]
+        data = torch.cat(parts, 1)
+        if all(part.is_pinned() for part in parts):  # nnU-Net pins batches for CUDA: keep the copy asynchronous
+            data = data.pin_memory()
+        return {"data": data,
                 "target": BranchTargets({b: batches[b]["target"] for b in FUSION_DIRECTIONS}),
                 "keys": {b: batches[b]["keys"] for b in FUSION_DIRECTIONS}}
 
