@@ -1,5 +1,6 @@
-"""nnUNetTrainerRLDeepSup[_faithful] and AWSnet on a tiny planned dataset: reward cases held out of training and apart
+"""nnUNetTrainerRLDeepSup[_faithful, _shortHorizon] and AWSnet on a tiny planned dataset: reward cases held out of training and apart
 from validation, α valid, exact resume, datasets with an ignore label, regions and empty classes."""
+import copy
 import json
 import os
 
@@ -119,6 +120,24 @@ def test_faithful_mode_trains_candidates_and_continues_from_the_best(planned_dat
     assert trainer.num_iterations_per_epoch == FaithfulTwoCandidates.iterations
     assert not np.allclose(trainer.das_weights.alpha(), stock_alpha(trainer)[:-1])
     assert trainer.baseline.value is not None
+
+
+def test_a_candidate_trains_from_the_start_state_without_changing_it(planned_dataset):
+    """Regression: torch's optimizer adopted the start state's momentum tensors and updated them in place, so each
+    faithful candidate started where the previous one's momentum had left off (later candidates scored higher)."""
+    trainer = make_trainer(planned_dataset, FaithfulTwoCandidates)
+    trainer.on_train_start()
+    trainer.train_step(next(trainer.dataloader_train))
+    start = trainer._training_state()
+    untouched = copy.deepcopy(start)
+    for _ in range(2):
+        trainer._load_training_state(start)
+        trainer.train_step(next(trainer.dataloader_train))
+    for saved, original in zip(start["optimizer"]["state"].values(), untouched["optimizer"]["state"].values()):
+        torch.testing.assert_close(saved["momentum_buffer"], original["momentum_buffer"], rtol=0, atol=0)
+    for name, weights in start["network"].items():
+        torch.testing.assert_close(weights, untouched["network"][name], rtol=0, atol=0)
+    trainer.on_train_end()
 
 
 def test_short_horizon_trials_share_their_batches_and_keep_the_epoch_length(planned_dataset):

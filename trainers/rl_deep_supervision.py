@@ -250,6 +250,10 @@ class nnUNetTrainerRLDeepSup_faithful(DeepSupervisionRLTrainer):
                               "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler else None})
 
     def _load_training_state(self, state: dict) -> None:
+        """Load a copy of ``state``: torch's ``Optimizer.load_state_dict`` adopts the given momentum tensors, which the
+        next step then updates in place, so loading ``state`` itself would let each candidate's training leak into
+        the start of the next."""
+        state = copy.deepcopy(state)
         self.network.load_state_dict(state["network"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.grad_scaler is not None:
