@@ -80,6 +80,20 @@ PAPER_DEFAULTS: dict[str, dict] = {
         "trial_reward_batches": 5,         # _shortHorizon: reward batches scoring each candidate
         "seed": 0,                         # controller initialisation and sampling
     },
+    # PixelDRL-MG (paper 001); see docs/pixel_rl.md.
+    "pixel_rl": {
+        "t_max": 10,                       # steps per episode (the paper's setting, Fig. 7)
+        "gamma": 0.95,                     # γ of eq. 8
+        "backbone_fraction": 0.5,          # ours: the first half of the epochs train the planned network with
+                                           # nnU-Net's loss only, then the heads join (the paper trains end to end)
+        "rl_gradient_to_backbone": True,   # eq. 16: the segmentation network also receives the A2C gradient
+        "use_sam": True,                   # SAM, eq. 1 (False: _noSAM, Table 3)
+        "head_dilations": [1, 2, 4],       # DC: one 3^d convolution per entry (all 1: _noDC, Table 3); ours
+        "head_channels": 16,               # width of the policy and value heads; ours
+        "omega_kernel_size": 3,            # ω of eq. 8, a 3^d neighbourhood N(i); ours
+        "initial_keep_probability": 0.95,  # ours: the untrained policy keeps a label with this probability per step
+        "seed": 0,                         # action sampling
+    },
 }
 
 

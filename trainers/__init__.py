@@ -3,6 +3,8 @@
 Class names are part of every saved model (``checkpoint['trainer_name']``): never rename one.
 """
 from nnunet_rl.trainers.pam import nnUNetTrainerPAM
+from nnunet_rl.trainers.pixel_rl import (SHORT_SCHEDULES as _PIXEL_RL_SHORT_SCHEDULES, nnUNetTrainerPixelRL,
+                                         nnUNetTrainerPixelRL_noDC, nnUNetTrainerPixelRL_noSAM)
 from nnunet_rl.trainers.rl_deep_supervision import (nnUNetTrainerAWSnet, nnUNetTrainerRLDeepSup,
                                                     nnUNetTrainerRLDeepSup_faithful,
                                                     nnUNetTrainerRLDeepSup_randomSearch,
@@ -35,6 +37,7 @@ from nnunet_rl.trainers.schedules import (nnUNetTrainer_3epochs_2iters, nnUNetTr
                                           nnUNetTrainerRLDeepSup_shortHorizon_30epochs_50iters)
 
 globals().update(_RL_U2NET_SHORT_SCHEDULES)
+globals().update(_PIXEL_RL_SHORT_SCHEDULES)
 
 __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10epochs_20iters",
            "nnUNetTrainerPAM_3epochs_2iters", "nnUNetTrainerPAM_10epochs_20iters",
@@ -53,4 +56,5 @@ __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10
            "nnUNetTrainerRLU2Net_lambda0p2", "nnUNetTrainerRLU2Net_lambda0p3", "nnUNetTrainerRLU2Net_lambda0p4",
            "nnUNetTrainerRLU2Net_lambda0p5", *_RL_U2NET_SHORT_SCHEDULES, "nnUNetTrainerRLU2Net_noPPO",
            "nnUNetTrainerRLU2Net_unpaired", "nnUNetTrainerRLU2Net_unpaired_3epochs_2iters",
-           "nnUNetTrainerRLU2Net_unpaired_10epochs_20iters"]
+           "nnUNetTrainerRLU2Net_unpaired_10epochs_20iters",
+           "nnUNetTrainerPixelRL", "nnUNetTrainerPixelRL_noSAM", "nnUNetTrainerPixelRL_noDC", *_PIXEL_RL_SHORT_SCHEDULES]

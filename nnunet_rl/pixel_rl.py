@@ -1,0 +1,152 @@
+"""PixelDRL-MG's per-voxel refinement on nnU-Net's planned U-Net: actions {set to background, keep}, reward eq. 12.
+
+Y. Liu, D. Yuan, Z. Xu, Y. Zhan, H. Zhang, J. Lu, T. Lukasiewicz, "Pixel level deep reinforcement learning for
+accurate and robust medical image segmentation", Scientific Reports (published 10 March 2025; our copy of the paper
+gives no DOI), §"Dynamic iterative update policy", eqs. 8 and 12-16, Algorithm 1.
+
+The planned network (the paper's feature extractor) runs once per patch; its logits give the initial label map
+f(0) = argmax, its last decoder stage the features. Every voxel is an agent: at each of t_max steps the policy head
+sees [SAM(features), one-hot f(t)] and each voxel either sets its label to background or keeps it (multi-class: keeps
+its current label; a voxel set to background stays background). The reward of step t is eq. 12 on one-hot maps,
+r = ‖f(t) − G‖² − ‖f(t+1) − G‖² per voxel: +2 where a false-positive voxel becomes background, −2 where a true
+positive does, 0 otherwise. The actor-critic machinery is :mod:`nnunet_rl.voxel_actor_critic`.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nnunet_rl.voxel_actor_critic import (A2CLosses, VoxelActorCritic, a2c_losses, greedy_actions,
+                                          sample_actions)
+
+SET_TO_BACKGROUND, KEEP = 0, 1
+NUM_ACTIONS = 2
+
+
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, *spatial) integer labels → (B, num_classes, *spatial) float one-hot."""
+    return F.one_hot(labels.long(), num_classes).movedim(-1, 1).float()
+
+
+def apply_actions(labels: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    """f(t+1): background where the action is SET_TO_BACKGROUND, the current label elsewhere."""
+    return torch.where(actions == SET_TO_BACKGROUND, torch.zeros_like(labels), labels)
+
+
+def squared_error_reward(previous: torch.Tensor, current: torch.Tensor, reference: torch.Tensor,
+                         num_classes: int) -> torch.Tensor:
+    """Eq. 12 per voxel on one-hot maps: ‖f(t−1) − G‖² − ‖f(t) − G‖², shape (B, 1, *spatial)."""
+    target = one_hot(reference, num_classes)
+    before = ((one_hot(previous, num_classes) - target) ** 2).sum(dim=1, keepdim=True)
+    after = ((one_hot(current, num_classes) - target) ** 2).sum(dim=1, keepdim=True)
+    return before - after
+
+
+@dataclass
+class Episode:
+    """One training episode over a batch: the A2C losses (None when non-finite), and per step the mean reward and the
+    fraction of voxels whose label changed."""
+    losses: A2CLosses | None
+    mean_rewards: list[float]
+    changed_fractions: list[float]
+
+
+class PixelRLNetwork(nn.Module):
+    """nnU-Net's planned network plus a :class:`VoxelActorCritic` on its last decoder stage.
+
+    With deep supervision on (nnU-Net's training and validation steps) it returns the planned network's outputs
+    unchanged. With deep supervision off (``nnUNetv2_predict``, nnU-Net's final validation) it refines: f(0) =
+    argmax of the logits, ``steps`` greedy head steps, and returns the one-hot encoding of f(t_max) as logits, which
+    nnU-Net's sliding window averages with its Gaussian weights (a weighted vote per label).
+    """
+
+    def __init__(self, backbone: nn.Module, actor_critic: VoxelActorCritic, num_classes: int, steps: int):
+        super().__init__()
+        self.backbone = backbone
+        self.actor_critic = actor_critic
+        self.num_classes = num_classes
+        self.steps = steps
+        self.features: torch.Tensor | None = None
+        backbone.decoder.stages[-1].register_forward_hook(self._keep_features)
+
+    def _keep_features(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        self.features = output
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The planned decoder, where nnU-Net's ``set_deep_supervision_enabled`` switches deep supervision."""
+        return self.backbone.decoder
+
+    def forward(self, x: torch.Tensor):
+        output = self.backbone(x)
+        if self.decoder.deep_supervision:
+            return output
+        labels = self.greedy_episode(output.argmax(dim=1), self.take_features())[-1]
+        return one_hot(labels, self.num_classes).to(output.dtype)
+
+    def take_features(self) -> torch.Tensor:
+        """The last decoder stage's output of the latest forward (released here)."""
+        features, self.features = self.features, None
+        return features
+
+    def greedy_episode(self, labels: torch.Tensor, features: torch.Tensor) -> list[torch.Tensor]:
+        """f(0) … f(t_max) under the greedy policy."""
+        attended = self.actor_critic.attend(features)
+        maps = [labels]
+        for _ in range(self.steps):
+            logits, _ = self.actor_critic(attended, one_hot(maps[-1], self.num_classes))
+            maps.append(apply_actions(maps[-1], greedy_actions(logits)))
+        return maps
+
+    def training_episode(self, labels: torch.Tensor, features: torch.Tensor, reference: torch.Tensor,
+                         gamma: float, generator: torch.Generator | None,
+                         valid: torch.Tensor | None = None) -> Episode:
+        """Algorithm 1 on one batch: sampled actions for ``steps`` steps from f(0) = ``labels``, rewards eq. 12 against
+        ``reference`` (B, *spatial), returns with ω (eq. 8, bootstrapped with V(s(t_max))), A2C losses (eqs. 13-15)
+        over the voxels where ``valid`` (B, 1, *spatial) is true. Gradients reach whatever ``features`` depend on
+        (eq. 16) unless the caller detached them."""
+        attended = self.actor_critic.attend(features)
+        logits, values, actions, rewards, changed = [], [], [], [], []
+        current = labels
+        for _ in range(self.steps):
+            step_logits, value = self.actor_critic(attended, one_hot(current, self.num_classes))
+            action = sample_actions(step_logits.detach(), generator)
+            following = apply_actions(current, action)
+            reward = squared_error_reward(current, following, reference, self.num_classes)
+            if valid is not None:
+                reward = reward * valid
+            logits.append(step_logits)
+            values.append(value)
+            actions.append(action)
+            rewards.append(reward)
+            changed.append((following != current).float().mean())
+            current = following
+        bootstrap = self.actor_critic.state_value(attended, one_hot(current, self.num_classes)).detach().float()
+        returns = self.actor_critic.returns(rewards, bootstrap, gamma)
+        losses = a2c_losses(logits, values, actions, returns, valid)
+        mean_rewards = torch.stack([r.mean() for r in rewards]).tolist()
+        return Episode(losses, mean_rewards, torch.stack(changed).tolist())
+
+    def compute_conv_feature_map_size(self, input_size) -> int:
+        """nnU-Net's estimate for the planned network plus SAM and t_max + 1 evaluations of both heads (training keeps
+        all of them for the backward pass)."""
+        return self.backbone.compute_conv_feature_map_size(input_size) + \
+            self.actor_critic.compute_conv_feature_map_size(input_size, self.steps + 1)
+
+
+def build_pixel_rl_network(backbone: nn.Module, num_classes: int, hyperparameters: dict) -> PixelRLNetwork:
+    """The actor-critic sized and typed from the planned network (its conv, norm and nonlinearity, the channels of
+    its last decoder stage), the policy started at ``initial_keep_probability`` of keeping each label."""
+    encoder = backbone.encoder
+    actor_critic = VoxelActorCritic(
+        feature_channels=encoder.output_channels[0], state_channels=num_classes, num_actions=NUM_ACTIONS,
+        conv_op=encoder.conv_op, norm_op=encoder.norm_op, norm_op_kwargs=encoder.norm_op_kwargs,
+        nonlin=encoder.nonlin, nonlin_kwargs=encoder.nonlin_kwargs, head_channels=hyperparameters["head_channels"],
+        dilations=hyperparameters["head_dilations"], use_sam=hyperparameters["use_sam"],
+        omega_kernel_size=hyperparameters["omega_kernel_size"])
+    probabilities = [0.0] * NUM_ACTIONS
+    probabilities[KEEP] = hyperparameters["initial_keep_probability"]
+    probabilities[SET_TO_BACKGROUND] = 1 - probabilities[KEEP]
+    actor_critic.bias_policy(probabilities)
+    return PixelRLNetwork(backbone, actor_critic, num_classes, hyperparameters["t_max"])

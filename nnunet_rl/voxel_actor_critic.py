@@ -1,0 +1,214 @@
+"""Per-voxel actor-critic: every voxel is an agent; a policy head and a value head at full patch resolution.
+
+Shared by the trainers in which each voxel acts on a map (PixelDRL-MG's {set to background, keep} refinement,
+MRL-Seg's {mask, retain} on the input). What the actions do, and the reward, belong to each method; this module holds
+what both need:
+
+- :class:`SelfAttentionModule`: PixelDRL-MG's SAM, eq. 1;
+- :class:`VoxelHead`: a stack of (dilated) convolutions ending in a 1×1 convolution, the paper's DC;
+- :class:`VoxelActorCritic`: SAM on the fixed features, then a policy head (action logits per voxel) and a value head
+  (V per voxel) on [features, extra state channels], with the neighbour-value convolution ω of the returns;
+- :class:`NeighbourReturns`: the returns R(t) = r(t) + γ ω ∗ R(t+1) with R(T) = V(s(T)): eq. 8 for one step; over
+  several steps PixelRL's and MRL-Seg's n-step form (MRL-Seg eq. 12);
+- :func:`sample_actions` / :func:`greedy_actions` and :func:`a2c_losses` (eqs. 13-15), which return ``None`` when
+  a reward, value or advantage is not finite, so nothing non-finite reaches the weights.
+
+Y. Liu, D. Yuan, Z. Xu, Y. Zhan, H. Zhang, J. Lu, T. Lukasiewicz, "Pixel level deep reinforcement learning for
+accurate and robust medical image segmentation", Scientific Reports (published 10 March 2025; our copy of the
+paper gives no DOI) (PixelDRL-MG); R. Furuta, N. Inoue, T. Yamasaki, "PixelRL: Fully convolutional network with
+reinforcement learning for image processing", IEEE Trans. Multimedia 22, 1704-1719 (2019) (the per-pixel A3C and
+ω it builds on).
+"""
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class SelfAttentionModule(nn.Module):
+    """PixelDRL-MG's SAM (eq. 1): M_att = Softmax(W ⊙ f + f), W a 1×1 convolution.
+
+    The paper does not say over which axis the softmax runs or how M_att meets f. Here it runs over the voxels of the
+    patch, per channel (the "long-distance dependency" the paper asks for: every voxel's weight depends on the whole
+    patch), and the output reweights f by N·M_att (N voxels), which is f itself when M_att is uniform.
+    """
+
+    def __init__(self, channels: int, conv_op: type[nn.Module]):
+        super().__init__()
+        self.project = conv_op(channels, channels, kernel_size=1, bias=True)
+
+    def attention(self, features: torch.Tensor) -> torch.Tensor:
+        """M_att, shape of ``features``; sums to 1 over the voxels of each sample and channel."""
+        logits = (self.project(features) + features).flatten(2).float()
+        return torch.softmax(logits, dim=2).view_as(features)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        voxels = int(np.prod(features.shape[2:]))
+        return features * (voxels * self.attention(features)).to(features.dtype)
+
+
+class VoxelHead(nn.Module):
+    """conv(k=3, dilation d) → norm → nonlinearity for each d in ``dilations``, then a 1×1 convolution to
+    ``out_channels``: an output per voxel at the input's resolution (padding = dilation). PixelDRL-MG puts dilated
+    convolutions (DC) in every layer of both heads; dilations of 1 give the same head without DC."""
+
+    def __init__(self, in_channels: int, hidden_channels: int, out_channels: int, dilations: Sequence[int],
+                 conv_op: type[nn.Module], norm_op: type[nn.Module] | None, norm_op_kwargs: dict | None,
+                 nonlin: type[nn.Module] | None, nonlin_kwargs: dict | None):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for dilation in dilations:
+            layers.append(conv_op(channels, hidden_channels, kernel_size=3, padding=dilation, dilation=dilation))
+            if norm_op is not None:
+                layers.append(norm_op(hidden_channels, **(norm_op_kwargs or {})))
+            if nonlin is not None:
+                layers.append(nonlin(**(nonlin_kwargs or {})))
+            channels = hidden_channels
+        self.body = nn.Sequential(*layers)
+        self.out = conv_op(channels, out_channels, kernel_size=1, bias=True)
+        self.hidden_channels, self.num_layers = hidden_channels, len(dilations)
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(state))
+
+    def compute_conv_feature_map_size(self, input_size) -> int:
+        """Voxels of the feature maps one forward stores: conv, norm and nonlinearity per layer, and the output."""
+        voxels = int(np.prod(input_size, dtype=np.int64))
+        return voxels * (3 * self.hidden_channels * self.num_layers + self.out.out_channels)
+
+
+class NeighbourReturns(nn.Module):
+    """Returns with the values of neighbouring voxels weighted by a learned convolution ω (PixelDRL-MG eq. 8)::
+
+        R(t) = r(t) + γ · ω ∗ R(t+1),   R(T) = bootstrap (V(s(T)))
+
+    For one step this is eq. 8, R_i = r_i + γ Σ_{j∈N(i)} ω_{i−j} V(s_j(t+1)); for T steps it is PixelRL's n-step
+    return and MRL-Seg's eq. 12 (ω applied once per step of look-ahead). ω is a single-channel ``kernel_size``^d
+    convolution without bias, initialised to the identity (R = r + γR(t+1) per voxel, the A3C return).
+    """
+
+    def __init__(self, conv_op: type[nn.Module], kernel_size: int = 3):
+        super().__init__()
+        self.omega = conv_op(1, 1, kernel_size=kernel_size, padding=kernel_size // 2, bias=False)
+        with torch.no_grad():
+            self.omega.weight.zero_()
+            self.omega.weight[(0, 0, *[kernel_size // 2] * (self.omega.weight.ndim - 2))] = 1.0
+
+    def forward(self, rewards: Sequence[torch.Tensor], bootstrap: torch.Tensor, gamma: float) -> list[torch.Tensor]:
+        """R(0) … R(T−1) for rewards r(0) … r(T−1), each (B, 1, *spatial); ``bootstrap`` is R(T)."""
+        returns = []
+        following = bootstrap
+        for reward in reversed(rewards):
+            following = reward + gamma * self.omega(following)
+            returns.append(following)
+        return returns[::-1]
+
+
+class VoxelActorCritic(nn.Module):
+    """SAM (optional) on fixed features, then policy and value heads on [SAM(features), state channels].
+
+    ``features`` come from a segmentation network and stay fixed over an episode, so SAM runs once per episode
+    (:meth:`attend`); the ``state`` channels (e.g. the current label map, one-hot) change every step, and only the
+    heads run per step (:meth:`forward`).
+    """
+
+    def __init__(self, feature_channels: int, state_channels: int, num_actions: int, conv_op: type[nn.Module],
+                 norm_op: type[nn.Module] | None = None, norm_op_kwargs: dict | None = None,
+                 nonlin: type[nn.Module] | None = nn.LeakyReLU, nonlin_kwargs: dict | None = None,
+                 head_channels: int = 16, dilations: Sequence[int] = (1, 2, 4), use_sam: bool = True,
+                 omega_kernel_size: int = 3):
+        super().__init__()
+        self.sam = SelfAttentionModule(feature_channels, conv_op) if use_sam else None
+        head = dict(in_channels=feature_channels + state_channels, hidden_channels=head_channels,
+                    dilations=dilations, conv_op=conv_op, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs,
+                    nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
+        self.policy = VoxelHead(out_channels=num_actions, **head)
+        self.value = VoxelHead(out_channels=1, **head)
+        self.returns = NeighbourReturns(conv_op, omega_kernel_size)
+        with torch.no_grad():
+            self.value.out.weight.zero_()
+            self.value.out.bias.zero_()
+
+    def bias_policy(self, probabilities: Sequence[float]) -> None:
+        """Start the policy at the given action probabilities everywhere (zero output weights, log-probability
+        biases), e.g. near "keep" so that an untrained head leaves a map as it is."""
+        with torch.no_grad():
+            self.policy.out.weight.zero_()
+            self.policy.out.bias.copy_(torch.log(torch.as_tensor(probabilities, dtype=torch.float32)))
+
+    def attend(self, features: torch.Tensor) -> torch.Tensor:
+        return features if self.sam is None else self.sam(features)
+
+    def forward(self, attended: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Action logits (B, actions, *spatial) and values (B, 1, *spatial)."""
+        joint = torch.cat((attended, state.to(attended.dtype)), dim=1)
+        return self.policy(joint), self.value(joint)
+
+    def state_value(self, attended: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """V alone (B, 1, *spatial), e.g. to bootstrap the returns at the end of an episode."""
+        return self.value(torch.cat((attended, state.to(attended.dtype)), dim=1))
+
+    def compute_conv_feature_map_size(self, input_size, steps: int) -> int:
+        """Feature-map voxels of SAM once and both heads ``steps`` times (what a training episode keeps for the
+        backward pass)."""
+        voxels = int(np.prod(input_size, dtype=np.int64))
+        sam = 0 if self.sam is None else 3 * self.sam.project.in_channels * voxels
+        return sam + steps * (self.policy.compute_conv_feature_map_size(input_size) +
+                              self.value.compute_conv_feature_map_size(input_size))
+
+
+def sample_actions(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One action per voxel drawn from softmax(``logits``) over dim 1 by inverse CDF; (B, *spatial), int64.
+    ``generator`` must live on ``logits``' device."""
+    cumulative = torch.softmax(logits.float(), dim=1).cumsum(dim=1)
+    uniform = torch.rand(cumulative[:, :1].shape, generator=generator, device=logits.device)
+    return (uniform > cumulative[:, :-1]).sum(dim=1)
+
+
+def greedy_actions(logits: torch.Tensor) -> torch.Tensor:
+    """The most probable action per voxel; (B, *spatial), int64."""
+    return logits.argmax(dim=1)
+
+
+@dataclass
+class A2CLosses:
+    policy: torch.Tensor
+    value: torch.Tensor
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.policy + self.value
+
+
+def a2c_losses(logits: Sequence[torch.Tensor], values: Sequence[torch.Tensor], actions: Sequence[torch.Tensor],
+               returns: Sequence[torch.Tensor], mask: torch.Tensor | None = None) -> A2CLosses | None:
+    """Per-voxel advantage actor-critic losses over an episode (PixelDRL-MG eqs. 13-15), averaged over the voxels
+    (those where ``mask`` is true) and the steps::
+
+        value:  mean((R − V)²)                 (eq. 13)
+        policy: −mean(log π(a|s) · A),  A = R − V, a constant here   (eqs. 14-15)
+
+    The advantage is detached (as in PixelRL's reference implementation): the policy term moves only the policy and
+    what feeds it; ω learns from the value term. ``None`` when a return, value or advantage is not finite: the caller
+    skips the update and records it.
+    """
+    policy_terms, value_terms = [], []
+    for step_logits, value, action, target in zip(logits, values, actions, returns):
+        value, target = value.float(), target.float()
+        advantage = (target - value).detach()
+        log_pi = torch.log_softmax(step_logits.float(), dim=1).gather(1, action[:, None])
+        policy_terms.append(_masked_mean(-log_pi * advantage, mask))
+        value_terms.append(_masked_mean((target - value) ** 2, mask))
+    losses = A2CLosses(policy=torch.stack(policy_terms).mean(), value=torch.stack(value_terms).mean())
+    # a non-finite return, value or advantage anywhere (masked voxels included: NaN·0 is NaN) makes a mean non-finite
+    return losses if bool(torch.isfinite(losses.total)) else None
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)

@@ -1,0 +1,217 @@
+"""PixelDRL-MG's per-voxel actor-critic (nnunet_rl.voxel_actor_critic, nnunet_rl.pixel_rl) and nnUNetTrainerPixelRL."""
+import itertools
+
+import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from torch import nn
+
+from conftest import make_trainer
+from nnunet_rl import pixel_rl
+from nnunet_rl.pixel_rl import KEEP, SET_TO_BACKGROUND, build_pixel_rl_network, squared_error_reward
+from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
+from nnunet_rl.voxel_actor_critic import NeighbourReturns, VoxelActorCritic, a2c_losses, sample_actions
+
+HP = {**PAPER_DEFAULTS["pixel_rl"], "t_max": 3}
+OPS = {2: (nn.Conv2d, nn.InstanceNorm2d), 3: (nn.Conv3d, nn.InstanceNorm3d)}
+
+
+def small_network(dim: int, num_classes: int = 3, hp: dict = HP) -> pixel_rl.PixelRLNetwork:
+    conv_op, norm_op = OPS[dim]
+    backbone = PlainConvUNet(input_channels=1, n_stages=3, features_per_stage=[4, 8, 8], conv_op=conv_op,
+                             kernel_sizes=3, strides=[1, 2, 2], n_conv_per_stage=1, num_classes=num_classes,
+                             n_conv_per_stage_decoder=1, conv_bias=True, norm_op=norm_op,
+                             norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+                             nonlin_kwargs={"inplace": True}, deep_supervision=True)
+    return build_pixel_rl_network(backbone, num_classes, hp)
+
+
+def test_reward_eq12_on_hand_made_maps():
+    # voxels: false positive removed, true positive removed, wrong class removed, kept, background kept
+    previous = torch.tensor([[1, 2, 1, 2, 0]])
+    current = torch.tensor([[0, 0, 0, 2, 0]])
+    reference = torch.tensor([[0, 2, 2, 2, 0]])
+    reward = squared_error_reward(previous, current, reference, num_classes=3)
+    assert reward.shape == (1, 1, 5)
+    assert reward[0, 0].tolist() == [2.0, -2.0, 0.0, 0.0, 0.0]
+
+
+def naive_neighbour_return(reward, next_value, weight, gamma):
+    """Eq. 8 voxel by voxel: R_i = r_i + γ Σ_{j∈N(i)} ω_{i−j} V_j, N(i) the 3^d window around i (zero outside),
+    ω_{i−j} stored at weight[centre + (j − i)] (the convolution's layout)."""
+    spatial = reward.shape[2:]
+    result = reward.clone()
+    for i in itertools.product(*map(range, spatial)):
+        total = 0.0
+        for offset in itertools.product((-1, 0, 1), repeat=len(spatial)):
+            j = tuple(a + o for a, o in zip(i, offset))
+            if all(0 <= c < s for c, s in zip(j, spatial)):
+                total += weight[tuple(1 + o for o in offset)] * next_value[(0, 0, *j)]
+        result[(0, 0, *i)] += gamma * total
+    return result
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_returns_eq8_match_a_loop_over_neighbours(dim):
+    torch.manual_seed(0)
+    returns = NeighbourReturns(OPS[dim][0], kernel_size=3)
+    with torch.no_grad():
+        returns.omega.weight.normal_()
+    shape = (1, 1, *[5, 4, 3][:dim])
+    reward, next_value = torch.randn(shape), torch.randn(shape)
+    with torch.no_grad():
+        (one_step,) = returns([reward], next_value, gamma=0.95)
+        expected = naive_neighbour_return(reward, next_value, returns.omega.weight[0, 0], 0.95)
+        torch.testing.assert_close(one_step, expected)
+        # two steps: R(0) = r(0) + γ ω∗(r(1) + γ ω∗V(s(2)))  (MRL-Seg's eq. 12 for n = 2)
+        later = torch.randn(shape)
+        first, second = returns([reward, later], next_value, gamma=0.95)
+        torch.testing.assert_close(second, naive_neighbour_return(later, next_value, returns.omega.weight[0, 0], 0.95))
+        torch.testing.assert_close(first, naive_neighbour_return(reward, second, returns.omega.weight[0, 0], 0.95))
+
+
+def test_omega_starts_as_the_per_voxel_a3c_return():
+    returns = NeighbourReturns(nn.Conv3d)
+    reward, value = torch.randn(1, 1, 4, 4, 4), torch.randn(1, 1, 4, 4, 4)
+    torch.testing.assert_close(returns([reward], value, 0.95)[0], reward + 0.95 * value)
+
+
+@pytest.mark.parametrize("dim, spatial", [(2, (13, 17)), (3, (5, 7, 9))])
+@pytest.mark.parametrize("use_sam, dilations", [(True, (1, 2, 4)), (False, (1, 1, 1))])
+def test_heads_output_one_value_per_voxel(dim, spatial, use_sam, dilations):
+    conv_op, norm_op = OPS[dim]
+    heads = VoxelActorCritic(feature_channels=6, state_channels=3, num_actions=2, conv_op=conv_op, norm_op=norm_op,
+                             dilations=dilations, use_sam=use_sam)
+    features, state = torch.randn(2, 6, *spatial), torch.randn(2, 3, *spatial)
+    logits, values = heads(heads.attend(features), state)
+    assert logits.shape == (2, 2, *spatial) and values.shape == (2, 1, *spatial)
+    assert sample_actions(logits).shape == (2, *spatial)
+
+
+def test_sam_is_a_softmax_over_the_patch():
+    heads = VoxelActorCritic(feature_channels=4, state_channels=1, num_actions=2, conv_op=nn.Conv2d)
+    attention = heads.sam.attention(torch.randn(2, 4, 6, 5))
+    torch.testing.assert_close(attention.sum(dim=(2, 3)), torch.ones(2, 4))
+
+
+@pytest.mark.parametrize("dim, spatial", [(2, (16, 20)), (3, (8, 8, 12))])
+def test_refined_prediction_is_one_hot_at_full_resolution_and_deterministic(dim, spatial):
+    torch.manual_seed(0)
+    network = small_network(dim).eval()
+    network.decoder.deep_supervision = False  # what nnUNetv2_predict builds
+    with torch.no_grad():
+        network.actor_critic.policy.out.bias.zero_()  # an undecided policy, so greedy steps do change labels
+        network.actor_critic.policy.out.weight.normal_()
+        x = torch.randn(2, 1, *spatial)
+        first, second = network(x), network(x)
+    assert first.shape == (2, 3, *spatial)
+    assert torch.equal(first, second)
+    assert torch.equal(first.sum(dim=1), torch.ones(2, *spatial))
+
+
+def test_untrained_policy_keeps_the_backbone_map():
+    network = small_network(2).eval()
+    with torch.no_grad():
+        x = torch.randn(1, 1, 16, 16)
+        network.decoder.deep_supervision = False
+        refined = network(x)
+        backbone_labels = network.backbone(x).argmax(dim=1)
+    assert torch.equal(refined.argmax(dim=1), backbone_labels)
+
+
+def test_training_episode_reaches_heads_omega_and_backbone():
+    torch.manual_seed(0)
+    network = small_network(2)
+    with torch.no_grad():  # as after a first update: the zero-initialised output layers pass gradients on
+        network.actor_critic.policy.out.weight.normal_(std=0.1)
+        network.actor_critic.value.out.weight.normal_(std=0.1)
+    outputs = network(torch.randn(2, 1, 16, 16))
+    assert isinstance(outputs, list)  # deep supervision on: nnU-Net's training outputs unchanged
+    reference = torch.randint(0, 3, (2, 16, 16))
+    episode = network.training_episode(outputs[0].argmax(dim=1), network.take_features(), reference, 0.95,
+                                       torch.Generator().manual_seed(0))
+    assert len(episode.mean_rewards) == len(episode.changed_fractions) == HP["t_max"]
+    episode.losses.total.backward()
+    for module in (network.actor_critic.policy, network.actor_critic.value, network.actor_critic.returns,
+                   network.backbone.encoder):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.parameters()), module
+
+
+def test_non_finite_rewards_give_no_losses(monkeypatch):
+    values = [torch.zeros(1, 1, 4, 4)]
+    returns = [torch.zeros(1, 1, 4, 4)]
+    returns[0][0, 0, 1, 2] = float("nan")
+    logits, actions = [torch.zeros(1, 2, 4, 4)], [torch.zeros(1, 4, 4, dtype=torch.long)]
+    assert a2c_losses(logits, values, actions, returns) is None
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    mask[0, 0, 1, 2] = False
+    assert a2c_losses(logits, values, actions, returns, mask) is None  # masked out, still refused
+    returns[0][0, 0, 1, 2] = 0.0
+    assert a2c_losses(logits, values, actions, returns) is not None
+
+
+def test_sampled_actions_follow_the_policy():
+    logits = torch.log(torch.tensor([0.2, 0.8]))[None, :, None, None].expand(1, 2, 100, 100)
+    actions = sample_actions(logits, torch.Generator().manual_seed(0))
+    assert abs(float((actions == KEEP).float().mean()) - 0.8) < 0.02
+    assert set(actions.unique().tolist()) == {SET_TO_BACKGROUND, KEEP}
+
+
+@pytest.fixture(scope="module")
+def trainer(planned_dataset):
+    from nnunet_rl.trainers import nnUNetTrainerPixelRL_3epochs_2iters
+    trainer = make_trainer(planned_dataset, nnUNetTrainerPixelRL_3epochs_2iters, "2d")
+    trainer.initialize()
+    trainer.on_train_start()
+    yield trainer
+    trainer.on_train_end()
+
+
+def heads_state(trainer) -> dict:
+    return {k: v.clone() for k, v in trainer.bare_network.actor_critic.state_dict().items()}
+
+
+def test_trainer_rl_phase_follows_the_backbone_phase(trainer):
+    assert trainer.rl_start_epoch == 1  # floor(0.5 · 3)
+    trainer.current_epoch = 0
+    assert not trainer.in_rl_phase()
+    before = heads_state(trainer)
+    trainer.on_train_epoch_start()
+    trainer.train_step(next(trainer.dataloader_train))
+    assert all(torch.equal(before[k], v) for k, v in trainer.bare_network.actor_critic.state_dict().items())
+    trainer.current_epoch = 1
+    trainer.on_train_epoch_start()
+    trainer.train_step(next(trainer.dataloader_train))
+    after = trainer.bare_network.actor_critic.state_dict()
+    assert not torch.equal(before["policy.out.weight"], after["policy.out.weight"])
+    assert len(trainer._episodes) == 1 and trainer._episodes[0].losses is not None
+
+
+def test_trainer_skips_the_update_on_non_finite_rewards(trainer, monkeypatch):
+    def nan_reward(previous, current, reference, num_classes):
+        return torch.full(previous[:, None].shape, float("nan"))
+    monkeypatch.setattr(pixel_rl, "squared_error_reward", nan_reward)
+    trainer.current_epoch = 1
+    trainer.on_train_epoch_start()
+    before = heads_state(trainer)
+    trainer.train_step(next(trainer.dataloader_train))
+    assert all(torch.equal(before[k], v) for k, v in trainer.bare_network.actor_critic.state_dict().items())
+    trainer.on_train_epoch_end([{"loss": 0.0}])
+    assert trainer.logger.local_logger.my_fantastic_logging["pixel_rl/skipped_updates"][-1] == 1
+
+
+def test_checkpoint_round_trip_restores_heads_omega_and_sampler(trainer, tmp_path, planned_dataset):
+    from nnunet_rl.trainers import nnUNetTrainerPixelRL_3epochs_2iters
+    trainer.current_epoch = 1
+    trainer.on_train_epoch_start()
+    trainer.train_step(next(trainer.dataloader_train))
+    path = str(tmp_path / "checkpoint.pth")
+    trainer.save_checkpoint(path)
+    resumed = make_trainer(planned_dataset, nnUNetTrainerPixelRL_3epochs_2iters, "2d")
+    resumed.load_checkpoint(path)
+    for key, value in trainer.bare_network.actor_critic.state_dict().items():
+        assert torch.equal(value, resumed.bare_network.actor_critic.state_dict()[key]), key
+    assert torch.equal(trainer.action_generator.get_state(), resumed.action_generator.get_state())
+    logits = torch.zeros(1, 2, 32, 32)
+    assert torch.equal(sample_actions(logits, trainer.action_generator),
+                       sample_actions(logits, resumed.action_generator))

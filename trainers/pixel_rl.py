@@ -1,0 +1,169 @@
+"""``nnUNetTrainerPixelRL``: PixelDRL-MG's per-voxel actor-critic refinement on nnU-Net's planned network.
+
+Y. Liu, D. Yuan, Z. Xu, Y. Zhan, H. Zhang, J. Lu, T. Lukasiewicz, "Pixel level deep reinforcement learning for
+accurate and robust medical image segmentation", Scientific Reports (published 10 March 2025; our copy of the paper
+gives no DOI), eqs. 1, 8, 12-16, Algorithm 1, Table 3.
+
+The trainer wires the components into nnU-Net's hooks:
+
+- ``build_network_architecture``: the planned network with the actor-critic heads
+  (:class:`~nnunet_rl.pixel_rl.PixelRLNetwork`); ``nnUNetv2_predict`` rebuilds it and gets, per window, the one-hot
+  logits of the map after t_max greedy steps;
+- ``_build_loss``: nnU-Net's loss, to which the RL phase adds the episode's A2C losses (:class:`PlusEpisodeLoss`),
+  so that nnU-Net's ``train_step`` does one forward, one backward (mixed precision, gradient clipping) and one step
+  of its optimiser for the planned network, the heads and ω alike;
+- ``train_step``: the first ``backbone_fraction`` of the epochs are nnU-Net's; then every step also runs an episode
+  on the batch, rewarded by its ground truth (eq. 12).
+"""
+import math
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+
+from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.pixel_rl import Episode, PixelRLNetwork, build_pixel_rl_network
+from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
+from nnunet_rl.trainers.base import RLTrainerBase
+from nnunet_rl.trainers.schedules import Demo, Smoke
+
+COMPONENT = "pixel_rl"
+TELEMETRY = ("pixel_rl/reward", "pixel_rl/changed_fraction", "pixel_rl/policy_loss", "pixel_rl/value_loss",
+             "pixel_rl/skipped_updates")
+
+
+class PlusEpisodeLoss(nn.Module):
+    """nnU-Net's loss, plus ``objective(output, target)`` while :meth:`adding` is active (the RL phase's steps)."""
+
+    def __init__(self, segmentation_loss: nn.Module):
+        super().__init__()
+        self.segmentation_loss = segmentation_loss
+        self.objective = None
+
+    @contextmanager
+    def adding(self, objective):
+        self.objective = objective
+        try:
+            yield
+        finally:
+            self.objective = None
+
+    def forward(self, output, target) -> torch.Tensor:
+        loss = self.segmentation_loss(output, target)
+        return loss if self.objective is None else loss + self.objective(output, target)
+
+
+class nnUNetTrainerPixelRL(RLTrainerBase):
+    """Planned U-Net + PixelDRL-MG's policy/value heads with SAM and DC, trained by A2C after an nnU-Net phase."""
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        backbone = RLTrainerBase.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                            num_output_channels, enable_deep_supervision)
+        hp = cls.hyperparameters_from(configuration_manager.configuration.get(RL_BLOCK_KEY, {}), COMPONENT)
+        return build_pixel_rl_network(backbone, num_output_channels, hp)
+
+    def _do_i_compile(self) -> bool:
+        """Not compiled: the episode's loop and sampling run outside the planned network's graph."""
+        return False
+
+    def _build_loss(self) -> nn.Module:
+        return PlusEpisodeLoss(super()._build_loss())
+
+    def initialize(self) -> None:
+        if self.label_manager.has_regions:
+            raise NnunetRLError(f"{type(self).__name__} refines label maps; this dataset is trained on regions "
+                                f"(overlapping labels), for which the actions {{background, keep}} are not defined")
+        super().initialize()
+        hp = self.rl_hyperparameters(COMPONENT)
+        self.gamma = hp["gamma"]
+        self.rl_gradient_to_backbone = hp["rl_gradient_to_backbone"]
+        self.rl_start_epoch = math.floor(hp["backbone_fraction"] * self.num_epochs)
+        self.action_generator = torch.Generator(device=self.device).manual_seed(hp["seed"])
+        self.register_telemetry(*TELEMETRY)
+        self._episodes: list[Episode] = []
+
+    @property
+    def pixel_rl_network(self) -> PixelRLNetwork:
+        return self.bare_network
+
+    def in_rl_phase(self) -> bool:
+        return self.current_epoch >= self.rl_start_epoch
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._episodes = []
+
+    def train_step(self, batch: dict) -> dict:
+        if not self.in_rl_phase():
+            return super().train_step(batch)
+        with self.loss.adding(self.episode_loss):
+            return super().train_step(batch)
+
+    def episode_loss(self, output, target) -> torch.Tensor:
+        """An episode from f(0) = argmax of the full-resolution output against the full-resolution target; its A2C
+        losses, or zero (recorded as skipped) when they are not finite."""
+        network = self.pixel_rl_network
+        logits = output[0] if isinstance(output, (list, tuple)) else output
+        reference = (target[0] if isinstance(target, (list, tuple)) else target)[:, 0].long()
+        features = network.take_features()
+        if not self.rl_gradient_to_backbone:
+            features = features.detach()
+        valid = None
+        ignore_label = self.label_manager.ignore_label
+        if ignore_label is not None:
+            valid = (reference != ignore_label)[:, None]
+            reference = torch.where(valid[:, 0], reference, torch.zeros_like(reference))
+        episode = network.training_episode(logits.detach().argmax(dim=1), features, reference, self.gamma,
+                                           self.action_generator, valid)
+        self._episodes.append(episode)
+        return torch.zeros((), device=logits.device) if episode.losses is None else episode.losses.total
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        super().on_train_epoch_end(train_outputs)
+        if not self._episodes:
+            return
+        finite = [e.losses for e in self._episodes if e.losses is not None]
+        self.log_telemetry("pixel_rl/reward", np.mean([np.mean(e.mean_rewards) for e in self._episodes]))
+        self.log_telemetry("pixel_rl/changed_fraction",
+                           np.mean([np.mean(e.changed_fractions) for e in self._episodes]))
+        self.log_telemetry("pixel_rl/skipped_updates", len(self._episodes) - len(finite))
+        if finite:
+            self.log_telemetry("pixel_rl/policy_loss", np.mean([float(loss.policy) for loss in finite]))
+            self.log_telemetry("pixel_rl/value_loss", np.mean([float(loss.value) for loss in finite]))
+        if len(finite) < len(self._episodes):
+            self.print_to_log_file(f"pixel_rl: {len(self._episodes) - len(finite)} of {len(self._episodes)} updates "
+                                   f"skipped for non-finite returns, values or advantages")
+
+    def rl_state_dict(self) -> dict:
+        """The heads and ω are in the network's weights and nnU-Net's optimiser; the sampler is ours."""
+        return {"action_generator": self.action_generator.get_state()}
+
+    def load_rl_state_dict(self, state: dict) -> None:
+        self.action_generator.set_state(state["action_generator"])
+
+
+class nnUNetTrainerPixelRL_noSAM(nnUNetTrainerPixelRL):
+    """PA3C + DC without the self-attention module (Table 3)."""
+    rl_overrides = {COMPONENT: {"use_sam": False}}
+
+
+class nnUNetTrainerPixelRL_noDC(nnUNetTrainerPixelRL):
+    """PA3C + SAM with undilated heads (Table 3): the same layers and widths, every dilation 1."""
+    rl_overrides = {COMPONENT: {"head_dilations": [1, 1, 1]}}
+
+
+def _short_schedules() -> dict[str, type]:
+    """``<variant>_3epochs_2iters`` and ``<variant>_10epochs_20iters`` for every variant above."""
+    variants = (nnUNetTrainerPixelRL, nnUNetTrainerPixelRL_noSAM, nnUNetTrainerPixelRL_noDC)
+    return {f"{variant.__name__}{schedule.suffix}": type(f"{variant.__name__}{schedule.suffix}", (schedule, variant),
+                                                         {"__module__": __name__})
+            for variant in variants for schedule in (Smoke, Demo)}
+
+
+SHORT_SCHEDULES = _short_schedules()
+globals().update(SHORT_SCHEDULES)
