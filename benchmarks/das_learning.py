@@ -16,6 +16,9 @@ whether the candidates that lower output 1 scored higher on average than those t
 
     python benchmarks/das_learning.py -c 3d_fullres --seeds 0 1 2 -o das_learning.json
 
+``--mode shortHorizon`` runs the same arms on ``nnUNetTrainerRLDeepSup_shortHorizon`` (40 epochs, one round each; its
+threshold, the same, was fixed before its first run; no random-search arm).
+
 It works in a temporary folder of its own (nnU-Net's folder variables are set for this process only).
 """
 import argparse
