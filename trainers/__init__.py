@@ -57,4 +57,5 @@ __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10
            "nnUNetTrainerRLU2Net_lambda0p5", *_RL_U2NET_SHORT_SCHEDULES, "nnUNetTrainerRLU2Net_noPPO",
            "nnUNetTrainerRLU2Net_unpaired", "nnUNetTrainerRLU2Net_unpaired_3epochs_2iters",
            "nnUNetTrainerRLU2Net_unpaired_10epochs_20iters",
-           "nnUNetTrainerPixelRL", "nnUNetTrainerPixelRL_noSAM", "nnUNetTrainerPixelRL_noDC", *_PIXEL_RL_SHORT_SCHEDULES]
+           "nnUNetTrainerPixelRL", "nnUNetTrainerPixelRL_noSAM", "nnUNetTrainerPixelRL_noDC",
+           *_PIXEL_RL_SHORT_SCHEDULES]
