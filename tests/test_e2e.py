@@ -1,6 +1,7 @@
 """End to end through the real commands a user types: make-dataset -> plan -> nnUNetv2_train (killed and
 resumed with --c) -> nnUNetv2_predict -> nnunet-rl compare; and the demo on real MSD Hippocampus data."""
 import json
+import math
 import os
 import re
 import signal
@@ -153,6 +154,22 @@ def test_rl_deep_supervision_trains_and_predicts_with_nnunet_commands(tmp_path, 
     assert sum(learned["alpha"]) == pytest.approx(1.0) and learned["alpha"][-1] == 0
     split = json.loads((fold_folder(env, trainer) / "rl_reward_cases.json").read_text())
     assert split["reward"] and not set(split["reward"]) & set(split["validation"])
+    predict(env, trainer, tmp_path / "predictions")
+
+
+def test_pixel_rl_trains_and_predicts_with_nnunet_commands(tmp_path):
+    """Backbone phase (epoch 0) then RL phase (epochs 1-2); nnUNetv2_predict rebuilds the heads and refines. The
+    _noDC variant: the same code with undilated heads, because PyTorch's CPU backward of dilated 3D convolutions takes
+    minutes here (docs/pixel_rl.md)."""
+    trainer = "nnUNetTrainerPixelRL_noDC_3epochs_2iters"
+    env = user_environment(tmp_path)
+    make_planned_dataset(env)
+    cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", env=env)
+    final = torch.load(fold_folder(env, trainer) / "checkpoint_final.pth", weights_only=False)
+    assert any(key.startswith("actor_critic.returns.omega") for key in final["network_weights"])
+    assert "action_generator" in final["nnunet_rl"]
+    rewards = final["logging"]["pixel_rl/reward"]
+    assert math.isnan(rewards[0]) and all(math.isfinite(r) for r in rewards[1:])
     predict(env, trainer, tmp_path / "predictions")
 
 
