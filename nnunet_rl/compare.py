@@ -7,7 +7,7 @@ Written into the output folder: metrics.csv, summary.json, report.md and boxplot
 import csv
 import json
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -32,19 +32,36 @@ MIN_PAIRS = 2
 MetricTable = dict[str, dict[str, dict[int, dict[str, float]]]]
 
 
+class ModelFolder(NamedTuple):
+    """One compared model: its trainer and plans identifier (results folder ``<trainer>__<plans>__<configuration>``)."""
+    trainer: str
+    plans: str
+
+
+def model_folder(trainer: str, default_plans: str) -> ModelFolder:
+    """``TRAINER`` (with ``default_plans``) or ``TRAINER@PLANS``, as ``nnunet-rl compare -tr`` takes them: e.g. stock
+    nnU-Net on a dataset's own ``nnUNetPlans`` beside models trained with other plans of the same dataset."""
+    name, _, plans = trainer.partition("@")
+    if not name or "@" in plans:
+        raise NnunetRLError(f"{trainer!r} is not TRAINER or TRAINER@PLANS")
+    return ModelFolder(name, plans or default_plans)
+
+
 def compare_trainers(dataset: Union[int, str], configuration: str, trainers: list[str], folds: list[int],
                      output_dir: Optional[Union[str, Path]] = None, plans: str = "nnUNetPlans") -> Path:
     """Compare the validation predictions of ``trainers`` over ``folds`` (cases pooled across folds) in nnU-Net's
-    folder layout. The first trainer is the reference. Default ``output_dir``:
+    folder layout. Each trainer is ``TRAINER`` (plans ``plans``) or ``TRAINER@PLANS`` and is reported under that
+    name; the first is the reference. Default ``output_dir``:
     ``$nnUNet_results/<DatasetName>/comparison__<plans>__<configuration>``."""
     results, preprocessed = require_nnunet_folders("nnUNet_results", "nnUNet_preprocessed")
     dataset_name = nnunet_dataset_name(dataset)
     _check_trainers(trainers)
+    models = {trainer: model_folder(trainer, plans) for trainer in trainers}
     dataset_json = _load_dataset_json(preprocessed / dataset_name / "dataset.json")
     file_ending = dataset_json["file_ending"]
-    fold_folders = {(trainer, fold): results / dataset_name / f"{trainer}__{plans}__{configuration}" / f"fold_{fold}"
-                    for trainer in trainers for fold in folds}
-    _require_validation(fold_folders, dataset_name, configuration, plans, file_ending)
+    fold_folders = {(trainer, fold): results / dataset_name / f"{model.trainer}__{model.plans}__{configuration}" /
+                    f"fold_{fold}" for trainer, model in models.items() for fold in folds}
+    _require_validation(fold_folders, models, dataset_name, configuration, file_ending)
     prediction_files = {trainer: _pooled_cases([fold_folders[trainer, fold] / "validation" for fold in folds],
                                                file_ending) for trainer in trainers}
     if output_dir is None:
@@ -93,12 +110,13 @@ def _load_dataset_json(file: Path) -> dict:
     return dataset_json
 
 
-def _require_validation(fold_folders: dict[tuple[str, int], Path], dataset_name: str, configuration: str,
-                        plans: str, file_ending: str) -> None:
+def _require_validation(fold_folders: dict[tuple[str, int], Path], models: dict[str, ModelFolder],
+                        dataset_name: str, configuration: str, file_ending: str) -> None:
     """One error listing every (trainer, fold) without validation predictions and the nnU-Net command for each."""
     missing = []
     for (trainer, fold), folder in fold_folders.items():
-        train = f"nnUNetv2_train {dataset_name} {configuration} {fold} -tr {trainer} -p {plans}"
+        model = models[trainer]
+        train = f"nnUNetv2_train {dataset_name} {configuration} {fold} -tr {model.trainer} -p {model.plans}"
         if not folder.is_dir():
             missing.append(f"{folder} does not exist; train it with: {train}")
         elif _cases_in(folder / "validation", file_ending):

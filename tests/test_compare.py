@@ -204,3 +204,23 @@ def test_cli_compare_reports_missing_folds_without_a_traceback(nnunet_tree, caps
         main(["compare", DATASET, "-c", "3d_fullres", "-tr", STOCK, "-f", "0", "3"])
     assert exit_.value.code == 2
     assert f"nnUNetv2_train {DATASET} 3d_fullres 3 -tr {STOCK} -p nnUNetPlans" in capsys.readouterr().err
+
+
+def test_each_trainer_can_name_its_own_plans(nnunet_tree, capsys):
+    """Stock nnU-Net on the dataset's own nnUNetPlans beside models of other plans (-p), e.g. an unpaired MRI dataset:
+    ``TRAINER@PLANS`` reads ``TRAINER__PLANS__CONFIG``, is reported under that name and missing folds name its plans."""
+    moved = nnunet_tree / "results" / DATASET / f"{OURS}__nnUNetPlans_from041__3d_fullres"
+    trainer_folder(nnunet_tree, OURS).rename(moved)
+    output_dir = nnunet_tree / "own_plans"
+    main(["compare", DATASET, "-c", "3d_fullres", "-p", "nnUNetPlans_from041", "-tr", f"{STOCK}@nnUNetPlans", OURS,
+          "-f", "0", "1", "-o", str(output_dir)])
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["trainers"] == [f"{STOCK}@nnUNetPlans", OURS]
+    rows = read_metrics_csv(output_dir)
+    assert float(rows[OURS, "case_000", 1]["Dice"]) == 1.0
+    assert float(rows[f"{STOCK}@nnUNetPlans", "case_000", 1]["Dice"]) < 1.0
+    with pytest.raises(SystemExit):
+        main(["compare", DATASET, "-c", "3d_fullres", "-p", "nnUNetPlans_from041", "-tr", STOCK, OURS, "-f", "0"])
+    assert f"-tr {STOCK} -p nnUNetPlans_from041" in capsys.readouterr().err
+    with pytest.raises(NnunetRLError, match="is not TRAINER or TRAINER@PLANS"):
+        compare_trainers(DATASET, "3d_fullres", [STOCK, "@nnUNetPlans"], [0])
