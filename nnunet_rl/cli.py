@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("primary", help="dataset name or ID given to nnUNetv2_train (e.g. the CT dataset)")
     p.add_argument("auxiliary", help="dataset name or ID feeding the other branch (e.g. the MRI dataset)")
     p.add_argument("-c", nargs="+", required=True, help="configurations, e.g. 3d_fullres")
-    p.add_argument("-p", default="nnUNetPlans", help="the primary's plans identifier (default: nnUNetPlans); the "
-                                                      "auxiliary gets <p>_from<primary ID>")
+    p.add_argument("-p", default="nnUNetPlans_RLU2Net",
+                   help="the primary's plans identifier (default: nnUNetPlans_RLU2Net, planned to fit the dual-branch "
+                        "network's memory; nnUNetPlans: nnU-Net's); the auxiliary gets <p>_from<primary ID>")
     p.add_argument("-np", type=int, default=1, help="processes for nnU-Net's fingerprinting and preprocessing")
     p.set_defaults(func=_plan_unpaired)
 
@@ -108,10 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
                                        "boundary IoU, Wilcoxon against the first trainer)")
     p.add_argument("dataset", help="dataset name or ID")
     p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
-    p.add_argument("-tr", nargs="+", required=True, help="trainers; the first is the reference (stock nnUNetTrainer)")
+    p.add_argument("-tr", nargs="+", required=True,
+                   help="trainers, each TRAINER (plans -p) or TRAINER@PLANS; the first is the reference (stock "
+                        "nnUNetTrainer)")
     p.add_argument("-f", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="folds (default: 0 1 2 3 4)")
-    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
-    p.add_argument("-o", default=None, help="output folder (default: $nnUNet_results/DATASET/comparison__PLANS__CONFIG)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier of trainers given without @PLANS (default: "
+                                                     "nnUNetPlans)")
+    p.add_argument("-o", default=None,
+                   help="output folder (default: $nnUNet_results/DATASET/comparison__PLANS__CONFIG)")
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("ablation", help="train (or reuse) RL-U2Net's ablation variants and stock nnU-Net on one fold, "

@@ -157,8 +157,9 @@ class DualBranchUNet(nn.Module):
     ``set_actions`` chooses the PoseAlign rotations of the next forward pass per module (``{key: LongTensor}``);
     ``None`` (the default, and always in eval mode) uses each module's deterministic rule, the most probable
     rotation where π on it reaches ``min_greedy_probability`` and the identity otherwise, so predictions are
-    reproducible and never rest on a rotation chosen by noise. ``set_mirroring`` tells a training forward which samples of the batch
-    were mirrored, so that each module turns them by the conjugated rotation (:class:`~nnunet_rl.mirroring.Mirroring`).
+    reproducible and never rest on a rotation chosen by noise. ``set_mirroring`` tells a training forward which
+    samples of the batch were mirrored, so that each module turns them by the conjugated rotation
+    (:class:`~nnunet_rl.mirroring.Mirroring`).
     """
 
     def __init__(self, input_channels: int, num_classes: int, branch_class_name: str, branch_kwargs: dict,
@@ -247,9 +248,8 @@ class DualBranchUNet(nn.Module):
         alignments.append(Alignment(key, direction, own, aligned, module.pose, action, finest, mirroring))
         return fused
 
-    def branch_outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor] | torch.Tensor,
-                                                       list[torch.Tensor] | torch.Tensor, list[Alignment]]:
-        """Both branches' decoder outputs (deep-supervision lists or full-resolution maps) and the alignments."""
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[Alignment]]:
+        """Both encoders with RL-XAlign between them: each branch's skips (fused where aligned) and the alignments."""
         primary = select_channels(x, self.primary_channels)
         auxiliary = select_channels(x, self.auxiliary_channels)
         primary_skips, auxiliary_skips, alignments = [], [], []
@@ -264,6 +264,12 @@ class DualBranchUNet(nn.Module):
                     self._align("auxiliary", stage, auxiliary, primary, finest, alignments))
             primary_skips.append(primary)
             auxiliary_skips.append(auxiliary)
+        return primary_skips, auxiliary_skips, alignments
+
+    def branch_outputs(self, x: torch.Tensor) -> tuple[list[torch.Tensor] | torch.Tensor,
+                                                       list[torch.Tensor] | torch.Tensor, list[Alignment]]:
+        """Both branches' decoder outputs (deep-supervision lists or full-resolution maps) and the alignments."""
+        primary_skips, auxiliary_skips, alignments = self.encode(x)
         return self.primary_branch.decoder(primary_skips), self.auxiliary_branch.decoder(auxiliary_skips), alignments
 
     def forward(self, x: torch.Tensor):

@@ -12,10 +12,14 @@ branch each segment their own modality; RL-XAlign (eqs. 1-13) fuses them between
   other branch a stored training patch of its own modality and returns the image's own branch (docs/rl_u2net.md).
 """
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from nnunet_rl.dual_branch import FUSION_DIRECTIONS, DualBranchUNet
 from nnunet_rl.dual_branch_loss import BranchTargets
@@ -69,11 +73,42 @@ class UnpairedDatasets:
                             f"({self.auxiliary.dataset}) dataset of these unpaired plans")
 
 
-def most_foreground_sample(batch: dict) -> torch.Tensor:
-    """The (1, C, *patch) image of the batch sample with the most foreground voxels (full-resolution target)."""
-    target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
-    foreground = (torch.as_tensor(target) > 0).flatten(1).sum(1)
-    return torch.as_tensor(batch["data"])[int(foreground.argmax())][None].float()
+@contextmanager
+def numpy_seed(seed: int):
+    """nnU-Net's dataloaders draw from NumPy's global generator: seed it for the block, then restore its state."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def reference_patch(loader: nnUNetDataLoader, seed: int) -> tuple[torch.Tensor, dict]:
+    """One training patch without augmentation, the same in every run: with NumPy seeded by ``seed``, ``loader``'s
+    batch size of its training cases (sorted identifiers) and for each a foreground crop as nnU-Net's dataloader
+    draws it (``get_bbox`` with foreground forced); of those, the crop with the most foreground voxels.
+
+    Returns the (1, C, *patch_size) image, preprocessed as for prediction, and where it comes from: ``case``,
+    ``bbox`` ([[start, end) per axis of the preprocessed array, which may reach outside it: padded with 0]),
+    ``foreground_voxels``, ``candidates`` and ``seed``."""
+    cases = sorted(str(case) for case in loader.indices)
+    best = None
+    with numpy_seed(seed):
+        candidates = [cases[i] for i in np.random.choice(len(cases), min(loader.batch_size, len(cases)), replace=False)]
+        for case in candidates:
+            data, seg, _, properties = loader._data.load_case(case)
+            lbs, ubs = loader.get_bbox(data.shape[1:], True, properties["class_locations"])
+            bbox = [[int(lb), int(ub)] for lb, ub in zip(lbs, ubs)]
+            foreground = int((crop_and_pad_nd(seg, bbox, -1) > 0).sum())
+            if best is None or foreground > best[0]:
+                best = (foreground, case, bbox, data)
+    foreground, case, bbox, data = best
+    patch = torch.from_numpy(crop_and_pad_nd(data, bbox, 0)).float()
+    if loader.patch_size_was_2d:
+        patch = patch[:, 0]
+    return patch[None], {"case": case, "bbox": bbox, "foreground_voxels": foreground, "candidates": candidates,
+                         "seed": seed}
 
 
 class JointLoader:
@@ -112,11 +147,11 @@ class UnpairedDualBranchUNet(DualBranchUNet):
 
     Training mode: both datasets' patches side by side (:class:`JointLoader`), both branches' outputs.
     Eval mode (nnU-Net's validation and ``nnUNetv2_predict``): an image of one modality, that of
-    ``predicted_branch``; the other branch is fed ``reference_<branch>``, one training patch of its own modality
-    (stored with the weights, so prediction needs nothing but the model folder), and the output is the logits of
-    ``predicted_branch`` alone. In training the other branch only ever saw patches of other patients, so a training
-    patch keeps it in the distribution it was trained on; the image itself (the wrong modality for that branch) or
-    zeros would not be.
+    ``predicted_branch``; the other branch is fed ``reference_<branch>``, one unaugmented training patch of its own
+    modality (:func:`reference_patch`; stored with the weights, so prediction needs nothing but the model folder, and
+    predictions depend on it), and the output is the logits of ``predicted_branch`` alone (only its decoder runs).
+    In training the other branch only ever saw patches of other patients, so a training patch keeps it in the
+    distribution it was trained on; the image itself (the wrong modality for that branch) or zeros would not be.
     """
 
     def __init__(self, primary_input_channels: int, auxiliary_input_channels: int, num_classes: int,
@@ -133,9 +168,11 @@ class UnpairedDualBranchUNet(DualBranchUNet):
             self.register_buffer(f"reference_{branch}", torch.full((1, channels, *patch_size), math.nan))
 
     def reference(self, branch: str) -> torch.Tensor:
+        """The stored reference patch of ``branch`` (NaN until one is set)."""
         return getattr(self, f"reference_{branch}")
 
     def has_references(self) -> bool:
+        """Whether both branches' reference patches are set (a checkpoint written by training holds them)."""
         return not any(torch.isnan(self.reference(branch)).any() for branch in FUSION_DIRECTIONS)
 
     def set_reference(self, branch: str, patch: torch.Tensor) -> None:
@@ -156,32 +193,39 @@ class UnpairedDualBranchUNet(DualBranchUNet):
                                 "predict with a checkpoint written by nnUNetTrainerRLU2Net_unpaired")
         reference = reference.to(x.dtype).expand(x.shape[0], *reference.shape[1:])
         joined = torch.cat([x, reference] if own == "primary" else [reference, x], 1)
-        primary, auxiliary, _ = self.branch_outputs(joined)
-        return primary if own == "primary" else auxiliary
+        primary_skips, auxiliary_skips, _ = self.encode(joined)  # only the predicted branch is decoded
+        if own == "primary":
+            return self.primary_branch.decoder(primary_skips)
+        return self.auxiliary_branch.decoder(auxiliary_skips)
 
 
-def check_same_plans(primary_plans: dict, auxiliary_plans: dict, configuration: str,
-                     keys: Sequence[str] = ("spacing", "patch_size", "architecture", "batch_size")) -> None:
+PLANS_KEYS = ("spacing", "patch_size", "architecture", "batch_size")  # what both datasets must be planned with
+
+
+def check_same_plans(primary_plans: dict, auxiliary_plans: dict, configuration: str) -> None:
     """The auxiliary dataset must be preprocessed with the primary's plans (spacing, patch, topology, axis order) and
-    the same rl_u2net settings; an error listing every difference and the command that fixes it."""
+    carry the same rl_u2net settings (the network is rebuilt from either plans file); an error listing every
+    difference, or one for differing rl blocks alone, each with the command that fixes it."""
+    primary, auxiliary = primary_plans["dataset_name"], auxiliary_plans["dataset_name"]
+    rerun = f"nnunet-rl plan-unpaired {primary} {auxiliary} -c {configuration} -p {primary_plans['plans_name']}"
     differences = [key for key in ("transpose_forward", "transpose_backward")
                    if primary_plans.get(key) != auxiliary_plans.get(key)]
     if configuration not in auxiliary_plans["configurations"]:
         differences.append(f"configuration {configuration}")
     else:
         mine, theirs = (plans["configurations"][configuration] for plans in (primary_plans, auxiliary_plans))
-        differences += [key for key in keys if mine.get(key) != theirs.get(key)]
-        if mine.get("rl", {}).get("rl_u2net") != theirs.get("rl", {}).get("rl_u2net"):
-            differences.append("rl block section rl_u2net")
+        differences += [key for key in PLANS_KEYS if mine.get(key) != theirs.get(key)]
+        if not differences and mine.get("rl", {}).get("rl_u2net") != theirs.get("rl", {}).get("rl_u2net"):
+            raise NnunetRLError(f"the rl blocks' rl_u2net sections of {primary} and {auxiliary} differ (one plans file "
+                                f"edited alone?); edit {primary}'s and copy it over (the preprocessed data stay) "
+                                f"with: {rerun}")
     if differences:
-        raise NnunetRLError(f"the auxiliary dataset {auxiliary_plans['dataset_name']} was preprocessed with other "
-                            f"plans than {primary_plans['dataset_name']} (differ: {', '.join(differences)}); rerun: "
-                            f"nnunet-rl plan-unpaired {primary_plans['dataset_name']} "
-                            f"{auxiliary_plans['dataset_name']} -c {configuration} -p {primary_plans['plans_name']}")
+        raise NnunetRLError(f"the auxiliary dataset {auxiliary} was preprocessed with other plans than {primary} "
+                            f"(differ: {', '.join(differences)}); rerun: {rerun}")
 
 
 def check_same_labels(primary_json: dict, auxiliary_json: dict, primary: str, auxiliary: str) -> None:
+    """Both datasets must have the same labels (one output layer serves both branches' losses and predictions)."""
     if primary_json["labels"] != auxiliary_json["labels"]:
         raise NnunetRLError(f"unpaired training needs the same labels in both datasets; {primary} has "
                             f"{primary_json['labels']}, {auxiliary} has {auxiliary_json['labels']}")
-

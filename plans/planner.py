@@ -5,8 +5,7 @@ from typing import Sequence
 
 from batchgenerators.utilities.file_and_folder_operations import load_json, save_json
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiment_dataset,
-                                                                   plan_experiments, preprocess)
+from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
 from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
 from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -19,6 +18,16 @@ from nnunet_rl.plans.rl_block import PAPER_DEFAULTS, RL_BLOCK_KEY, derive_rl_blo
 RL_U2NET_PLANS = "nnUNetPlans_RLU2Net"
 
 
+def dual_branch_estimate(patch_size, input_channels: int, output_channels: int, arch_class_name: str,
+                         arch_kwargs: dict, arch_kwargs_req_import) -> int:
+    """nnU-Net's memory estimate (``compute_conv_feature_map_size``) of the :class:`DualBranchUNet` built from one
+    planned branch with the rl block's default channel split and ``rl_u2net`` network settings."""
+    hp = PAPER_DEFAULTS["rl_u2net"]
+    network = DualBranchUNet(input_channels, output_channels, arch_class_name, arch_kwargs, arch_kwargs_req_import,
+                             allow_init=False, **{key: hp[key] for key in NETWORK_HYPERPARAMETERS})
+    return network.compute_conv_feature_map_size(patch_size)
+
+
 class nnUNetPlannerRLU2Net(ExperimentPlanner):
     """nnU-Net's default planner whose VRAM estimate is RL-U2Net's (Qu and Zhao, "RL-U2Net: A Dual-Branch UNet with
     Reinforcement Learning-Assisted Multimodal Feature Fusion for Accurate 3D Whole-Heart Segmentation", preprint,
@@ -26,30 +35,31 @@ class nnUNetPlannerRLU2Net(ExperimentPlanner):
 
     The plans still describe one branch (PlainConvUNet, as stock plans), which ``nnUNetTrainerRLU2Net`` builds twice;
     the patch and batch size are fitted, by nnU-Net's own search, to the memory estimate of the
-    :class:`~nnunet_rl.dual_branch.DualBranchUNet` built from that branch with the rl block's default channel split and
-    ``rl_u2net`` network settings: both branches and every RL-XAlign module (``compute_conv_feature_map_size``).
+    :class:`~nnunet_rl.dual_branch.DualBranchUNet` built from that branch (:func:`dual_branch_estimate`): both
+    branches and every RL-XAlign module. ``auxiliary_input_channels``: the channels of an unpaired auxiliary dataset
+    (``nnunet-rl plan-unpaired``), which the network takes besides this dataset's own.
     """
 
     def __init__(self, dataset_name_or_id: str | int, gpu_memory_target_in_gb: float = 8,
                  preprocessor_name: str = "DefaultPreprocessor", plans_name: str = RL_U2NET_PLANS,
-                 overwrite_target_spacing: Sequence[float] | None = None, suppress_transpose: bool = False):
+                 overwrite_target_spacing: Sequence[float] | None = None, suppress_transpose: bool = False,
+                 auxiliary_input_channels: int = 0):
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
+        self.auxiliary_input_channels = auxiliary_input_channels
 
-    @staticmethod
-    def static_estimate_VRAM_usage(patch_size, input_channels: int, output_channels: int, arch_class_name: str,
+    def static_estimate_VRAM_usage(self, patch_size, input_channels: int, output_channels: int, arch_class_name: str,
                                    arch_kwargs: dict, arch_kwargs_req_import) -> int:
-        hp = PAPER_DEFAULTS["rl_u2net"]
-        # a single-channel dataset is the primary half of an unpaired pair (nnUNetTrainerRLU2Net_unpaired): the
-        # network then takes the auxiliary dataset's channel too
-        network = DualBranchUNet(max(input_channels, 2), output_channels, arch_class_name, arch_kwargs, arch_kwargs_req_import,
-                                 allow_init=False, **{key: hp[key] for key in NETWORK_HYPERPARAMETERS})
-        return network.compute_conv_feature_map_size(patch_size)
+        """nnU-Net's hook (a static method there, called through the instance; here it needs the auxiliary
+        dataset's channel count): :func:`dual_branch_estimate` with this dataset's and the auxiliary's channels."""
+        return dual_branch_estimate(patch_size, input_channels + self.auxiliary_input_channels, output_channels,
+                                    arch_class_name, arch_kwargs, arch_kwargs_req_import)
 
 
 def run_nnunet_planning_where_missing(dataset_name: str, configurations: list[str] | None, plans_name: str,
-                                      num_processes: int) -> Path:
-    """Run nnU-Net's own fingerprinting, planning and preprocessing for whatever is not there yet."""
+                                      num_processes: int, auxiliary_input_channels: int = 0) -> Path:
+    """Run nnU-Net's own fingerprinting, planning and preprocessing for whatever is not there yet
+    (``auxiliary_input_channels``: see :class:`nnUNetPlannerRLU2Net`)."""
     dataset_id = convert_dataset_name_to_id(dataset_name)
     folder = Path(str(nnUNet_preprocessed)) / dataset_name
     if not (folder / "dataset_fingerprint.json").is_file():
@@ -60,7 +70,7 @@ def run_nnunet_planning_where_missing(dataset_name: str, configurations: list[st
             raise NnunetRLError(f"{plans_file} does not exist; only nnUNetPlans and {RL_U2NET_PLANS} are planned "
                                 f"here (use nnUNetv2_plan_experiment -overwrite_plans_name {plans_name} for others)")
         if plans_name == RL_U2NET_PLANS:
-            plan_experiment_dataset(dataset_id, nnUNetPlannerRLU2Net)
+            nnUNetPlannerRLU2Net(dataset_id, auxiliary_input_channels=auxiliary_input_channels).plan_experiment()
         else:
             plan_experiments([dataset_id])
     plans = PlansManager(str(plans_file))

@@ -34,7 +34,8 @@ MAX_CASES_FOR_LABEL_FRACTIONS = 50  # enough for a stable mean; keeps planning f
 PAPER_DEFAULTS: dict[str, dict] = {
     # RL-U2Net (paper 000); choices where the paper is silent are ours and explained in docs/rl_u2net.md.
     "rl_u2net": {
-        "aligned_stages": None,            # encoder stages followed by RL-XAlign; None: the deepest 4 at ≤ 1/4 resolution
+        "aligned_stages": None,            # encoder stages followed by RL-XAlign; None: the deepest 4 at ≤ 1/4
+                                           # resolution
         "fusion_directions": ["primary", "auxiliary"],  # both branches take the other in (Fig. 9); one: one way
         "window_size": 4,                  # CMA window w (eqs. 1-5); ours
         "k_sel": 2,                        # rotations sampled per forward and averaged (PoseAlign); ours
@@ -54,7 +55,7 @@ PAPER_DEFAULTS: dict[str, dict] = {
         "ppo_epochs": 10,                  # K mini-epochs
         "minibatch": 64,                   # M
         "rl_fraction": 0.2,                # RL in the first 100 of 500 epochs; θ frozen after
-        "seed": 0,                         # rotation sampling and PPO mini-batches
+        "seed": 0,                         # rotation sampling, PPO mini-batches, the unpaired reference patches
         "agwd": True,                      # AGWD (eqs. 18-19)
         "agwd_gamma": 1.0,                 # γ, δ of eq. 18; ours
         "agwd_delta": 0.0,
@@ -62,6 +63,8 @@ PAPER_DEFAULTS: dict[str, dict] = {
         "infonce_weight": 1.0,             # α, β of eq. 17; ours
         "cosine_weight": 1.0,
         "infonce_temperature": 0.1,
+        "reward_similarity_weight": 1.0,   # weight of S_similarity in the PPO reward (eq. 9: 1); ours to name, so that
+                                           # nnUNetTrainerRLU2Net_unpaired can drop it (different patients)
         "unpaired": None,                  # ours: the two datasets of nnUNetTrainerRLU2Net_unpaired (MM-WHS as
                                            # distributed), written by `nnunet-rl plan-unpaired`; null: paired channels
     },

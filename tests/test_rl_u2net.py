@@ -328,7 +328,7 @@ def test_plan_writes_rl_u2net_plans_with_its_own_planner(planned_dataset):
 def test_planner_fits_the_dual_branch_estimate_not_one_unet_to_the_memory_target(planned_dataset):
     """On a large volume nnU-Net's own search shrinks the patch until the DualBranchUNet estimate fits."""
     from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
-    from nnunet_rl.plans.planner import nnUNetPlannerRLU2Net
+    from nnunet_rl.plans.planner import dual_branch_estimate, nnUNetPlannerRLU2Net
     plans = {}
     for planner_class in (ExperimentPlanner, nnUNetPlannerRLU2Net):
         planner = planner_class(planned_dataset)
@@ -338,7 +338,7 @@ def test_planner_fits_the_dual_branch_estimate_not_one_unet_to_the_memory_target
 
     def dual_estimate(plan):
         architecture = plan["architecture"]
-        return nnUNetPlannerRLU2Net.static_estimate_VRAM_usage(
+        return dual_branch_estimate(
             plan["patch_size"], 2, 3, architecture["network_class_name"], architecture["arch_kwargs"],
             architecture["_kw_requires_import"])
 

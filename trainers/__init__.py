@@ -10,9 +10,7 @@ from nnunet_rl.trainers.rl_deep_supervision import (nnUNetTrainerAWSnet, nnUNetT
                                                     nnUNetTrainerRLDeepSup_randomSearch,
                                                     nnUNetTrainerRLDeepSup_shortHorizon)
 from nnunet_rl.trainers.rl_u2net import nnUNetTrainerRLU2Net
-from nnunet_rl.trainers.rl_u2net_unpaired import (nnUNetTrainerRLU2Net_unpaired,
-                                                  nnUNetTrainerRLU2Net_unpaired_3epochs_2iters,
-                                                  nnUNetTrainerRLU2Net_unpaired_10epochs_20iters)
+from nnunet_rl.trainers.rl_u2net_unpaired import nnUNetTrainerRLU2Net_unpaired
 from nnunet_rl.trainers.rl_u2net_variants import (SHORT_SCHEDULES as _RL_U2NET_SHORT_SCHEDULES,
                                                   nnUNetTrainerRLU2Net_lambda0p1, nnUNetTrainerRLU2Net_lambda0p2,
                                                   nnUNetTrainerRLU2Net_lambda0p3, nnUNetTrainerRLU2Net_lambda0p4,
@@ -50,12 +48,12 @@ __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10
            "nnUNetTrainerRLDeepSup_30epochs_50iters",
            "nnUNetTrainerRLDeepSup_randomSearch_30epochs_50iters", "nnUNetTrainerAWSnet_30epochs_50iters",
            "nnUNetTrainerRLDeepSup_shortHorizon", "nnUNetTrainerRLDeepSup_shortHorizon_3epochs_2iters",
-           "nnUNetTrainerRLDeepSup_shortHorizon_10epochs_20iters", "nnUNetTrainerRLDeepSup_shortHorizon_30epochs_50iters",
+           "nnUNetTrainerRLDeepSup_shortHorizon_10epochs_20iters",
+           "nnUNetTrainerRLDeepSup_shortHorizon_30epochs_50iters",
            "nnUNetTrainerRLU2Net", "nnUNetTrainerRLU2Net_noCMA", "nnUNetTrainerRLU2Net_noRLXAlign",
            "nnUNetTrainerRLU2Net_noAuxLoss", "nnUNetTrainerRLU2Net_noAGWD", "nnUNetTrainerRLU2Net_lambda0p1",
            "nnUNetTrainerRLU2Net_lambda0p2", "nnUNetTrainerRLU2Net_lambda0p3", "nnUNetTrainerRLU2Net_lambda0p4",
            "nnUNetTrainerRLU2Net_lambda0p5", *_RL_U2NET_SHORT_SCHEDULES, "nnUNetTrainerRLU2Net_noPPO",
-           "nnUNetTrainerRLU2Net_unpaired", "nnUNetTrainerRLU2Net_unpaired_3epochs_2iters",
-           "nnUNetTrainerRLU2Net_unpaired_10epochs_20iters",
+           "nnUNetTrainerRLU2Net_unpaired",
            "nnUNetTrainerPixelRL", "nnUNetTrainerPixelRL_noSAM", "nnUNetTrainerPixelRL_noDC",
            *_PIXEL_RL_SHORT_SCHEDULES]

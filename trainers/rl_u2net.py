@@ -208,9 +208,10 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
         Values are averaged over DDP ranks first: identical buffers, hence identical policies, on all ranks."""
         before, after = before.mean_across_ranks(), after.mean_across_ranks()
         progress, next_progress = self.current_epoch / self.num_epochs, (self.current_epoch + 1) / self.num_epochs
+        similarity_weight = self.rl_hyperparameters(COMPONENT)["reward_similarity_weight"]
         for key, buffer in self.buffers.items():
             branch = self.bare_network.sites[key].direction
-            reward = after.dice[branch] + after.similarity[key]  # eq. 9
+            reward = after.dice[branch] + similarity_weight * after.similarity[key]  # eq. 9
             pose = self.bare_network.xalign[key].pose
             with torch.no_grad():
                 log_prob = pose.log_prob(actions[key][None]).cpu()

@@ -9,21 +9,29 @@ the auxiliary branch on the dataset the plans name (``rl_u2net.unpaired``, from 
 top of :class:`~nnunet_rl.trainers.rl_u2net.nnUNetTrainerRLU2Net` it only changes where data comes from and where
 results go:
 
-- ``initialize``: the auxiliary dataset must exist, be preprocessed with the same plans and have the same labels;
+- ``rl_overrides``: no alignment loss (λ₁ = 0 in eq. 20) and no S_similarity in the PPO reward (eq. 9): both compare
+  sample i of the CT batch with sample i of the MRI batch voxel by voxel, and these are crops of different patients;
+- ``initialize``: the auxiliary dataset must exist, be preprocessed with the same plans and have the same labels; no
+  cascade (``3d_cascade_fullres``);
 - ``build_network_architecture``: :class:`~nnunet_rl.unpaired.UnpairedDualBranchUNet`, predicting the branch of the
   dataset whose plans it is built from;
 - ``get_dataloaders``: nnU-Net's own dataloaders and augmentation, once per dataset (each with its own fold split),
-  joined by :class:`~nnunet_rl.unpaired.JointLoader`; validation during training: the primary dataset's;
+  joined by :class:`~nnunet_rl.unpaired.JointLoader`; validation during training: the primary dataset's; each
+  branch's reference patch for prediction (:func:`~nnunet_rl.unpaired.reference_patch`: seeded, no augmentation,
+  chosen on rank 0 and broadcast), recorded in ``rl_policy.json``;
 - ``perform_actual_validation`` / ``save_checkpoint`` / ``on_train_start``: also the auxiliary dataset's validation
-  cases, and a model folder in the auxiliary dataset's results, so ``nnUNetv2_predict -d AUXILIARY`` and
-  ``nnunet-rl compare AUXILIARY`` work as for any nnU-Net model.
+  cases, and a model folder in the auxiliary dataset's results (with ``checkpoint_final.pth`` and
+  ``checkpoint_best.pth``), so ``nnUNetv2_predict -d AUXILIARY`` and ``nnunet-rl compare AUXILIARY`` work as for any
+  nnU-Net model.
 """
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from os.path import basename, isdir, isfile, join
 
+import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json, maybe_mkdir_p, save_json
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
@@ -32,9 +40,10 @@ from nnunet_rl.dual_branch import NETWORK_HYPERPARAMETERS
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
 from nnunet_rl.trainers.rl_u2net import COMPONENT, nnUNetTrainerRLU2Net
-from nnunet_rl.trainers.schedules import Demo, Smoke
 from nnunet_rl.unpaired import (JointLoader, UnpairedDatasets, UnpairedDualBranchUNet, check_same_labels,
-                                check_same_plans, most_foreground_sample)
+                                check_same_plans, reference_patch)
+
+REFERENCE_KEY = "reference_patches"  # rl_policy.json and the checkpoint's RL state: where each reference comes from
 
 
 @dataclass
@@ -53,6 +62,7 @@ class DatasetView:
 
 class nnUNetTrainerRLU2Net_unpaired(nnUNetTrainerRLU2Net):
     """RL-U2Net with each branch trained on its own dataset, labels and loss (see the module docstring)."""
+    rl_overrides = {COMPONENT: {"alignment_weight": 0.0, "reward_similarity_weight": 0.0}}
 
     def check_channels(self, dataset_json: dict) -> None:
         """Any channel count: the primary dataset's channels feed the primary branch, the auxiliary dataset's the
@@ -79,8 +89,13 @@ class nnUNetTrainerRLU2Net_unpaired(nnUNetTrainerRLU2Net):
 
     def initialize(self) -> None:
         if not self.was_initialized:
+            if self.is_cascaded:
+                raise NnunetRLError(f"{type(self).__name__} does not train cascade stages ({self.configuration_name} "
+                                    f"reads the previous stage's segmentations of one dataset); use 3d_fullres, "
+                                    f"3d_lowres or 2d")
             self.datasets = UnpairedDatasets.from_section(self.rl_hyperparameters(COMPONENT))
             self.auxiliary = self._auxiliary_view()
+            self.reference_records: dict[str, dict] = {}
         super().initialize()
 
     def _auxiliary_view(self) -> DatasetView:
@@ -143,11 +158,34 @@ class nnUNetTrainerRLU2Net_unpaired(nnUNetTrainerRLU2Net):
             auxiliary_train, auxiliary_validation = super().get_dataloaders()
         if hasattr(auxiliary_validation, "_finish"):
             auxiliary_validation._finish()
-        network = self.bare_network
-        if not network.has_references():  # a resumed run keeps those of its checkpoint
-            for branch, loader in (("primary", train), ("auxiliary", auxiliary_train)):
-                network.set_reference(branch, most_foreground_sample(next(loader)).to(self.device))
+        if not self.bare_network.has_references():  # a resumed run keeps those of its checkpoint
+            self._choose_references()
         return JointLoader(train, auxiliary_train), validation
+
+    def _reference_loader(self) -> nnUNetDataLoader:
+        """A plain nnU-Net dataloader over the current dataset's fold training cases (no transforms), cropping the
+        final patch size (:func:`reference_patch` forces foreground itself)."""
+        dataset_tr, _ = self.get_tr_and_val_datasets()
+        patch_size = self.configuration_manager.patch_size
+        return nnUNetDataLoader(dataset_tr, self.batch_size, patch_size, patch_size, self.label_manager)
+
+    def _choose_references(self) -> None:
+        """Each branch's reference patch (:func:`reference_patch`, seeded by the rl block's ``seed``), chosen on rank 0
+        and broadcast, so that every DDP rank stores the same one."""
+        chosen = [None]
+        if self.local_rank == 0:
+            seed = self.rl_hyperparameters(COMPONENT)["seed"]
+            patches, records = {}, {}
+            for branch, view in (("primary", None), ("auxiliary", self.auxiliary)):
+                with self.on_dataset(view) if view is not None else nullcontext():
+                    patches[branch], records[branch] = reference_patch(self._reference_loader(), seed)
+                records[branch]["dataset"] = self.datasets.sides()[branch].dataset
+            chosen = [(patches, records)]
+        if self.is_ddp:
+            torch.distributed.broadcast_object_list(chosen, src=0)
+        patches, self.reference_records = chosen[0]
+        for branch, patch in patches.items():
+            self.bare_network.set_reference(branch, patch.to(self.device))
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -167,9 +205,10 @@ class nnUNetTrainerRLU2Net_unpaired(nnUNetTrainerRLU2Net):
         self.dataloader_train.finish()
 
     def save_checkpoint(self, filename: str) -> None:
-        """Also the auxiliary dataset's model folder gets the final checkpoint (one network for both modalities)."""
+        """The auxiliary dataset's model folder gets the final and the best checkpoint too (one network for both
+        modalities; "best" is nnU-Net's choice by the primary dataset's pseudo Dice)."""
         super().save_checkpoint(filename)
-        if basename(filename) == "checkpoint_final.pth" and self.local_rank == 0 and \
+        if basename(filename) in ("checkpoint_final.pth", "checkpoint_best.pth") and self.local_rank == 0 and \
                 self.auxiliary.output_folder is not None:
             maybe_mkdir_p(self.auxiliary.output_folder)
             shutil.copyfile(filename, join(self.auxiliary.output_folder, basename(filename)))
@@ -182,9 +221,13 @@ class nnUNetTrainerRLU2Net_unpaired(nnUNetTrainerRLU2Net):
             super().perform_actual_validation(save_probabilities)
 
 
-class nnUNetTrainerRLU2Net_unpaired_3epochs_2iters(Smoke, nnUNetTrainerRLU2Net_unpaired):
-    pass
+    def rl_policy(self) -> dict:
+        """The paired trainer's policy, and where each branch's reference patch comes from."""
+        return {**super().rl_policy(), REFERENCE_KEY: self.reference_records}
 
+    def rl_state_dict(self) -> dict:
+        return {**super().rl_state_dict(), REFERENCE_KEY: self.reference_records}
 
-class nnUNetTrainerRLU2Net_unpaired_10epochs_20iters(Demo, nnUNetTrainerRLU2Net_unpaired):
-    pass
+    def load_rl_state_dict(self, state: dict) -> None:
+        super().load_rl_state_dict(state)
+        self.reference_records = state[REFERENCE_KEY]

@@ -1,4 +1,4 @@
-"""RL-U2Net's ablations as tiny subclasses, nnU-Net style, and their short schedules.
+"""RL-U2Net's ablations as tiny subclasses, nnU-Net style, and their (and the unpaired trainer's) short schedules.
 
 J. Qu and J. Zhao, "RL-U2Net: A Dual-Branch UNet with Reinforcement Learning-Assisted Multimodal Feature Fusion for
 Accurate 3D Whole-Heart Segmentation" (preprint, no DOI), Table 2 and Fig. 9.
@@ -8,6 +8,7 @@ removes or sets. ``nnunet-rl ablation`` trains them side by side (``ABLATIONS`` 
 ours: w/o PPO, which isolates what the learned rotation adds to the fusion).
 """
 from nnunet_rl.trainers.rl_u2net import COMPONENT, nnUNetTrainerRLU2Net
+from nnunet_rl.trainers.rl_u2net_unpaired import nnUNetTrainerRLU2Net_unpaired
 from nnunet_rl.trainers.schedules import Demo, Smoke
 
 
@@ -70,9 +71,10 @@ LAMBDA_SWEEP = {0.1: nnUNetTrainerRLU2Net_lambda0p1, 0.2: nnUNetTrainerRLU2Net_l
 
 
 def _short_schedules() -> dict[str, type]:
-    """``<variant>_3epochs_2iters`` and ``<variant>_10epochs_20iters`` for every variant above (tests, demo,
-    ``nnunet-rl ablation --schedule``), generated so the list cannot drift from the variants."""
-    variants = [*ABLATIONS.values(), *LAMBDA_SWEEP.values()]
+    """``<variant>_3epochs_2iters`` and ``<variant>_10epochs_20iters`` for every variant above and for
+    ``nnUNetTrainerRLU2Net_unpaired`` (tests, demo, ``nnunet-rl ablation --schedule``), generated so the list cannot
+    drift from the variants."""
+    variants = [*ABLATIONS.values(), *LAMBDA_SWEEP.values(), nnUNetTrainerRLU2Net_unpaired]
     return {f"{variant.__name__}{schedule.suffix}": type(f"{variant.__name__}{schedule.suffix}", (schedule, variant),
                                                          {"__module__": __name__})
             for variant in dict.fromkeys(variants) for schedule in (Smoke, Demo)}
