@@ -34,6 +34,7 @@ class RankingProbe(nnUNetTrainerRLDeepSup_faithful):
         """(look-ahead, faithful) scores of the candidates, both from the current state; the network then holds the
         faithful mode's best candidate."""
         look_ahead = self.look_ahead_dice(next(self.dataloader_train), next(self.dataloader_reward), betas)
+        self._scheduled_iterations = self.num_iterations_per_epoch  # as on_train_epoch_start sets it
         faithful = np.array(self.train_candidates(betas))
         self.num_iterations_per_epoch = self._scheduled_iterations
         return look_ahead, faithful

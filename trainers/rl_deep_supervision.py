@@ -15,6 +15,8 @@ candidate's Dice is found:
 
 - ``nnUNetTrainerRLDeepSup_faithful``: the paper's bilevel scheme. Every RL epoch trains K copies of the network for
   one epoch each from the same start, scores each on the same reward batches and continues from the best copy.
+- ``nnUNetTrainerRLDeepSup_shortHorizon``: the bilevel scheme on ``trial_steps`` steps, all candidates on the same
+  training batches. Measured not to tell a useless output from a useful one (docs/rl_deep_supervision.md).
 - ``nnUNetTrainerRLDeepSup`` (default): a first-order look-ahead, a cheap proxy. Per RL round, the gradients g_l of
   each output's loss on a training batch and the gradient h of the soft Dice on a reward batch give
   D(α) ≈ D − c Σ_l α_l ⟨g_l, h⟩ (c > 0); all K candidates are scored from L + 1 backward passes. The proxy ranks
@@ -277,7 +279,7 @@ class nnUNetTrainerRLDeepSup_faithful(DeepSupervisionRLTrainer):
 class nnUNetTrainerRLDeepSup_shortHorizon(nnUNetTrainerRLDeepSup_faithful):
     """The paper's bilevel scoring on a short horizon: each copy trains ``trial_steps`` steps on the *same*
     training batches (common random numbers: the candidates differ only by their weighting) and is scored on
-    ``trial_reward_batches`` reward batches. Costs about K·trial_steps extra steps per RL epoch."""
+    ``trial_reward_batches`` reward batches. Costs (K − 1)·trial_steps extra training steps per RL epoch."""
 
     def initialize(self) -> None:
         super().initialize()
