@@ -41,11 +41,15 @@ class FaithfulTwoCandidates(TinySchedule, nnUNetTrainerRLDeepSup_faithful):
     epochs, iterations = 2, 2
 
 
-class ShortHorizonThreeCandidates(TinySchedule, nnUNetTrainerRLDeepSup_shortHorizon):
+class ShortHorizonTiny(TinySchedule, nnUNetTrainerRLDeepSup_shortHorizon):
     """Trials of 2 steps in epochs of 3: the best copy's 2 steps and 1 more make the epoch."""
     rl_overrides = {COMPONENT: {"warmup_fraction": 0.0, "candidates": 3, "trial_steps": 2,
                                 "trial_reward_batches": 2}}
     epochs, iterations = 2, 3
+
+
+class ShortHorizonThreeCandidates(ShortHorizonTiny):
+    """Records the serial number of every batch it trains on."""
 
     def on_train_start(self) -> None:
         super().on_train_start()
@@ -140,6 +144,18 @@ def test_a_candidate_trains_from_the_start_state_without_changing_it(planned_dat
     trainer.on_train_end()
 
 
+def test_identical_short_horizon_candidates_score_alike(planned_dataset):
+    """End to end: K copies of one weighting, trained from the same start on the same batches, score the same."""
+    trainer = make_trainer(planned_dataset, ShortHorizonThreeCandidates)
+    trainer.on_train_start()
+    for _ in range(20):  # past an all-background start, where every candidate would score alike anyway
+        trainer.train_step(next(trainer.dataloader_train))
+    trainer._scheduled_iterations = trainer.num_iterations_per_epoch  # as on_train_epoch_start sets it
+    scores = trainer.train_candidates(np.repeat(trainer.das_weights.beta[None], 3, axis=0))
+    assert 0 < scores[0] < 1 and scores[0] == scores[1] == scores[2], scores
+    trainer.on_train_end()
+
+
 def test_short_horizon_trials_share_their_batches_and_keep_the_epoch_length(planned_dataset):
     trainer = trained(planned_dataset, ShortHorizonThreeCandidates)
     per_epoch = 3 * 2 + 1  # three candidates of two steps, then the epoch's one remaining step
@@ -191,7 +207,12 @@ class FaithfulRecordsBatches(RecordsBatches, FaithfulTwoCandidates):
     pass
 
 
-@pytest.mark.parametrize("trainer_class", [LookAheadRecordsBatches, FaithfulRecordsBatches])
+class ShortHorizonRecordsBatches(RecordsBatches, ShortHorizonTiny):
+    pass
+
+
+@pytest.mark.parametrize("trainer_class", [LookAheadRecordsBatches, FaithfulRecordsBatches,
+                                           ShortHorizonRecordsBatches])
 def test_the_rl_never_loads_a_validation_case(planned_dataset, trainer_class):
     """The reward comes from cases carved out of the fold's training cases, written to the fold folder; nnU-Net trains
     on none of them, and no batch of the fold's validation cases is drawn while an RL round runs."""

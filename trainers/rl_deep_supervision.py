@@ -237,6 +237,7 @@ class nnUNetTrainerRLDeepSup_faithful(DeepSupervisionRLTrainer):
             outputs = [self.train_step(batch) for batch in batches()]
             dice.append(self._reward_dice(reward_batches))
             if best is None or dice[-1] > best[0]:
+                best = None  # release the previous best copy before snapshotting: two copies at most, not three
                 best = (dice[-1], self._training_state(), outputs)
         self._load_training_state(best[1])
         self._best_outputs = best[2]
@@ -252,12 +253,11 @@ class nnUNetTrainerRLDeepSup_faithful(DeepSupervisionRLTrainer):
                               "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler else None})
 
     def _load_training_state(self, state: dict) -> None:
-        """Load a copy of ``state``: torch's ``Optimizer.load_state_dict`` adopts the given momentum tensors, which the
-        next step then updates in place, so loading ``state`` itself would let each candidate's training leak into
-        the start of the next."""
-        state = copy.deepcopy(state)
+        """Load ``state`` without letting training change it: the network's ``load_state_dict`` copies the values,
+        but torch's ``Optimizer.load_state_dict`` adopts the given momentum tensors, which the next step updates in
+        place, so the optimizer gets a copy (else each candidate's training would leak into the next one's start)."""
         self.network.load_state_dict(state["network"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
         if self.grad_scaler is not None:
             self.grad_scaler.load_state_dict(state["grad_scaler"])
 
