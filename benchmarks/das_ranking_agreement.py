@@ -9,7 +9,7 @@ not updated (the measurement is of the scores, not of learning). Rewards come fr
 
     export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=...
     python benchmarks/das_ranking_agreement.py -d 4 --prepare-msd ../shared/data/Task04_Hippocampus \\
-        --warmup 50 --rounds 20 --candidates 5 --iterations 10 -o ranking.json
+        --warmup 100 --rounds 20 --candidates 5 --iterations 5 --reward-batches 3 -o ranking.json
 """
 import argparse
 import json
