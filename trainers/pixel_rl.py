@@ -27,7 +27,7 @@ from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.pixel_rl import Episode, PixelRLNetwork, build_pixel_rl_network
 from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
 from nnunet_rl.trainers.base import RLTrainerBase
-from nnunet_rl.trainers.schedules import Demo, Smoke
+from nnunet_rl.trainers.schedules import short_schedule_variants
 
 COMPONENT = "pixel_rl"
 TELEMETRY = ("pixel_rl/reward", "pixel_rl/changed_fraction", "pixel_rl/policy_loss", "pixel_rl/value_loss",
@@ -157,13 +157,6 @@ class nnUNetTrainerPixelRL_noDC(nnUNetTrainerPixelRL):
     rl_overrides = {COMPONENT: {"head_dilations": [1, 1, 1]}}
 
 
-def _short_schedules() -> dict[str, type]:
-    """``<variant>_3epochs_2iters`` and ``<variant>_10epochs_20iters`` for every variant above."""
-    variants = (nnUNetTrainerPixelRL, nnUNetTrainerPixelRL_noSAM, nnUNetTrainerPixelRL_noDC)
-    return {f"{variant.__name__}{schedule.suffix}": type(f"{variant.__name__}{schedule.suffix}", (schedule, variant),
-                                                         {"__module__": __name__})
-            for variant in variants for schedule in (Smoke, Demo)}
-
-
-SHORT_SCHEDULES = _short_schedules()
+SHORT_SCHEDULES = short_schedule_variants(
+    (nnUNetTrainerPixelRL, nnUNetTrainerPixelRL_noSAM, nnUNetTrainerPixelRL_noDC), __name__)
 globals().update(SHORT_SCHEDULES)

@@ -220,7 +220,6 @@ class nnUNetTrainerRLU2Net_unpaired(nnUNetTrainerRLU2Net):
         with self.on_dataset(self.auxiliary), self.predicting("auxiliary"):
             super().perform_actual_validation(save_probabilities)
 
-
     def rl_policy(self) -> dict:
         """The paired trainer's policy, and where each branch's reference patch comes from."""
         return {**super().rl_policy(), REFERENCE_KEY: self.reference_records}

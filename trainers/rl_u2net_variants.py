@@ -9,7 +9,7 @@ ours: w/o PPO, which isolates what the learned rotation adds to the fusion).
 """
 from nnunet_rl.trainers.rl_u2net import COMPONENT, nnUNetTrainerRLU2Net
 from nnunet_rl.trainers.rl_u2net_unpaired import nnUNetTrainerRLU2Net_unpaired
-from nnunet_rl.trainers.schedules import Demo, Smoke
+from nnunet_rl.trainers.schedules import short_schedule_variants
 
 
 class nnUNetTrainerRLU2Net_noCMA(nnUNetTrainerRLU2Net):
@@ -70,15 +70,7 @@ LAMBDA_SWEEP = {0.1: nnUNetTrainerRLU2Net_lambda0p1, 0.2: nnUNetTrainerRLU2Net_l
                 0.5: nnUNetTrainerRLU2Net_lambda0p5}
 
 
-def _short_schedules() -> dict[str, type]:
-    """``<variant>_3epochs_2iters`` and ``<variant>_10epochs_20iters`` for every variant above and for
-    ``nnUNetTrainerRLU2Net_unpaired`` (tests, demo, ``nnunet-rl ablation --schedule``), generated so the list cannot
-    drift from the variants."""
-    variants = [*ABLATIONS.values(), *LAMBDA_SWEEP.values(), nnUNetTrainerRLU2Net_unpaired]
-    return {f"{variant.__name__}{schedule.suffix}": type(f"{variant.__name__}{schedule.suffix}", (schedule, variant),
-                                                         {"__module__": __name__})
-            for variant in dict.fromkeys(variants) for schedule in (Smoke, Demo)}
-
-
-SHORT_SCHEDULES = _short_schedules()
+# short schedules of every variant above and of nnUNetTrainerRLU2Net_unpaired (tests, demo, `ablation --schedule`)
+SHORT_SCHEDULES = short_schedule_variants([*ABLATIONS.values(), *LAMBDA_SWEEP.values(), nnUNetTrainerRLU2Net_unpaired],
+                                          __name__)
 globals().update(SHORT_SCHEDULES)  # module-level names: nnU-Net finds and pickles trainers by name

@@ -47,6 +47,15 @@ class Study(ShortSchedule):
     suffix = "_30epochs_50iters"
 
 
+def short_schedule_variants(variants, module: str) -> dict[str, type]:
+    """``<variant>_3epochs_2iters`` and ``<variant>_10epochs_20iters`` for every variant, generated so that the list
+    cannot drift from the variants; ``module`` is the module whose globals receive them (nnU-Net finds and pickles
+    trainers by module-level name)."""
+    return {f"{variant.__name__}{schedule.suffix}": type(f"{variant.__name__}{schedule.suffix}", (schedule, variant),
+                                                         {"__module__": module})
+            for variant in dict.fromkeys(variants) for schedule in (Smoke, Demo)}
+
+
 class nnUNetTrainer_3epochs_2iters(Smoke, nnUNetTrainer):
     pass
 
