@@ -11,6 +11,7 @@ its current label; a voxel set to background stays background). The reward of st
 r = ‖f(t) − G‖² − ‖f(t+1) − G‖² per voxel: +2 where a false-positive voxel becomes background, −2 where a true
 positive does, 0 otherwise. The actor-critic machinery is :mod:`nnunet_rl.voxel_actor_critic`.
 """
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,28 @@ def apply_actions(labels: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     return torch.where(actions == SET_TO_BACKGROUND, torch.zeros_like(labels), labels)
 
 
+def refined_logits(logits: torch.Tensor, initial: torch.Tensor, refined: torch.Tensor) -> torch.Tensor:
+    """The logits of a refined map: the backbone's ``logits`` where the map kept the backbone's label f(0); where the
+    policy set a voxel to background, the backbone's logits with the background's and f(0)'s exchanged. Each voxel's
+    argmax is its refined label, with the backbone's own confidence (softmax margin) behind it, so nnU-Net's Gaussian
+    averaging over windows and mirrorings, its probabilities and ensembling work on them as on stock logits."""
+    removed = (refined != initial)[:, None]
+    initial = initial[:, None]
+    winner = logits.gather(1, initial)
+    exchanged = logits.scatter(1, initial, logits[:, :1])
+    exchanged[:, :1] = winner
+    return torch.where(removed, exchanged, logits)
+
+
+def shuffled_over_voxels(reward: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``reward`` (B, 1, *spatial) with its values permuted across the voxels of each sample: the control whose reward
+    carries no information about which voxel did what."""
+    flat = reward.flatten(1)
+    order = torch.stack([torch.randperm(flat.shape[1], generator=generator, device=reward.device)
+                         for _ in range(flat.shape[0])])
+    return flat.gather(1, order).view_as(reward)
+
+
 def squared_error_reward(previous: torch.Tensor, current: torch.Tensor, reference: torch.Tensor,
                          num_classes: int) -> torch.Tensor:
     """Eq. 12 per voxel on one-hot maps: ‖f(t−1) − G‖² − ‖f(t) − G‖², shape (B, 1, *spatial)."""
@@ -41,6 +64,30 @@ def squared_error_reward(previous: torch.Tensor, current: torch.Tensor, referenc
     before = ((one_hot(previous, num_classes) - target) ** 2).sum(dim=1, keepdim=True)
     after = ((one_hot(current, num_classes) - target) ** 2).sum(dim=1, keepdim=True)
     return before - after
+
+
+def step_confusion(maps: list[torch.Tensor], reference: torch.Tensor, num_classes: int,
+                   ignore_label: int | None = None) -> torch.Tensor:
+    """True positives, false positives and false negatives of each foreground label in each map f(0) … f(T) against
+    ``reference`` (B, *spatial), voxels of ``ignore_label`` left out; shape (T + 1, num_classes − 1, 3)."""
+    valid = torch.ones_like(reference, dtype=torch.bool) if ignore_label is None else reference != ignore_label
+    counts = []
+    for labels in maps:
+        per_class = []
+        for label in range(1, num_classes):
+            predicted, actual = (labels == label) & valid, (reference == label) & valid
+            per_class.append(torch.stack([(predicted & actual).sum(), (predicted & ~actual).sum(),
+                                          (~predicted & actual).sum()]))
+        counts.append(torch.stack(per_class))
+    return torch.stack(counts).cpu()
+
+
+def dice_per_step(confusion: torch.Tensor) -> list[float]:
+    """Mean foreground Dice per step from summed :func:`step_confusion` counts (labels absent from both the maps and
+    the reference left out of the mean, as nnU-Net's pseudo Dice does)."""
+    tp, fp, fn = confusion.double().unbind(dim=-1)
+    dice = 2 * tp / (2 * tp + fp + fn)
+    return [float(step[torch.isfinite(step)].mean()) if torch.isfinite(step).any() else float("nan") for step in dice]
 
 
 @dataclass
@@ -55,10 +102,10 @@ class Episode:
 class PixelRLNetwork(nn.Module):
     """nnU-Net's planned network plus a :class:`VoxelActorCritic` on its last decoder stage.
 
-    With deep supervision on (nnU-Net's training and validation steps) it returns the planned network's outputs
-    unchanged. With deep supervision off (``nnUNetv2_predict``, nnU-Net's final validation) it refines: f(0) =
-    argmax of the logits, ``steps`` greedy head steps, and returns the one-hot encoding of f(t_max) as logits, which
-    nnU-Net's sliding window averages with its Gaussian weights (a weighted vote per label).
+    With deep supervision on (nnU-Net's training step) it returns the planned network's outputs unchanged. With deep
+    supervision off (``nnUNetv2_predict``, nnU-Net's final validation), or inside :meth:`refining` (the trainer's
+    validation steps), it refines: f(0) = argmax of the full-resolution logits, ``steps`` greedy head steps, and the
+    full-resolution output becomes :func:`refined_logits` of f(t_max).
     """
 
     def __init__(self, backbone: nn.Module, actor_critic: VoxelActorCritic, num_classes: int, steps: int):
@@ -68,6 +115,7 @@ class PixelRLNetwork(nn.Module):
         self.num_classes = num_classes
         self.steps = steps
         self.features: torch.Tensor | None = None
+        self.recorded_episodes: list[list[torch.Tensor]] | None = None
         backbone.decoder.stages[-1].register_forward_hook(self._keep_features)
 
     def _keep_features(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
@@ -78,12 +126,30 @@ class PixelRLNetwork(nn.Module):
         """The planned decoder, where nnU-Net's ``set_deep_supervision_enabled`` switches deep supervision."""
         return self.backbone.decoder
 
+    @contextmanager
+    def refining(self):
+        """Refine the full-resolution output with deep supervision on as well; yields a list that receives, per
+        forward, the greedy episode's maps f(0) … f(t_max)."""
+        self.recorded_episodes = []
+        try:
+            yield self.recorded_episodes
+        finally:
+            self.recorded_episodes = None
+
     def forward(self, x: torch.Tensor):
         output = self.backbone(x)
-        if self.decoder.deep_supervision:
+        if not self.decoder.deep_supervision:
+            return self.refine(output, self.take_features())
+        if self.recorded_episodes is None:
             return output
-        labels = self.greedy_episode(output.argmax(dim=1), self.take_features())[-1]
-        return one_hot(labels, self.num_classes).to(output.dtype)
+        return [self.refine(output[0], self.take_features()), *output[1:]]
+
+    def refine(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The greedy episode from f(0) = argmax ``logits``; the logits of its last map (:func:`refined_logits`)."""
+        maps = self.greedy_episode(logits.argmax(dim=1), features)
+        if self.recorded_episodes is not None:
+            self.recorded_episodes.append(maps)
+        return refined_logits(logits, maps[0], maps[-1])
 
     def take_features(self) -> torch.Tensor:
         """The last decoder stage's output of the latest forward (released here)."""
@@ -91,21 +157,23 @@ class PixelRLNetwork(nn.Module):
         return features
 
     def greedy_episode(self, labels: torch.Tensor, features: torch.Tensor) -> list[torch.Tensor]:
-        """f(0) … f(t_max) under the greedy policy."""
+        """f(0) … f(t_max) under the greedy policy; a voxel whose action logits are not finite keeps its label."""
         attended = self.actor_critic.attend(features)
         maps = [labels]
         for _ in range(self.steps):
             logits, _ = self.actor_critic(attended, one_hot(maps[-1], self.num_classes))
-            maps.append(apply_actions(maps[-1], greedy_actions(logits)))
+            actions = torch.where(torch.isfinite(logits).all(dim=1), greedy_actions(logits), KEEP)
+            maps.append(apply_actions(maps[-1], actions))
         return maps
 
     def training_episode(self, labels: torch.Tensor, features: torch.Tensor, reference: torch.Tensor,
                          gamma: float, generator: torch.Generator | None,
-                         valid: torch.Tensor | None = None) -> Episode:
+                         valid: torch.Tensor | None = None, shuffle_rewards: bool = False) -> Episode:
         """Algorithm 1 on one batch: sampled actions for ``steps`` steps from f(0) = ``labels``, rewards eq. 12 against
-        ``reference`` (B, *spatial), returns with ω (eq. 8, bootstrapped with V(s(t_max))), A2C losses (eqs. 13-15)
-        over the voxels where ``valid`` (B, 1, *spatial) is true. Gradients reach whatever ``features`` depend on
-        (eq. 16) unless the caller detached them."""
+        ``reference`` (B, *spatial), discounted returns bootstrapped with ω ∗ V(s(t_max)) (Algorithm 1 with eq. 8), A2C
+        losses (eqs. 13-15) over the voxels where ``valid`` (B, 1, *spatial) is true. Gradients reach whatever
+        ``features`` depend on (eq. 16) unless the caller detached them. ``shuffle_rewards``: the control arm, each
+        step's rewards permuted across voxels (:func:`shuffled_over_voxels`)."""
         attended = self.actor_critic.attend(features)
         logits, values, actions, rewards, changed = [], [], [], [], []
         current = labels
@@ -116,6 +184,8 @@ class PixelRLNetwork(nn.Module):
             reward = squared_error_reward(current, following, reference, self.num_classes)
             if valid is not None:
                 reward = reward * valid
+            if shuffle_rewards:
+                reward = shuffled_over_voxels(reward, generator)
             logits.append(step_logits)
             values.append(value)
             actions.append(action)
@@ -137,7 +207,8 @@ class PixelRLNetwork(nn.Module):
 
 def build_pixel_rl_network(backbone: nn.Module, num_classes: int, hyperparameters: dict) -> PixelRLNetwork:
     """The actor-critic sized and typed from the planned network (its conv, norm and nonlinearity, the channels of
-    its last decoder stage), the policy started at ``initial_keep_probability`` of keeping each label."""
+    its last decoder stage), the policy started so that a sampled episode keeps a label through all t_max steps with
+    probability ``initial_episode_keep_probability`` (per step its t_max-th root)."""
     encoder = backbone.encoder
     actor_critic = VoxelActorCritic(
         feature_channels=encoder.output_channels[0], state_channels=num_classes, num_actions=NUM_ACTIONS,
@@ -146,7 +217,7 @@ def build_pixel_rl_network(backbone: nn.Module, num_classes: int, hyperparameter
         dilations=hyperparameters["head_dilations"], use_sam=hyperparameters["use_sam"],
         omega_kernel_size=hyperparameters["omega_kernel_size"])
     probabilities = [0.0] * NUM_ACTIONS
-    probabilities[KEEP] = hyperparameters["initial_keep_probability"]
+    probabilities[KEEP] = hyperparameters["initial_episode_keep_probability"] ** (1 / hyperparameters["t_max"])
     probabilities[SET_TO_BACKGROUND] = 1 - probabilities[KEEP]
     actor_critic.bias_policy(probabilities)
     return PixelRLNetwork(backbone, actor_critic, num_classes, hyperparameters["t_max"])

@@ -8,8 +8,9 @@ what both need:
 - :class:`VoxelHead`: a stack of (dilated) convolutions ending in a 1×1 convolution, the paper's DC;
 - :class:`VoxelActorCritic`: SAM on the fixed features, then a policy head (action logits per voxel) and a value head
   (V per voxel) on [features, extra state channels], with the neighbour-value convolution ω of the returns;
-- :class:`NeighbourReturns`: the returns R(t) = r(t) + γ ω ∗ R(t+1) with R(T) = V(s(T)): eq. 8 for one step; over
-  several steps PixelRL's and MRL-Seg's n-step form (MRL-Seg eq. 12);
+- :class:`NeighbourReturns`: the learned neighbour weighting ω of eq. 8 and PixelDRL-MG's discounted returns
+  (Algorithm 1), R(t) = r(t) + γ R(t+1) with R(T) = ω ∗ V(s(T)); MRL-Seg's returns (its eqs. 11-12, ω applied at
+  every step, with its difficulty term) are :func:`nnunet_rl.mrl_seg.difficulty_returns` on the same ``omega``;
 - :func:`sample_actions` / :func:`greedy_actions` and :func:`a2c_losses` (eqs. 13-15), which return ``None`` when
   a reward, value or advantage is not finite, so nothing non-finite reaches the weights.
 
@@ -32,21 +33,25 @@ class SelfAttentionModule(nn.Module):
 
     The paper does not say over which axis the softmax runs or how M_att meets f. Here it runs over the voxels of the
     patch, per channel (the "long-distance dependency" the paper asks for: every voxel's weight depends on the whole
-    patch), and the output reweights f by N·M_att (N voxels), which is f itself when M_att is uniform.
+    patch), and the output reweights f by M_att / max M_att ∈ (0, 1] (per sample and channel): f itself where M_att is
+    uniform, never larger than f, so no precision (fp16 included) can overflow however many voxels a patch has.
     """
 
     def __init__(self, channels: int, conv_op: type[nn.Module]):
         super().__init__()
         self.project = conv_op(channels, channels, kernel_size=1, bias=True)
 
+    def _logits(self, features: torch.Tensor) -> torch.Tensor:
+        return (self.project(features) + features).flatten(2).float()
+
     def attention(self, features: torch.Tensor) -> torch.Tensor:
         """M_att, shape of ``features``; sums to 1 over the voxels of each sample and channel."""
-        logits = (self.project(features) + features).flatten(2).float()
-        return torch.softmax(logits, dim=2).view_as(features)
+        return torch.softmax(self._logits(features), dim=2).view_as(features)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        voxels = int(np.prod(features.shape[2:]))
-        return features * (voxels * self.attention(features)).to(features.dtype)
+        logits = self._logits(features)
+        relative = torch.exp(logits - logits.amax(dim=2, keepdim=True))  # M_att / max M_att
+        return features * relative.view_as(features).to(features.dtype)
 
 
 class VoxelHead(nn.Module):
@@ -81,13 +86,15 @@ class VoxelHead(nn.Module):
 
 
 class NeighbourReturns(nn.Module):
-    """Returns with the values of neighbouring voxels weighted by a learned convolution ω (PixelDRL-MG eq. 8)::
+    """PixelDRL-MG's returns: eq. 8's neighbour values weighted by a learned convolution ω, inside Algorithm 1's
+    discounted sum (lines 16-18)::
 
-        R(t) = r(t) + γ · ω ∗ R(t+1),   R(T) = bootstrap (V(s(T)))
+        R(T) = ω ∗ V(s(T)),   R(t) = r(t) + γ R(t+1)
 
-    For one step this is eq. 8, R_i = r_i + γ Σ_{j∈N(i)} ω_{i−j} V(s_j(t+1)); for T steps it is PixelRL's n-step
-    return and MRL-Seg's eq. 12 (ω applied once per step of look-ahead). ω is a single-channel ``kernel_size``^d
-    convolution without bias, initialised to the identity (R = r + γR(t+1) per voxel, the A3C return).
+    For the last step this is eq. 8, R_i = r_i + γ Σ_{j∈N(i)} ω_{i−j} V(s_j(t+1)); earlier steps add their own
+    rewards, discounted, as Algorithm 1 does: ω weights the values of neighbours (eq. 8), never their rewards. ω is a
+    single-channel ``kernel_size``^d convolution without bias, initialised to the identity (the per-voxel A3C
+    return).
     """
 
     def __init__(self, conv_op: type[nn.Module], kernel_size: int = 3):
@@ -97,12 +104,12 @@ class NeighbourReturns(nn.Module):
             self.omega.weight.zero_()
             self.omega.weight[(0, 0, *[kernel_size // 2] * (self.omega.weight.ndim - 2))] = 1.0
 
-    def forward(self, rewards: Sequence[torch.Tensor], bootstrap: torch.Tensor, gamma: float) -> list[torch.Tensor]:
-        """R(0) … R(T−1) for rewards r(0) … r(T−1), each (B, 1, *spatial); ``bootstrap`` is R(T)."""
+    def forward(self, rewards: Sequence[torch.Tensor], next_value: torch.Tensor, gamma: float) -> list[torch.Tensor]:
+        """R(0) … R(T−1) for rewards r(0) … r(T−1), each (B, 1, *spatial); ``next_value`` is V(s(T))."""
         returns = []
-        following = bootstrap
+        following = self.omega(next_value)
         for reward in reversed(rewards):
-            following = reward + gamma * self.omega(following)
+            following = reward + gamma * following
             returns.append(following)
         return returns[::-1]
 

@@ -94,7 +94,8 @@ PAPER_DEFAULTS: dict[str, dict] = {
         "head_dilations": [1, 2, 4],       # DC: one 3^d convolution per entry (all 1: _noDC, Table 3); ours
         "head_channels": 16,               # width of the policy and value heads; ours
         "omega_kernel_size": 3,            # ω of eq. 8, a 3^d neighbourhood N(i); ours
-        "initial_keep_probability": 0.95,  # ours: the untrained policy keeps a label with this probability per step
+        "initial_episode_keep_probability": 0.95,  # ours: an untrained policy keeps a label through a whole
+                                                   # sampled episode with this probability
         "seed": 0,                         # action sampling
     },
 }

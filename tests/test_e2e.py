@@ -170,6 +170,10 @@ def test_pixel_rl_trains_and_predicts_with_nnunet_commands(tmp_path):
     assert "action_generator" in final["nnunet_rl"]
     rewards = final["logging"]["pixel_rl/reward"]
     assert math.isnan(rewards[0]) and all(math.isfinite(r) for r in rewards[1:])
+    assert final["logging"]["pixel_rl/skipped_updates"][1:] == [0, 0]
+    steps = json.loads((fold_folder(env, trainer) / "pixel_rl_steps.json").read_text())["dice_per_step"]
+    assert sorted(steps) == ["1", "2"] and all(len(dice) == 11 for dice in steps.values())  # f(0) … f(10)
+    assert (fold_folder(env, trainer) / "pixel_rl_steps.png").is_file()
     predict(env, trainer, tmp_path / "predictions")
 
 

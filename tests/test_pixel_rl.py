@@ -13,6 +13,7 @@ from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
 from nnunet_rl.voxel_actor_critic import NeighbourReturns, VoxelActorCritic, a2c_losses, sample_actions
 
 HP = {**PAPER_DEFAULTS["pixel_rl"], "t_max": 3}
+HP_TRAINER_STEPS = PAPER_DEFAULTS["pixel_rl"]["t_max"]
 OPS = {2: (nn.Conv2d, nn.InstanceNorm2d), 3: (nn.Conv3d, nn.InstanceNorm3d)}
 
 
@@ -63,11 +64,13 @@ def test_returns_eq8_match_a_loop_over_neighbours(dim):
         (one_step,) = returns([reward], next_value, gamma=0.95)
         expected = naive_neighbour_return(reward, next_value, returns.omega.weight[0, 0], 0.95)
         torch.testing.assert_close(one_step, expected)
-        # two steps: R(0) = r(0) + γ ω∗(r(1) + γ ω∗V(s(2)))  (MRL-Seg's eq. 12 for n = 2)
-        later = torch.randn(shape)
-        first, second = returns([reward, later], next_value, gamma=0.95)
-        torch.testing.assert_close(second, naive_neighbour_return(later, next_value, returns.omega.weight[0, 0], 0.95))
-        torch.testing.assert_close(first, naive_neighbour_return(reward, second, returns.omega.weight[0, 0], 0.95))
+        # three steps, Algorithm 1: R(2) is eq. 8, then R(t) = r(t) + γ R(t+1); ω weights values, not rewards
+        rewards = [torch.randn(shape) for _ in range(3)]
+        returns_by_step = returns(rewards, next_value, gamma=0.95)
+        last = naive_neighbour_return(rewards[2], next_value, returns.omega.weight[0, 0], 0.95)
+        torch.testing.assert_close(returns_by_step[2], last)
+        torch.testing.assert_close(returns_by_step[1], rewards[1] + 0.95 * last)
+        torch.testing.assert_close(returns_by_step[0], rewards[0] + 0.95 * rewards[1] + 0.95 ** 2 * last)
 
 
 def test_omega_starts_as_the_per_voxel_a3c_return():
@@ -94,8 +97,28 @@ def test_sam_is_a_softmax_over_the_patch():
     torch.testing.assert_close(attention.sum(dim=(2, 3)), torch.ones(2, 4))
 
 
+def test_sam_reweights_by_at_most_one_and_is_the_identity_when_uniform():
+    sam = VoxelActorCritic(feature_channels=4, state_channels=1, num_actions=2, conv_op=nn.Conv3d).sam
+    features = torch.randn(1, 4, 8, 8, 8) * 50
+    assert torch.all(sam(features).abs() <= features.abs())
+    with torch.no_grad():
+        sam.project.weight.zero_()
+        sam.project.bias.zero_()
+    constant = torch.full((1, 4, 64, 64, 64), 3.0)  # 262144 voxels: a reweighting by N·M_att would pass fp16's max
+    torch.testing.assert_close(sam(constant), constant)
+
+
+def test_refined_logits_exchange_background_and_label_where_removed():
+    logits = torch.tensor([[[0.1, 0.2, 0.3], [2.0, 0.5, 0.0], [1.0, 3.0, -1.0]]])  # (1, 3 labels, 3 voxels)
+    initial, refined = torch.tensor([[1, 2, 0]]), torch.tensor([[0, 2, 0]])
+    out = pixel_rl.refined_logits(logits, initial, refined)
+    torch.testing.assert_close(out[0, :, 0], torch.tensor([2.0, 0.1, 1.0]))  # removed: background takes label 1's
+    torch.testing.assert_close(out[0, :, 1:], logits[0, :, 1:])  # kept: the backbone's logits
+    assert torch.equal(out.argmax(dim=1), refined)
+
+
 @pytest.mark.parametrize("dim, spatial", [(2, (16, 20)), (3, (8, 8, 12))])
-def test_refined_prediction_is_one_hot_at_full_resolution_and_deterministic(dim, spatial):
+def test_refined_prediction_is_the_greedy_map_at_full_resolution_and_deterministic(dim, spatial):
     torch.manual_seed(0)
     network = small_network(dim).eval()
     network.decoder.deep_supervision = False  # what nnUNetv2_predict builds
@@ -104,9 +127,45 @@ def test_refined_prediction_is_one_hot_at_full_resolution_and_deterministic(dim,
         network.actor_critic.policy.out.weight.normal_()
         x = torch.randn(2, 1, *spatial)
         first, second = network(x), network(x)
+        logits = network.backbone(x)
+        maps = network.greedy_episode(logits.argmax(dim=1), network.take_features())
     assert first.shape == (2, 3, *spatial)
     assert torch.equal(first, second)
-    assert torch.equal(first.sum(dim=1), torch.ones(2, *spatial))
+    assert not torch.equal(maps[-1], maps[0])
+    assert torch.equal(first.argmax(dim=1), maps[-1])
+    kept = maps[-1] == maps[0]
+    assert torch.equal(first.movedim(1, -1)[kept], logits.movedim(1, -1)[kept])
+
+
+def test_greedy_steps_keep_voxels_whose_policy_is_not_finite():
+    network = small_network(2).eval()
+    network.decoder.deep_supervision = False
+    with torch.no_grad():
+        network.actor_critic.policy.out.bias.copy_(torch.tensor([5.0, 0.0]))  # every voxel: set to background
+        x = torch.randn(1, 1, 16, 16)
+        labels = torch.ones(1, 16, 16, dtype=torch.long)
+        network.backbone(x)
+        features = network.take_features()
+        assert network.greedy_episode(labels, features)[-1].sum() == 0
+        network.actor_critic.policy.out.bias.fill_(float("nan"))
+        assert torch.equal(network.greedy_episode(labels, features)[-1], labels)
+
+
+def test_shuffled_rewards_are_a_permutation_within_each_sample():
+    reward = torch.arange(2 * 5 * 4, dtype=torch.float32).view(2, 1, 5, 4)
+    shuffled = pixel_rl.shuffled_over_voxels(reward, torch.Generator().manual_seed(0))
+    assert not torch.equal(shuffled, reward)
+    for sample in range(2):
+        assert torch.equal(shuffled[sample].flatten().sort().values, reward[sample].flatten())
+
+
+def test_dice_per_step_on_hand_made_maps():
+    reference = torch.tensor([[1, 1, 2, 0, 3]])
+    maps = [torch.tensor([[1, 1, 2, 1, 3]]), torch.tensor([[1, 0, 2, 0, 3]])]
+    confusion = pixel_rl.step_confusion(maps, reference, num_classes=3, ignore_label=3)
+    assert confusion.shape == (2, 2, 3)
+    assert confusion[0].tolist() == [[2, 1, 0], [1, 0, 0]] and confusion[1].tolist() == [[1, 0, 1], [1, 0, 0]]
+    assert pixel_rl.dice_per_step(confusion) == pytest.approx([(0.8 + 1) / 2, (2 / 3 + 1) / 2])
 
 
 def test_untrained_policy_keeps_the_backbone_map():
@@ -187,6 +246,25 @@ def test_trainer_rl_phase_follows_the_backbone_phase(trainer):
     assert len(trainer._episodes) == 1 and trainer._episodes[0].losses is not None
 
 
+def test_validation_in_the_rl_phase_measures_the_refined_map(trainer):
+    trainer.current_epoch = 1
+    network = trainer.bare_network
+    batch = next(trainer.dataloader_val)
+    bias = network.actor_critic.policy.out.bias.detach().clone()
+    try:
+        with torch.no_grad():
+            network.actor_critic.policy.out.bias.copy_(torch.tensor([20.0, -20.0]))  # remove every voxel's label
+        trainer.on_validation_epoch_start()
+        result = trainer.validation_step(batch)
+    finally:
+        with torch.no_grad():
+            network.actor_critic.policy.out.bias.copy_(bias)
+    assert result["tp_hard"].sum() == 0 and result["fp_hard"].sum() == 0  # nnU-Net's pseudo Dice sees the refined map
+    (confusion,) = trainer._step_confusions
+    assert confusion.shape[0] == HP_TRAINER_STEPS + 1
+    assert confusion[0, :, 0].sum() > 0 and confusion[-1, :, :2].sum() == 0  # f(0) found foreground, f(T) has none
+
+
 def test_trainer_skips_the_update_on_non_finite_rewards(trainer, monkeypatch):
     def nan_reward(previous, current, reference, num_classes):
         return torch.full(previous[:, None].shape, float("nan"))
@@ -215,3 +293,9 @@ def test_checkpoint_round_trip_restores_heads_omega_and_sampler(trainer, tmp_pat
     logits = torch.zeros(1, 2, 32, 32)
     assert torch.equal(sample_actions(logits, trainer.action_generator),
                        sample_actions(logits, resumed.action_generator))
+
+
+def test_an_untrained_sampled_episode_keeps_a_label_with_the_episode_probability():
+    network = small_network(2)
+    keep = torch.softmax(network.actor_critic.policy.out.bias, dim=0)[KEEP]
+    assert float(keep) ** HP["t_max"] == pytest.approx(HP["initial_episode_keep_probability"])

@@ -13,25 +13,31 @@ The trainer wires the components into nnU-Net's hooks:
   so that nnU-Net's ``train_step`` does one forward, one backward (mixed precision, gradient clipping) and one step
   of its optimiser for the planned network, the heads and ω alike;
 - ``train_step``: the first ``backbone_fraction`` of the epochs are nnU-Net's; then every step also runs an episode
-  on the batch, rewarded by its ground truth (eq. 12).
+  on the batch, rewarded by its ground truth (eq. 12);
+- ``validation_step``: in the RL phase nnU-Net's validation (its pseudo Dice, hence ``checkpoint_best``) measures the
+  refined output, and the Dice of every greedy step f(0) … f(t_max) is recorded (``pixel_rl_steps.json`` / ``.png``).
 """
 import math
 from contextlib import contextmanager
+from os.path import join
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
 from nnunet_rl.errors import NnunetRLError
-from nnunet_rl.pixel_rl import Episode, PixelRLNetwork, build_pixel_rl_network
+from nnunet_rl.pixel_rl import Episode, PixelRLNetwork, build_pixel_rl_network, dice_per_step, step_confusion
 from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
 from nnunet_rl.trainers.base import RLTrainerBase
 from nnunet_rl.trainers.schedules import short_schedule_variants
 
 COMPONENT = "pixel_rl"
 TELEMETRY = ("pixel_rl/reward", "pixel_rl/changed_fraction", "pixel_rl/policy_loss", "pixel_rl/value_loss",
-             "pixel_rl/skipped_updates")
+             "pixel_rl/skipped_updates", "pixel_rl/omega_sum", "pixel_rl/val_dice_backbone",
+             "pixel_rl/val_dice_refined")
+STEPS_FILE = "pixel_rl_steps"
 
 
 class PlusEpisodeLoss(nn.Module):
@@ -57,6 +63,7 @@ class PlusEpisodeLoss(nn.Module):
 
 class nnUNetTrainerPixelRL(RLTrainerBase):
     """Planned U-Net + PixelDRL-MG's policy/value heads with SAM and DC, trained by A2C after an nnU-Net phase."""
+    shuffle_rewards = False
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -86,6 +93,8 @@ class nnUNetTrainerPixelRL(RLTrainerBase):
         self.action_generator = torch.Generator(device=self.device).manual_seed(hp["seed"])
         self.register_telemetry(*TELEMETRY)
         self._episodes: list[Episode] = []
+        self._step_confusions: list[torch.Tensor] = []
+        self.step_dice_history: dict[int, list[float]] = {}
 
     @property
     def pixel_rl_network(self) -> PixelRLNetwork:
@@ -97,6 +106,31 @@ class nnUNetTrainerPixelRL(RLTrainerBase):
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self._episodes = []
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._step_confusions = []
+
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's validation step; in the RL phase on the refined output, recording each greedy step's counts."""
+        if not self.in_rl_phase():
+            return super().validation_step(batch)
+        with self.pixel_rl_network.refining() as episodes:
+            result = super().validation_step(batch)
+        reference = self.batch_to_device(batch)[1]
+        reference = (reference[0] if isinstance(reference, list) else reference)[:, 0]
+        self._step_confusions.append(step_confusion(episodes[0], reference, self.label_manager.num_segmentation_heads,
+                                                    self.label_manager.ignore_label))
+        return result
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
+        super().on_validation_epoch_end(val_outputs)
+        if not self._step_confusions:
+            return
+        dice = dice_per_step(torch.stack(self._step_confusions).sum(dim=0))
+        self.step_dice_history[self.current_epoch] = dice
+        self.log_telemetry("pixel_rl/val_dice_backbone", dice[0])
+        self.log_telemetry("pixel_rl/val_dice_refined", dice[-1])
 
     def train_step(self, batch: dict) -> dict:
         if not self.in_rl_phase():
@@ -119,7 +153,7 @@ class nnUNetTrainerPixelRL(RLTrainerBase):
             valid = (reference != ignore_label)[:, None]
             reference = torch.where(valid[:, 0], reference, torch.zeros_like(reference))
         episode = network.training_episode(logits.detach().argmax(dim=1), features, reference, self.gamma,
-                                           self.action_generator, valid)
+                                           self.action_generator, valid, self.shuffle_rewards)
         self._episodes.append(episode)
         return torch.zeros((), device=logits.device) if episode.losses is None else episode.losses.total
 
@@ -132,6 +166,8 @@ class nnUNetTrainerPixelRL(RLTrainerBase):
         self.log_telemetry("pixel_rl/changed_fraction",
                            np.mean([np.mean(e.changed_fractions) for e in self._episodes]))
         self.log_telemetry("pixel_rl/skipped_updates", len(self._episodes) - len(finite))
+        omega = self.pixel_rl_network.actor_critic.returns.omega.weight.detach()
+        self.log_telemetry("pixel_rl/omega_sum", float(omega.sum()))
         if finite:
             self.log_telemetry("pixel_rl/policy_loss", np.mean([float(loss.policy) for loss in finite]))
             self.log_telemetry("pixel_rl/value_loss", np.mean([float(loss.value) for loss in finite]))
@@ -139,12 +175,34 @@ class nnUNetTrainerPixelRL(RLTrainerBase):
             self.print_to_log_file(f"pixel_rl: {len(self._episodes) - len(finite)} of {len(self._episodes)} updates "
                                    f"skipped for non-finite returns, values or advantages")
 
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.step_dice_history:
+            self.save_fold_json(f"{STEPS_FILE}.json", {"dice_per_step": self.step_dice_history})
+            if self.local_rank == 0:
+                plot_dice_per_step(self.step_dice_history, join(self.output_folder, f"{STEPS_FILE}.png"))
+
     def rl_state_dict(self) -> dict:
-        """The heads and ω are in the network's weights and nnU-Net's optimiser; the sampler is ours."""
-        return {"action_generator": self.action_generator.get_state()}
+        """The heads and ω are in the network's weights and nnU-Net's optimiser; the sampler and the per-step Dice
+        record are ours."""
+        return {"action_generator": self.action_generator.get_state(), "step_dice_history": self.step_dice_history}
 
     def load_rl_state_dict(self, state: dict) -> None:
         self.action_generator.set_state(state["action_generator"])
+        self.step_dice_history = {int(epoch): dice for epoch, dice in state["step_dice_history"].items()}
+
+
+def plot_dice_per_step(history: dict[int, list[float]], filename: str) -> None:
+    """PixelDRL-MG's Fig. 4 view: validation Dice against greedy step t, for the first and the last RL epoch."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for epoch in sorted({min(history), max(history)}):
+        axis.plot(range(len(history[epoch])), history[epoch], marker="o", label=f"epoch {epoch}")
+    axis.set_xlabel("step t (0: the planned network's map)")
+    axis.set_ylabel("mean foreground Dice, validation patches")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(filename)
+    plt.close(figure)
 
 
 class nnUNetTrainerPixelRL_noSAM(nnUNetTrainerPixelRL):
@@ -157,6 +215,13 @@ class nnUNetTrainerPixelRL_noDC(nnUNetTrainerPixelRL):
     rl_overrides = {COMPONENT: {"head_dilations": [1, 1, 1]}}
 
 
+class nnUNetTrainerPixelRL_shuffledReward(nnUNetTrainerPixelRL):
+    """The learning experiment's control, not a method: each step's rewards are permuted across the voxels of each
+    patch, so the heads train on the same reward distribution without knowing which voxel earned what."""
+    shuffle_rewards = True
+
+
 SHORT_SCHEDULES = short_schedule_variants(
-    (nnUNetTrainerPixelRL, nnUNetTrainerPixelRL_noSAM, nnUNetTrainerPixelRL_noDC), __name__)
+    (nnUNetTrainerPixelRL, nnUNetTrainerPixelRL_noSAM, nnUNetTrainerPixelRL_noDC,
+     nnUNetTrainerPixelRL_shuffledReward), __name__)
 globals().update(SHORT_SCHEDULES)
