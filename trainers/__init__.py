@@ -4,7 +4,8 @@ Class names are part of every saved model (``checkpoint['trainer_name']``): neve
 """
 from nnunet_rl.trainers.pam import nnUNetTrainerPAM
 from nnunet_rl.trainers.pixel_rl import (SHORT_SCHEDULES as _PIXEL_RL_SHORT_SCHEDULES, nnUNetTrainerPixelRL,
-                                         nnUNetTrainerPixelRL_noDC, nnUNetTrainerPixelRL_noSAM)
+                                         nnUNetTrainerPixelRL_noDC, nnUNetTrainerPixelRL_noSAM,
+                                         nnUNetTrainerPixelRL_shuffledReward)
 from nnunet_rl.trainers.rl_deep_supervision import (nnUNetTrainerAWSnet, nnUNetTrainerRLDeepSup,
                                                     nnUNetTrainerRLDeepSup_faithful,
                                                     nnUNetTrainerRLDeepSup_randomSearch,
@@ -56,4 +57,5 @@ __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10
            "nnUNetTrainerRLU2Net_lambda0p5", *_RL_U2NET_SHORT_SCHEDULES, "nnUNetTrainerRLU2Net_noPPO",
            "nnUNetTrainerRLU2Net_unpaired",
            "nnUNetTrainerPixelRL", "nnUNetTrainerPixelRL_noSAM", "nnUNetTrainerPixelRL_noDC",
+           "nnUNetTrainerPixelRL_shuffledReward",
            *_PIXEL_RL_SHORT_SCHEDULES]

@@ -1,0 +1,157 @@
+"""Does PixelRL's refinement improve an under-trained backbone's held-out segmentation, at the plans' defaults?
+
+Set-up, fixed before the first run (docs/pixel_rl.md, "Evidence"): ``make-dataset --kind imbalanced --dim 2`` (20
+training cases of 64², organ plus lesions of 0.1-2 %, and the generator's held-out cases in imagesTs), planned by
+``nnunet-rl plan`` for 2d; nnU-Net's own training (augmentation, patch sampling, SGD with its poly schedule) of fold 0
+with every ``pixel_rl`` default of the plans except the schedule: 20 epochs of 25 iterations (5 validation
+iterations), so the backbone phase (``backbone_fraction`` 0.5) is 250 iterations, a deliberately under-trained
+network, and the RL phase 250 episodes. Arms: the learner (``nnUNetTrainerPixelRL``) and the control
+``nnUNetTrainerPixelRL_shuffledReward`` (each step's rewards permuted across the voxels of each patch), same seeds.
+
+Outcome: on the held-out cases (never seen in training: the RL reward comes from training batches only), predicted by
+nnU-Net's predictor (Gaussian sliding window, mirroring) from the final weights, the mean foreground Dice (organ and
+lesion, averaged per case, then over cases) of the refined map after t greedy steps, for t in ``STEPS``; t = 0 is
+the same network's own segmentation f(0). Thresholds:
+
+- learner: Dice(t_max) − Dice(0) > 0 in every seed;
+- control: Dice(t_max) − Dice(0) ≤ 0 in every seed;
+- steps: over the learner's seeds, the mean of Dice(t+1) − Dice(t) ≥ 0 for t = 0, 1, 2.
+
+    python benchmarks/pixel_rl_learning.py --seeds 0 1 2 -o pixel_rl_learning.json
+
+It works in a temporary folder of its own (nnU-Net's folder variables are set for this process only).
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from nnunet_rl.metrics import dice
+from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
+from nnunet_rl.trainers import nnUNetTrainerPixelRL, nnUNetTrainerPixelRL_shuffledReward
+from nnunet_rl.trainers.pixel_rl import COMPONENT
+from nnunet_rl.trainers.schedules import ShortSchedule
+
+ARMS = {"learner": nnUNetTrainerPixelRL, "shuffled": nnUNetTrainerPixelRL_shuffledReward}
+T_MAX = PAPER_DEFAULTS[COMPONENT]["t_max"]
+STEPS = (0, 1, 2, 3, 5, T_MAX)
+DATASET_ID = 952
+CONFIGURATION = "2d"
+
+
+class UnderTrainedBackbone(ShortSchedule):
+    """250 iterations of nnU-Net's loss, then 250 RL episodes."""
+    epochs, iterations, val_iterations = 20, 25, 5
+
+
+def trainer_class(arm: str, seed: int) -> type:
+    return type(f"PixelRL_{arm}_seed{seed}", (UnderTrainedBackbone, ARMS[arm]),
+                {"rl_overrides": {COMPONENT: {**ARMS[arm].rl_overrides.get(COMPONENT, {}), "seed": seed}}})
+
+
+def planned_dataset(base: Path) -> str:
+    """The imbalanced 2D synthetic dataset, planned for 2d, under ``base``."""
+    from nnunet_rl.datasets.synthetic import make_dataset
+    from nnunet_rl.nnunet_folders import NNUNET_FOLDER_VARIABLES
+    from nnunet_rl.plans.planner import plan_rl
+    for name in NNUNET_FOLDER_VARIABLES:
+        (base / name).mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(base / name)
+    folder = make_dataset("imbalanced", DATASET_ID, dim=2)
+    plan_rl(folder.name, [CONFIGURATION])
+    return folder.name
+
+
+def trained(dataset: str, arm: str, seed: int):
+    """A CPU trainer for the planned dataset, constructed as nnUNetv2_train constructs it, trained."""
+    from batchgenerators.utilities.file_and_folder_operations import load_json
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    folder = Path(os.environ["nnUNet_preprocessed"]) / dataset
+    plans = load_json(str(folder / "nnUNetPlans.json"))
+    plans["continue_training"] = False
+    trainer = trainer_class(arm, seed)(plans, CONFIGURATION, 0, load_json(str(folder / "dataset.json")),
+                                       torch.device("cpu"))
+    trainer.run_training()
+    return trainer
+
+
+def held_out_dice_per_step(trainer, dataset: str) -> dict[int, float]:
+    """Mean foreground Dice on the held-out cases of the refined map after t greedy steps, for t in ``STEPS``."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    raw = Path(os.environ["nnUNet_raw"]) / dataset
+    network = trainer.bare_network
+    network.decoder.deep_supervision = False
+    predictor = nnUNetPredictor(perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    predictor.manual_initialization(network, trainer.plans_manager, trainer.configuration_manager,
+                                    [network.state_dict()], trainer.dataset_json, type(trainer).__name__,
+                                    trainer.inference_allowed_mirroring_axes)
+    labels = [label for label in trainer.label_manager.foreground_labels]
+    images = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))
+    cases = {image.name[:-len("_0000.nii.gz")]: SimpleITKIO().read_images([str(image)]) for image in images}
+    references = {case: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTs" / f"{case}.nii.gz")))
+                  for case in cases}
+    result = {}
+    for steps in STEPS:
+        network.steps = steps
+        scores = []
+        for case, (data, properties) in cases.items():
+            segmentation = predictor.predict_single_npy_array(data, properties)
+            scores.append(np.mean([dice(segmentation == label, references[case].reshape(segmentation.shape) == label)
+                                   for label in labels]))
+        result[steps] = float(np.mean(scores))
+    network.steps = T_MAX
+    return result
+
+
+def run(dataset: str, seeds: list[int], arms: list[str]) -> dict:
+    curves = {arm: {} for arm in arms}
+    for arm in arms:
+        for seed in seeds:
+            start = time.perf_counter()
+            trainer = trained(dataset, arm, seed)
+            curve = held_out_dice_per_step(trainer, dataset)
+            curves[arm][seed] = curve
+            print(f"{arm}, seed {seed}: held-out Dice per step {json.dumps(curve)} "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    gains = {arm: [curves[arm][seed][T_MAX] - curves[arm][seed][0] for seed in seeds] for arm in arms}
+    result = {"configuration": CONFIGURATION, "seeds": seeds, "steps": list(STEPS), "dice_per_step": curves,
+              "gain_t_max_over_backbone": gains}
+    if "learner" in arms:
+        increments = [float(np.mean([curves["learner"][seed][STEPS[i + 1]] - curves["learner"][seed][STEPS[i]]
+                                     for seed in seeds])) for i in range(3)]
+        result.update(learner_passes=min(gains["learner"]) > 0, mean_increments_first_steps=increments,
+                      steps_non_decreasing=min(increments) >= 0)
+    if "shuffled" in arms:
+        result["control_fails"] = max(gains["shuffled"]) <= 0
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("-o", "--output", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as base:
+        result = run(planned_dataset(Path(base)), args.seeds, args.arms)
+    print(json.dumps(result, indent=2))
+    if args.output:
+        args.output.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("nnUNet_compile", "f")
+    os.environ.setdefault("nnUNet_n_proc_DA", "1")
+    sys.exit(main())
