@@ -98,6 +98,27 @@ PAPER_DEFAULTS: dict[str, dict] = {
                                                    # sampled episode with this probability
         "seed": 0,                         # action sampling
     },
+    # MRL-Seg (paper 002); see docs/mrl_seg.md.
+    "mrl_seg": {
+        "steps": 4,                        # actions per episode ("4 actions were performed on each slice", §IV.B)
+        "gamma": 0.95,                     # γ of eqs. 6, 11-12 (§IV.B)
+        "alpha": -0.5,                     # α ∈ (−1, 0) of eq. 3; ours: the middle of the range
+        "beta": 0.25,                      # β ∈ (0.2, 0.3) of eq. 3; ours: the middle, optimum at N_F/N_B = 0.5
+        "use_prior": True,                 # eq. 3's foreground/background prior, FB (False: _noFB, Table V)
+        "use_difficulty": True,            # ADP, eqs. 10-11 (False: _noADP, Table V)
+        "pretrain": True,                  # pre-trained Segmentation-Net initialising the Reinforcement-Net
+                                           # (False: _noPretrain, Table V)
+        "segmentation_fraction": 0.5,      # ours: share of the epochs pre-training the Segmentation-Net with
+                                           # nnU-Net's loss before the RL phase
+        "encoder_stages": 3,               # the Reinforcement-Net's "three convolution blocks" (Fig. 3), copies of
+                                           # the planned encoder's first stages
+        "head_layers": 3,                  # "three convolution compositions" per head (§III.A)
+        "head_channels": 16,               # width of the policy and value heads; ours
+        "omega_kernel_size": 3,            # w of eq. 11, N(i) and ADP's window F_i (eq. 10); ours
+        "initial_episode_retain_probability": 0.9,  # ours: an untrained policy retains a voxel through a sampled
+                                                    # episode with this probability (and masks nothing greedily)
+        "seed": 0,                         # action sampling
+    },
 }
 
 

@@ -3,6 +3,9 @@
 Class names are part of every saved model (``checkpoint['trainer_name']``): never rename one.
 """
 from nnunet_rl.trainers.pam import nnUNetTrainerPAM
+from nnunet_rl.trainers.mrl_seg import (SHORT_SCHEDULES as _MRL_SEG_SHORT_SCHEDULES, nnUNetTrainerMRLSeg,
+                                        nnUNetTrainerMRLSeg_noADP, nnUNetTrainerMRLSeg_noFB,
+                                        nnUNetTrainerMRLSeg_noPretrain, nnUNetTrainerMRLSeg_shuffledReward)
 from nnunet_rl.trainers.pixel_rl import (SHORT_SCHEDULES as _PIXEL_RL_SHORT_SCHEDULES, nnUNetTrainerPixelRL,
                                          nnUNetTrainerPixelRL_noDC, nnUNetTrainerPixelRL_noSAM,
                                          nnUNetTrainerPixelRL_shuffledReward)
@@ -37,6 +40,7 @@ from nnunet_rl.trainers.schedules import (nnUNetTrainer_3epochs_2iters, nnUNetTr
 
 globals().update(_RL_U2NET_SHORT_SCHEDULES)
 globals().update(_PIXEL_RL_SHORT_SCHEDULES)
+globals().update(_MRL_SEG_SHORT_SCHEDULES)
 
 __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10epochs_20iters",
            "nnUNetTrainerPAM_3epochs_2iters", "nnUNetTrainerPAM_10epochs_20iters",
@@ -58,4 +62,6 @@ __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10
            "nnUNetTrainerRLU2Net_unpaired",
            "nnUNetTrainerPixelRL", "nnUNetTrainerPixelRL_noSAM", "nnUNetTrainerPixelRL_noDC",
            "nnUNetTrainerPixelRL_shuffledReward",
-           *_PIXEL_RL_SHORT_SCHEDULES]
+           *_PIXEL_RL_SHORT_SCHEDULES,
+           "nnUNetTrainerMRLSeg", "nnUNetTrainerMRLSeg_noFB", "nnUNetTrainerMRLSeg_noADP",
+           "nnUNetTrainerMRLSeg_noPretrain", "nnUNetTrainerMRLSeg_shuffledReward", *_MRL_SEG_SHORT_SCHEDULES]

@@ -1,0 +1,274 @@
+"""``nnUNetTrainerMRLSeg``: MRL-Seg's per-voxel {mask, retain} agents on the input of nnU-Net's planned U-Net.
+
+F. Yang, X. Li, H. Duan, F. Xu, Y. Huang, X. Zhang, Y. Long, Y. Zheng, "MRL-Seg: Overcoming imbalance in medical
+image segmentation with multi-step reinforcement learning", IEEE Journal of Biomedical and Health Informatics 28(2),
+858-869 (2024), DOI 10.1109/jbhi.2023.3336726, eqs. 3-13, Table V, Fig. 9.
+
+The trainer wires the components into nnU-Net's hooks:
+
+- ``build_network_architecture``: the planned U-Net (Segmentation-Net) with the Reinforcement-Net
+  (:class:`~nnunet_rl.mrl_seg.MRLSegNetwork`); ``nnUNetv2_predict`` rebuilds it and gets, per window, the
+  Segmentation-Net's logits of the input after ``steps`` greedy masking steps;
+- ``_build_loss``: nnU-Net's loss, to which the RL phase adds the episode's A2C losses (PixelRL's
+  :class:`~nnunet_rl.trainers.pixel_rl.PlusEpisodeLoss`): one forward, one backward, one step of nnU-Net's optimiser;
+- ``on_train_epoch_start``: the first ``segmentation_fraction`` of the epochs pre-train the Segmentation-Net with
+  nnU-Net's loss; at the first RL epoch the Reinforcement-Net's encoder is initialised from it (Table V);
+- ``train_step``: in the RL phase every step runs a sampled episode on the batch (rewards eqs. 3-5, returns
+  eqs. 10-12), and nnU-Net's loss trains the Segmentation-Net on the masked representation s(T);
+- ``validation_step``: in the RL phase nnU-Net's validation (its pseudo Dice, hence ``checkpoint_best``) measures
+  the Segmentation-Net on the greedily masked input, and the Dice of every step's s(t) is recorded
+  (``mrl_seg_steps.json`` / ``.png``) with the masks of one validation patch (``mrl_seg_masks.png``, Fig. 9).
+"""
+import math
+from os.path import join
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.mrl_seg import (Episode, GreedyEpisode, MRLSegNetwork, RewardSettings, build_mrl_seg_network,
+                               dataset_foreground_ratio, masked_input)
+from nnunet_rl.pixel_rl import dice_per_step, step_confusion
+from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
+from nnunet_rl.trainers.base import RLTrainerBase
+from nnunet_rl.trainers.pixel_rl import PlusEpisodeLoss, plot_dice_per_step
+from nnunet_rl.trainers.schedules import short_schedule_variants
+
+COMPONENT = "mrl_seg"
+STEPS_FILE = "mrl_seg_steps"
+MASKS_FIGURE = "mrl_seg_masks.png"
+
+
+class nnUNetTrainerMRLSeg(RLTrainerBase):
+    """Planned U-Net as Segmentation-Net + MRL-Seg's Reinforcement-Net masking its input, trained by A2C after an
+    nnU-Net pre-training phase."""
+    shuffle_rewards = False
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        segmentation = RLTrainerBase.build_network_architecture(plans_manager, configuration_manager,
+                                                                num_input_channels, num_output_channels,
+                                                                enable_deep_supervision)
+        hp = cls.hyperparameters_from(configuration_manager.configuration.get(RL_BLOCK_KEY, {}), COMPONENT)
+        return build_mrl_seg_network(segmentation, num_input_channels, hp)
+
+    def _do_i_compile(self) -> bool:
+        """Not compiled: the episode's loop and sampling run outside the planned network's graph."""
+        return False
+
+    def _build_loss(self) -> nn.Module:
+        return PlusEpisodeLoss(super()._build_loss())
+
+    def initialize(self) -> None:
+        if self.label_manager.has_regions:
+            raise NnunetRLError(f"{type(self).__name__} rewards the cross-entropy of label maps; this dataset is "
+                                f"trained on regions (overlapping labels), for which eq. 4 is not defined")
+        super().initialize()
+        if self.is_ddp:  # the Reinforcement-Net takes no gradient in the pre-training phase
+            self.network = DDP(self.network.module, device_ids=[self.local_rank], find_unused_parameters=True)
+        hp = self.rl_hyperparameters(COMPONENT)
+        self.pretrain = hp["pretrain"]
+        self.rl_start_epoch = math.floor(hp["segmentation_fraction"] * self.num_epochs) if self.pretrain else 0
+        self.reward_settings = RewardSettings(
+            gamma=hp["gamma"], alpha=hp["alpha"], beta=hp["beta"], empty_ratio=self._dataset_foreground_ratio(hp),
+            use_prior=hp["use_prior"], use_difficulty=hp["use_difficulty"], window=hp["omega_kernel_size"],
+            shuffle_rewards=self.shuffle_rewards)
+        self.action_generator = torch.Generator(device=self.device).manual_seed(hp["seed"])
+        self.steps = hp["steps"]
+        self.register_telemetry(*self.telemetry_keys())
+        self._episodes: list[Episode] = []
+        self._step_confusions: list[torch.Tensor] = []
+        self._figure_patch: dict | None = None
+        self.step_dice_history: dict[int, list[float]] = {}
+
+    def _dataset_foreground_ratio(self, hp: dict) -> float | None:
+        """N_F/N_B of the dataset (the rl block's ``label_fractions``), eq. 3's value for patches without
+        foreground."""
+        if not hp["use_prior"]:
+            return None
+        fractions = self.rl_block["dataset"].get("label_fractions")
+        if not fractions:
+            raise NnunetRLError(f"{type(self).__name__} needs the dataset's label fractions in the plans' rl block "
+                                f"(derived from gt_segmentations); rerun `nnunet-rl plan "
+                                f"{self.plans_manager.dataset_name} -c {self.configuration_name}`")
+        try:
+            return dataset_foreground_ratio(fractions)
+        except ValueError as error:
+            raise NnunetRLError(f"the plans' rl block: {error}") from error
+
+    def telemetry_keys(self) -> list[str]:
+        """Per step t: the mean reward r*(t), the masked fraction after t (training) and the validation Dice of
+        s(t) (t = 0: the unmasked input)."""
+        return [*(f"mrl_seg/reward_step{t}" for t in range(1, self.steps + 1)),
+                *(f"mrl_seg/masked_fraction_step{t}" for t in range(1, self.steps + 1)),
+                *(f"mrl_seg/val_dice_step{t}" for t in range(self.steps + 1)),
+                "mrl_seg/policy_loss", "mrl_seg/value_loss", "mrl_seg/skipped_updates", "mrl_seg/omega_sum"]
+
+    @property
+    def mrl_seg_network(self) -> MRLSegNetwork:
+        return self.bare_network
+
+    def in_rl_phase(self) -> bool:
+        return self.current_epoch >= self.rl_start_epoch
+
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._episodes = []
+        if self.pretrain and self.current_epoch == self.rl_start_epoch:
+            network = self.mrl_seg_network
+            network.reinforcement.encoder.initialise_from(network.segmentation.encoder)
+            self.print_to_log_file("mrl_seg: Reinforcement-Net encoder initialised from the Segmentation-Net")
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._step_confusions = []
+
+    def _reference(self, target) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The full-resolution reference (B, *spatial) with the ignore label set to 0, and the valid voxels
+        (B, 1, *spatial) (None without an ignore label)."""
+        reference = (target[0] if isinstance(target, (list, tuple)) else target)[:, 0].long()
+        ignore_label = self.label_manager.ignore_label
+        if ignore_label is None:
+            return reference, None
+        valid = (reference != ignore_label)[:, None]
+        return torch.where(valid[:, 0], reference, torch.zeros_like(reference)), valid
+
+    def train_step(self, batch: dict) -> dict:
+        if not self.in_rl_phase():
+            return super().train_step(batch)
+        reference, valid = self._reference(self.batch_to_device(batch)[1])
+        with self.mrl_seg_network.training_episodes(reference, valid, self.reward_settings,
+                                                    self.action_generator) as episodes:
+            with self.loss.adding(lambda output, target: self._episode_loss(episodes[-1], output)):
+                return super().train_step(batch)
+
+    def _episode_loss(self, episode: Episode, output) -> torch.Tensor:
+        """The episode's A2C losses, or zero (recorded as skipped) when they are not finite."""
+        self._episodes.append(episode)
+        device = (output[0] if isinstance(output, (list, tuple)) else output).device
+        return torch.zeros((), device=device) if episode.losses is None else episode.losses.total
+
+    def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's validation step; in the RL phase on the greedily masked input, recording each step's counts."""
+        if not self.in_rl_phase():
+            return super().validation_step(batch)
+        data, target = self.batch_to_device(batch)
+        reference, _ = self._reference(target)
+        reference = reference.clone()  # nnU-Net's validation step rewrites the ignore label in place
+        with self.mrl_seg_network.recording() as episodes:
+            result = super().validation_step(batch)
+        (episode,) = episodes
+        self._step_confusions.append(step_confusion(episode.maps, reference, self.label_manager.num_segmentation_heads,
+                                                    self.label_manager.ignore_label))
+        if not self._step_confusions[1:]:
+            self._figure_patch = figure_patch(data, reference, episode)
+        return result
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
+        super().on_validation_epoch_end(val_outputs)
+        if not self._step_confusions:
+            return
+        dice = dice_per_step(torch.stack(self._step_confusions).sum(dim=0))
+        self.step_dice_history[self.current_epoch] = dice
+        for t, value in enumerate(dice):
+            self.log_telemetry(f"mrl_seg/val_dice_step{t}", value)
+
+    def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
+        super().on_train_epoch_end(train_outputs)
+        if not self._episodes:
+            return
+        finite = [e.losses for e in self._episodes if e.losses is not None]
+        for t in range(self.steps):
+            self.log_telemetry(f"mrl_seg/reward_step{t + 1}", np.mean([e.mean_rewards[t] for e in self._episodes]))
+            self.log_telemetry(f"mrl_seg/masked_fraction_step{t + 1}",
+                               np.mean([e.masked_fractions[t] for e in self._episodes]))
+        self.log_telemetry("mrl_seg/skipped_updates", len(self._episodes) - len(finite))
+        self.log_telemetry("mrl_seg/omega_sum", float(self.mrl_seg_network.reinforcement.omega.weight.detach().sum()))
+        if finite:
+            self.log_telemetry("mrl_seg/policy_loss", np.mean([float(loss.policy.detach()) for loss in finite]))
+            self.log_telemetry("mrl_seg/value_loss", np.mean([float(loss.value.detach()) for loss in finite]))
+        if len(finite) < len(self._episodes):
+            self.print_to_log_file(f"mrl_seg: {len(self._episodes) - len(finite)} of {len(self._episodes)} updates "
+                                   f"skipped for non-finite rewards, returns or values")
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.local_rank != 0:
+            return
+        if self.step_dice_history:
+            self.save_fold_json(f"{STEPS_FILE}.json", {"dice_per_step": self.step_dice_history})
+            plot_dice_per_step(self.step_dice_history, join(self.output_folder, f"{STEPS_FILE}.png"))
+        if self._figure_patch is not None:
+            plot_masks(self._figure_patch, join(self.output_folder, MASKS_FIGURE))
+
+    def rl_state_dict(self) -> dict:
+        """The Reinforcement-Net and ω are in the network's weights and nnU-Net's optimiser; the sampler and the
+        per-step Dice record are ours."""
+        return {"action_generator": self.action_generator.get_state(), "step_dice_history": self.step_dice_history}
+
+    def load_rl_state_dict(self, state: dict) -> None:
+        self.action_generator.set_state(state["action_generator"])
+        self.step_dice_history = {int(epoch): dice for epoch, dice in state["step_dice_history"].items()}
+
+
+def figure_patch(data: torch.Tensor, reference: torch.Tensor, episode: GreedyEpisode) -> dict:
+    """The first patch of a validation batch as 2D arrays (3D: its middle slice along the first axis): the input's
+    first channel, the masked input, each step's mask, the reference and the final segmentation."""
+    def plane(volume: torch.Tensor) -> np.ndarray:
+        volume = volume[0]
+        return (volume[volume.shape[0] // 2] if volume.ndim == 3 else volume).float().cpu().numpy()
+    masked = masked_input(data, episode.masks[-1])
+    return {"input": plane(data[:, 0]), "masked": plane(masked[:, 0]),
+            "masks": [plane(mask[:, 0]) for mask in episode.masks[1:]], "reference": plane(reference),
+            "segmentation": plane(episode.maps[-1])}
+
+
+def plot_masks(patch: dict, filename: str) -> None:
+    """MRL-Seg's Fig. 9 view for one validation patch: the input, the mask after each greedy step, the masked input,
+    the reference and the Segmentation-Net's map of the masked input."""
+    panels = [("input", patch["input"]),
+              *((f"mask after step {t + 1}", mask) for t, mask in enumerate(patch["masks"])),
+              ("masked input", patch["masked"]), ("reference", patch["reference"]),
+              ("segmentation", patch["segmentation"])]
+    figure, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4))
+    for axis, (title, image) in zip(axes, panels):
+        axis.imshow(image, cmap="gray", interpolation="nearest")
+        axis.set_title(title)
+        axis.axis("off")
+    figure.tight_layout()
+    figure.savefig(filename)
+    plt.close(figure)
+
+
+class nnUNetTrainerMRLSeg_noFB(nnUNetTrainerMRLSeg):
+    """Without eq. 3's foreground/background prior (Table V, RL + ADP + Seg)."""
+    rl_overrides = {COMPONENT: {"use_prior": False}}
+
+
+class nnUNetTrainerMRLSeg_noADP(nnUNetTrainerMRLSeg):
+    """Without the difficulty term ADP in the returns (eq. 11 with 𝔍 = 0: eq. 12 as printed)."""
+    rl_overrides = {COMPONENT: {"use_difficulty": False}}
+
+
+class nnUNetTrainerMRLSeg_noPretrain(nnUNetTrainerMRLSeg):
+    """Table V's "w/o pre-training": the RL phase from the first epoch, the Reinforcement-Net not initialised from
+    a pre-trained Segmentation-Net (the paper reports collapse)."""
+    rl_overrides = {COMPONENT: {"pretrain": False}}
+
+
+class nnUNetTrainerMRLSeg_shuffledReward(nnUNetTrainerMRLSeg):
+    """The learning experiment's control, not a method: each step's rewards r* are permuted across the voxels of each
+    patch, so the Reinforcement-Net trains on the same reward distribution without knowing which voxel earned what."""
+    shuffle_rewards = True
+
+
+SHORT_SCHEDULES = short_schedule_variants(
+    (nnUNetTrainerMRLSeg, nnUNetTrainerMRLSeg_noFB, nnUNetTrainerMRLSeg_noADP, nnUNetTrainerMRLSeg_noPretrain,
+     nnUNetTrainerMRLSeg_shuffledReward), __name__)
+globals().update(SHORT_SCHEDULES)
