@@ -155,10 +155,12 @@ def masked_input(image: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
 class ReinforcementEncoder(nn.Module):
     """The Reinforcement-Net's feature extraction (§III.A, Fig. 3): a copy of the planned encoder cut after its
     first ``stages`` stages (stem included, for residual encoders), the same structure as the Segmentation-Net's
-    blocks and initialised from them (:meth:`initialise_from`); the deepest stage's features are interpolated back to
-    the input's resolution, so that every voxel gets a feature vector."""
+    blocks and initialised from them (:meth:`initialise_from`). The deepest stage's features are projected to
+    ``out_channels`` by a 1^d convolution at their own resolution and interpolated back to the input's, so that every
+    voxel gets a feature vector (projecting first costs the same as projecting after the interpolation, which is
+    linear, on 2^d to 4^d fewer voxels)."""
 
-    def __init__(self, encoder: nn.Module, stages: int):
+    def __init__(self, encoder: nn.Module, stages: int, out_channels: int):
         super().__init__()
         if not 1 <= stages <= len(encoder.stages):
             raise ValueError(f"the planned encoder has {len(encoder.stages)} stages; cannot copy {stages}")
@@ -167,7 +169,8 @@ class ReinforcementEncoder(nn.Module):
         self.body.strides = self.body.strides[:stages]
         self.body.output_channels = self.body.output_channels[:stages]
         self.body.return_skips = False
-        self.output_channels = encoder.output_channels[stages - 1]
+        self.project = encoder.conv_op(encoder.output_channels[stages - 1], out_channels, kernel_size=1)
+        self.output_channels = out_channels
 
     def initialise_from(self, encoder: nn.Module) -> None:
         """Copy the weights of the corresponding blocks of the (pre-trained) Segmentation-Net's ``encoder``."""
@@ -175,7 +178,7 @@ class ReinforcementEncoder(nn.Module):
         self.body.load_state_dict({key: source[key] for key in self.body.state_dict()})
 
     def forward(self, representation: torch.Tensor) -> torch.Tensor:
-        features = self.body(representation)
+        features = self.project(self.body(representation))
         mode = "bilinear" if features.ndim == 4 else "trilinear"
         return F.interpolate(features, size=representation.shape[2:], mode=mode, align_corners=False)
 
@@ -363,7 +366,8 @@ class MRLSegNetwork(nn.Module):
 
     @staticmethod
     def _reward(previous: torch.Tensor, current: torch.Tensor, masked: torch.Tensor, reference: torch.Tensor,
-                valid: torch.Tensor | None, settings: RewardSettings, generator: torch.Generator | None) -> torch.Tensor:
+                valid: torch.Tensor | None, settings: RewardSettings,
+                generator: torch.Generator | None) -> torch.Tensor:
         """r*(t) per voxel: eq. 5, plus eq. 3's prior over the retained voxels (unless _noFB), shuffled for the
         control."""
         reward = cross_entropy_reward(previous, current, reference, valid)
@@ -384,11 +388,12 @@ class MRLSegNetwork(nn.Module):
 
 def build_mrl_seg_network(segmentation: nn.Module, input_channels: int, hyperparameters: dict) -> MRLSegNetwork:
     """The Reinforcement-Net typed from the planned network (its conv, norm and nonlinearity, its first
-    ``encoder_stages`` encoder stages), heads of ``head_layers`` 3^d convolutions; the policy started so that a
-    sampled episode retains a voxel through all steps with probability ``initial_episode_retain_probability`` (per
-    step its ``steps``-th root), so an untrained policy masks nothing greedily."""
+    ``encoder_stages`` encoder stages projected to ``head_channels``), heads of ``head_layers`` 3^d convolutions; the
+    policy started so that a sampled episode retains a voxel through all steps with probability
+    ``initial_episode_retain_probability`` (per step its ``steps``-th root), so an untrained policy masks nothing
+    greedily."""
     encoder = segmentation.encoder
-    features = ReinforcementEncoder(encoder, hyperparameters["encoder_stages"])
+    features = ReinforcementEncoder(encoder, hyperparameters["encoder_stages"], hyperparameters["head_channels"])
     actor_critic = VoxelActorCritic(
         feature_channels=features.output_channels, state_channels=input_channels + 1, num_actions=NUM_ACTIONS,
         conv_op=encoder.conv_op, norm_op=encoder.norm_op, norm_op_kwargs=encoder.norm_op_kwargs,

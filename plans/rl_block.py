@@ -113,7 +113,7 @@ PAPER_DEFAULTS: dict[str, dict] = {
         "encoder_stages": 3,               # the Reinforcement-Net's "three convolution blocks" (Fig. 3), copies of
                                            # the planned encoder's first stages
         "head_layers": 3,                  # "three convolution compositions" per head (§III.A)
-        "head_channels": 16,               # width of the policy and value heads; ours
+        "head_channels": 16,               # width of the projected features and of the heads; ours
         "omega_kernel_size": 3,            # w of eq. 11, N(i) and ADP's window F_i (eq. 10); ours
         "initial_episode_retain_probability": 0.9,  # ours: an untrained policy retains a voxel through a sampled
                                                     # episode with this probability (and masks nothing greedily)

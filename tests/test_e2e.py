@@ -177,6 +177,35 @@ def test_pixel_rl_trains_and_predicts_with_nnunet_commands(tmp_path):
     predict(env, trainer, tmp_path / "predictions")
 
 
+def test_mrl_seg_trains_and_predicts_with_nnunet_commands(tmp_path):
+    """Segmentation-Net pre-training (epoch 0), then the RL phase (epochs 1-2) with the Reinforcement-Net initialised
+    from it; nnUNetv2_predict rebuilds both and segments the greedily masked input. In 2d: the same code as 3d, whose
+    final validation and prediction (eight mirrorings of five networks per window) take minutes on these CPUs."""
+    trainer, configuration = "nnUNetTrainerMRLSeg_3epochs_2iters", "2d"
+    env = user_environment(tmp_path)
+    make_planned_dataset(env)
+    cli("nnunet-rl", "plan", DATASET_ID, "-c", configuration, env=env)
+    cli("nnUNetv2_train", DATASET_ID, configuration, "0", "-tr", trainer, "-device", "cpu", env=env)
+    fold = next(Path(env["nnUNet_results"]).glob(f"Dataset{DATASET_ID}_*")) / \
+        f"{trainer}__nnUNetPlans__{configuration}" / "fold_0"
+    final = torch.load(fold / "checkpoint_final.pth", weights_only=False)
+    assert any(key.startswith("reinforcement.actor_critic.returns.omega") for key in final["network_weights"])
+    assert "action_generator" in final["nnunet_rl"]
+    rewards = final["logging"]["mrl_seg/reward_step4"]
+    assert math.isnan(rewards[0]) and all(math.isfinite(r) for r in rewards[1:])
+    assert final["logging"]["mrl_seg/skipped_updates"][1:] == [0, 0]
+    steps = json.loads((fold / "mrl_seg_steps.json").read_text())["dice_per_step"]
+    assert sorted(steps) == ["1", "2"] and all(len(dice) == 5 for dice in steps.values())  # s(0) … s(4)
+    for figure in ("mrl_seg_steps.png", "mrl_seg_masks.png"):
+        assert (fold / figure).is_file(), figure
+    raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*"))
+    output = tmp_path / "predictions"
+    cli("nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(output), "-d", DATASET_ID, "-c", configuration,
+        "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", env=env)
+    assert sorted(p.name for p in output.glob("*.nii.gz")) == sorted(p.name for p in (raw / "labelsTs").glob(
+        "*.nii.gz"))
+
+
 @pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason=f"real MSD data not found at {HIPPOCAMPUS} (../shared)")
 def test_demo_quick_on_msd_hippocampus(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
