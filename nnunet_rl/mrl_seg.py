@@ -325,7 +325,8 @@ class MRLSegNetwork(nn.Module):
             masks.append(masks[-1] | (actions == MASK)[:, None])
         return masks
 
-    def _full_resolution(self, output) -> torch.Tensor:
+    @staticmethod
+    def _full_resolution(output) -> torch.Tensor:
         return output[0] if isinstance(output, (list, tuple)) else output
 
     def training_episode(self, x: torch.Tensor, reference: torch.Tensor, valid: torch.Tensor | None,

@@ -272,13 +272,12 @@ def test_untrained_policy_masks_nothing_greedily_and_non_finite_policies_retain(
     with torch.no_grad():
         assert not network.greedy_masks(x)[-1].any()
         torch.testing.assert_close(network(x), network.segmentation(x))
-        network.reinforcement.actor_critic.policy.out.bias.copy_(torch.tensor([5.0, 0.0]))  # mask everything
+        keep = torch.softmax(network.reinforcement.actor_critic.policy.out.bias, dim=0)[RETAIN]
+        assert float(keep) ** HP["steps"] == pytest.approx(HP["initial_episode_retain_probability"])
+        network.reinforcement.actor_critic.policy.out.bias[MASK] = 5.0  # mask everything
         assert network.greedy_masks(x)[-1].all()
         network.reinforcement.actor_critic.policy.out.bias.fill_(float("nan"))
         assert not network.greedy_masks(x)[-1].any()
-    keep = torch.softmax(network.reinforcement.actor_critic.policy.out.bias.new_tensor(
-        [math.log(1 - 0.9 ** (1 / HP["steps"])), math.log(0.9 ** (1 / HP["steps"]))]), dim=0)[RETAIN]
-    assert float(keep) ** HP["steps"] == pytest.approx(HP["initial_episode_retain_probability"])
 
 
 def test_reinforcement_encoder_is_initialised_from_the_segmentation_encoder():

@@ -159,8 +159,8 @@ class nnUNetTrainerMRLSeg(RLTrainerBase):
         if not self.in_rl_phase():
             return super().validation_step(batch)
         data, target = self.batch_to_device(batch)
-        reference, _ = self._reference(target)
-        reference = reference.clone()  # nnU-Net's validation step rewrites the ignore label in place
+        # with its ignore label, which step_confusion leaves out (nnU-Net's validation step rewrites it in place)
+        reference = (target[0] if isinstance(target, list) else target)[:, 0].long().clone()
         with self.mrl_seg_network.recording() as episodes:
             result = super().validation_step(batch)
         (episode,) = episodes
