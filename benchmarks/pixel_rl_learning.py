@@ -10,12 +10,17 @@ network, and the RL phase 250 episodes. Arms: the learner (``nnUNetTrainerPixelR
 
 Outcome: on the held-out cases (never seen in training: the RL reward comes from training batches only), predicted by
 nnU-Net's predictor (Gaussian sliding window, mirroring) from the final weights, the mean foreground Dice (organ and
-lesion, averaged per case, then over cases) of the refined map after t greedy steps, for t in ``STEPS``; t = 0 is
-the same network's own segmentation f(0). Thresholds:
+lesion, averaged per case, then over cases) of the planned network's own segmentation (its argmax: "backbone") and
+of the refined map after t greedy steps, for t in ``STEPS`` (t = 0: the initial map f(0)). Thresholds:
 
-- learner: Dice(t_max) − Dice(0) > 0 in every seed;
-- control: Dice(t_max) − Dice(0) ≤ 0 in every seed;
+- learner: Dice(t_max) − Dice(backbone) > 0 in every seed;
+- control: Dice(t_max) − Dice(backbone) ≤ 0 in every seed;
 - steps: over the learner's seeds, the mean of Dice(t+1) − Dice(t) ≥ 0 for t = 0, 1, 2.
+
+History (docs/pixel_rl.md, "Evidence"): the first run (commit 275b48e) had f(0) = the argmax, so that t = 0 was the
+backbone, and the policy's initial removal probability 0.005 per step; it failed (no voxel changed in any arm). This
+version, at the defaults that followed (``proposal_threshold`` 0.9, ``initial_episode_keep_probability`` 0.6, i.e.
+0.95 per step), with the backbone measured on its own, was fixed before its first run.
 
     python benchmarks/pixel_rl_learning.py --seeds 0 1 2 -o pixel_rl_learning.json
 
@@ -85,8 +90,9 @@ def trained(dataset: str, arm: str, seed: int):
     return trainer
 
 
-def held_out_dice_per_step(trainer, dataset: str) -> dict[int, float]:
-    """Mean foreground Dice on the held-out cases of the refined map after t greedy steps, for t in ``STEPS``."""
+def held_out_dice_per_step(trainer, dataset: str) -> dict:
+    """Mean foreground Dice on the held-out cases of the planned network's argmax ("backbone") and of the refined map
+    after t greedy steps, for t in ``STEPS``."""
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     raw = Path(os.environ["nnUNet_raw"]) / dataset
@@ -102,16 +108,17 @@ def held_out_dice_per_step(trainer, dataset: str) -> dict[int, float]:
     cases = {image.name[:-len("_0000.nii.gz")]: SimpleITKIO().read_images([str(image)]) for image in images}
     references = {case: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTs" / f"{case}.nii.gz")))
                   for case in cases}
+    proposal_threshold = network.proposal_threshold
     result = {}
-    for steps in STEPS:
-        network.steps = steps
+    for key, steps, threshold in [("backbone", 0, 0.0), *[(steps, steps, proposal_threshold) for steps in STEPS]]:
+        network.steps, network.proposal_threshold = steps, threshold
         scores = []
         for case, (data, properties) in cases.items():
             segmentation = predictor.predict_single_npy_array(data, properties)
             scores.append(np.mean([dice(segmentation == label, references[case].reshape(segmentation.shape) == label)
                                    for label in labels]))
-        result[steps] = float(np.mean(scores))
-    network.steps = T_MAX
+        result[key] = float(np.mean(scores))
+    network.steps, network.proposal_threshold = T_MAX, proposal_threshold
     return result
 
 
@@ -125,7 +132,7 @@ def run(dataset: str, seeds: list[int], arms: list[str]) -> dict:
             curves[arm][seed] = curve
             print(f"{arm}, seed {seed}: held-out Dice per step {json.dumps(curve)} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
-    gains = {arm: [curves[arm][seed][T_MAX] - curves[arm][seed][0] for seed in seeds] for arm in arms}
+    gains = {arm: [curves[arm][seed][T_MAX] - curves[arm][seed]["backbone"] for seed in seeds] for arm in arms}
     result = {"configuration": CONFIGURATION, "seeds": seeds, "steps": list(STEPS), "dice_per_step": curves,
               "gain_t_max_over_backbone": gains}
     if "learner" in arms:

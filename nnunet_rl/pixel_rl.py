@@ -4,8 +4,10 @@ Y. Liu, D. Yuan, Z. Xu, Y. Zhan, H. Zhang, J. Lu, T. Lukasiewicz, "Pixel level d
 accurate and robust medical image segmentation", Scientific Reports (published 10 March 2025; our copy of the paper
 gives no DOI), §"Dynamic iterative update policy", eqs. 8 and 12-16, Algorithm 1.
 
-The planned network (the paper's feature extractor) runs once per patch; its logits give the initial label map
-f(0) = argmax, its last decoder stage the features. Every voxel is an agent: at each of t_max steps the policy head
+The planned network (the paper's feature extractor) runs once per patch; its logits give the initial label map f(0)
+(:func:`initial_map`: the argmax, plus the voxels whose background probability is below a threshold, so that the
+agents, which can only remove, start from a superset of the planned network's segmentation), its last decoder stage
+the features. Every voxel is an agent: at each of t_max steps the policy head
 sees [SAM(features), one-hot f(t)] and each voxel either sets its label to background or keeps it (multi-class: keeps
 its current label; a voxel set to background stays background). The reward of step t is eq. 12 on one-hot maps,
 r = ‖f(t) − G‖² − ‖f(t+1) − G‖² per voxel: +2 where a false-positive voxel becomes background, −2 where a true
@@ -35,17 +37,27 @@ def apply_actions(labels: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     return torch.where(actions == SET_TO_BACKGROUND, torch.zeros_like(labels), labels)
 
 
-def refined_logits(logits: torch.Tensor, initial: torch.Tensor, refined: torch.Tensor) -> torch.Tensor:
-    """The logits of a refined map: the backbone's ``logits`` where the map kept the backbone's label f(0); where the
-    policy set a voxel to background, the backbone's logits with the background's and f(0)'s exchanged. Each voxel's
-    argmax is its refined label, with the backbone's own confidence (softmax margin) behind it, so nnU-Net's Gaussian
-    averaging over windows and mirrorings, its probabilities and ensembling work on them as on stock logits."""
-    removed = (refined != initial)[:, None]
-    initial = initial[:, None]
-    winner = logits.gather(1, initial)
-    exchanged = logits.scatter(1, initial, logits[:, :1])
-    exchanged[:, :1] = winner
-    return torch.where(removed, exchanged, logits)
+def initial_map(logits: torch.Tensor, proposal_threshold: float) -> torch.Tensor:
+    """f(0), (B, *spatial): the argmax of ``logits``, except that a voxel whose background probability is below
+    ``proposal_threshold`` gets its most probable foreground label. 0 gives the argmax; above 0.5 the map is a
+    superset of the argmax's foreground (a high-recall proposal for agents that can only remove)."""
+    labels = logits.argmax(dim=1)
+    if proposal_threshold <= 0:
+        return labels
+    background = torch.softmax(logits.float(), dim=1)[:, 0]
+    proposed = logits[:, 1:].argmax(dim=1) + 1
+    return torch.where((labels == 0) & (background < proposal_threshold), proposed, labels)
+
+
+def refined_logits(logits: torch.Tensor, refined: torch.Tensor) -> torch.Tensor:
+    """The logits of a refined map: the backbone's ``logits`` where the refined label is their argmax; elsewhere the
+    same logits with the argmax's and the refined label's exchanged. Each voxel's argmax is its refined label, with the
+    backbone's own confidence (softmax margin) behind it, so nnU-Net's Gaussian averaging over windows and mirrorings,
+    its probabilities and ensembling work on them as on stock logits."""
+    winner = logits.argmax(dim=1, keepdim=True)
+    refined = refined[:, None]
+    exchanged = logits.scatter(1, winner, logits.gather(1, refined)).scatter(1, refined, logits.gather(1, winner))
+    return torch.where(refined != winner, exchanged, logits)
 
 
 def shuffled_over_voxels(reward: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -104,16 +116,18 @@ class PixelRLNetwork(nn.Module):
 
     With deep supervision on (nnU-Net's training step) it returns the planned network's outputs unchanged. With deep
     supervision off (``nnUNetv2_predict``, nnU-Net's final validation), or inside :meth:`refining` (the trainer's
-    validation steps), it refines: f(0) = argmax of the full-resolution logits, ``steps`` greedy head steps, and the
-    full-resolution output becomes :func:`refined_logits` of f(t_max).
+    validation steps), it refines: f(0) = :func:`initial_map` of the full-resolution logits, ``steps`` greedy head
+    steps, and the full-resolution output becomes :func:`refined_logits` of f(t_max).
     """
 
-    def __init__(self, backbone: nn.Module, actor_critic: VoxelActorCritic, num_classes: int, steps: int):
+    def __init__(self, backbone: nn.Module, actor_critic: VoxelActorCritic, num_classes: int, steps: int,
+                 proposal_threshold: float):
         super().__init__()
         self.backbone = backbone
         self.actor_critic = actor_critic
         self.num_classes = num_classes
         self.steps = steps
+        self.proposal_threshold = proposal_threshold
         self.features: torch.Tensor | None = None
         self.recorded_episodes: list[list[torch.Tensor]] | None = None
         backbone.decoder.stages[-1].register_forward_hook(self._keep_features)
@@ -145,11 +159,14 @@ class PixelRLNetwork(nn.Module):
         return [self.refine(output[0], self.take_features()), *output[1:]]
 
     def refine(self, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """The greedy episode from f(0) = argmax ``logits``; the logits of its last map (:func:`refined_logits`)."""
-        maps = self.greedy_episode(logits.argmax(dim=1), features)
+        """The greedy episode from f(0) = :meth:`initial_map`; the logits of its last map (:func:`refined_logits`)."""
+        maps = self.greedy_episode(self.initial_map(logits), features)
         if self.recorded_episodes is not None:
             self.recorded_episodes.append(maps)
-        return refined_logits(logits, maps[0], maps[-1])
+        return refined_logits(logits, maps[-1])
+
+    def initial_map(self, logits: torch.Tensor) -> torch.Tensor:
+        return initial_map(logits, self.proposal_threshold)
 
     def take_features(self) -> torch.Tensor:
         """The last decoder stage's output of the latest forward (released here)."""
@@ -220,4 +237,5 @@ def build_pixel_rl_network(backbone: nn.Module, num_classes: int, hyperparameter
     probabilities[KEEP] = hyperparameters["initial_episode_keep_probability"] ** (1 / hyperparameters["t_max"])
     probabilities[SET_TO_BACKGROUND] = 1 - probabilities[KEEP]
     actor_critic.bias_policy(probabilities)
-    return PixelRLNetwork(backbone, actor_critic, num_classes, hyperparameters["t_max"])
+    return PixelRLNetwork(backbone, actor_critic, num_classes, hyperparameters["t_max"],
+                          hyperparameters["proposal_threshold"])

@@ -94,8 +94,10 @@ PAPER_DEFAULTS: dict[str, dict] = {
         "head_dilations": [1, 2, 4],       # DC: one 3^d convolution per entry (all 1: _noDC, Table 3); ours
         "head_channels": 16,               # width of the policy and value heads; ours
         "omega_kernel_size": 3,            # ω of eq. 8, a 3^d neighbourhood N(i); ours
-        "initial_episode_keep_probability": 0.95,  # ours: an untrained policy keeps a label through a whole
-                                                   # sampled episode with this probability
+        "proposal_threshold": 0.9,         # ours: f(0) adds the voxels whose background probability is below this
+                                           # to the argmax's foreground (0: f(0) is the argmax)
+        "initial_episode_keep_probability": 0.6,  # ours: an untrained policy keeps a label through a whole sampled
+                                                  # episode with this probability (0.95 per step at t_max = 10)
         "seed": 0,                         # action sampling
     },
     # MRL-Seg (paper 002); see docs/mrl_seg.md.

@@ -108,13 +108,21 @@ def test_sam_reweights_by_at_most_one_and_is_the_identity_when_uniform():
     torch.testing.assert_close(sam(constant), constant)
 
 
-def test_refined_logits_exchange_background_and_label_where_removed():
-    logits = torch.tensor([[[0.1, 0.2, 0.3], [2.0, 0.5, 0.0], [1.0, 3.0, -1.0]]])  # (1, 3 labels, 3 voxels)
-    initial, refined = torch.tensor([[1, 2, 0]]), torch.tensor([[0, 2, 0]])
-    out = pixel_rl.refined_logits(logits, initial, refined)
+def test_refined_logits_exchange_the_argmax_and_the_refined_label():
+    logits = torch.tensor([[[0.1, 0.2, 0.3, 2.0], [2.0, 0.5, 0.0, 0.1], [1.0, 3.0, -1.0, 0.0]]])  # 3 labels, 4 voxels
+    refined = torch.tensor([[0, 2, 0, 1]])
+    out = pixel_rl.refined_logits(logits, refined)
     torch.testing.assert_close(out[0, :, 0], torch.tensor([2.0, 0.1, 1.0]))  # removed: background takes label 1's
-    torch.testing.assert_close(out[0, :, 1:], logits[0, :, 1:])  # kept: the backbone's logits
+    torch.testing.assert_close(out[0, :, 3], torch.tensor([0.1, 2.0, 0.0]))  # proposed label 1 where bg was argmax
+    torch.testing.assert_close(out[0, :, 1:3], logits[0, :, 1:3])  # the argmax kept: the backbone's logits
     assert torch.equal(out.argmax(dim=1), refined)
+
+
+def test_initial_map_adds_uncertain_background_to_the_argmax():
+    probabilities = torch.tensor([[[0.95, 0.6, 0.4, 0.85], [0.03, 0.1, 0.5, 0.05], [0.02, 0.3, 0.1, 0.1]]])
+    logits = probabilities.log()
+    assert pixel_rl.initial_map(logits, 0.0).tolist() == [[0, 0, 1, 0]]  # the argmax
+    assert pixel_rl.initial_map(logits, 0.9).tolist() == [[0, 2, 1, 2]]  # background below 0.9: best foreground
 
 
 @pytest.mark.parametrize("dim, spatial", [(2, (16, 20)), (3, (8, 8, 12))])
@@ -128,13 +136,13 @@ def test_refined_prediction_is_the_greedy_map_at_full_resolution_and_determinist
         x = torch.randn(2, 1, *spatial)
         first, second = network(x), network(x)
         logits = network.backbone(x)
-        maps = network.greedy_episode(logits.argmax(dim=1), network.take_features())
+        maps = network.greedy_episode(network.initial_map(logits), network.take_features())
     assert first.shape == (2, 3, *spatial)
     assert torch.equal(first, second)
     assert not torch.equal(maps[-1], maps[0])
     assert torch.equal(first.argmax(dim=1), maps[-1])
-    kept = maps[-1] == maps[0]
-    assert torch.equal(first.movedim(1, -1)[kept], logits.movedim(1, -1)[kept])
+    agree = maps[-1] == logits.argmax(dim=1)
+    assert torch.equal(first.movedim(1, -1)[agree], logits.movedim(1, -1)[agree])
 
 
 def test_greedy_steps_keep_voxels_whose_policy_is_not_finite():
@@ -168,14 +176,14 @@ def test_dice_per_step_on_hand_made_maps():
     assert pixel_rl.dice_per_step(confusion) == pytest.approx([(0.8 + 1) / 2, (2 / 3 + 1) / 2])
 
 
-def test_untrained_policy_keeps_the_backbone_map():
+def test_untrained_policy_keeps_the_initial_map():
     network = small_network(2).eval()
     with torch.no_grad():
         x = torch.randn(1, 1, 16, 16)
         network.decoder.deep_supervision = False
         refined = network(x)
-        backbone_labels = network.backbone(x).argmax(dim=1)
-    assert torch.equal(refined.argmax(dim=1), backbone_labels)
+        initial = pixel_rl.initial_map(network.backbone(x), HP["proposal_threshold"])
+    assert torch.equal(refined.argmax(dim=1), initial)
 
 
 def test_training_episode_reaches_heads_omega_and_backbone():
@@ -298,4 +306,4 @@ def test_checkpoint_round_trip_restores_heads_omega_and_sampler(trainer, tmp_pat
 def test_an_untrained_sampled_episode_keeps_a_label_with_the_episode_probability():
     network = small_network(2)
     keep = torch.softmax(network.actor_critic.policy.out.bias, dim=0)[KEEP]
-    assert float(keep) ** HP["t_max"] == pytest.approx(HP["initial_episode_keep_probability"])
+    assert float(keep.detach()) ** HP["t_max"] == pytest.approx(HP["initial_episode_keep_probability"])

@@ -139,8 +139,8 @@ class nnUNetTrainerPixelRL(RLTrainerBase):
             return super().train_step(batch)
 
     def episode_loss(self, output, target) -> torch.Tensor:
-        """An episode from f(0) = argmax of the full-resolution output against the full-resolution target; its A2C
-        losses, or zero (recorded as skipped) when they are not finite."""
+        """An episode from f(0) (the network's initial map of the full-resolution output) against the full-resolution
+        target; its A2C losses, or zero (recorded as skipped) when they are not finite."""
         network = self.pixel_rl_network
         logits = output[0] if isinstance(output, (list, tuple)) else output
         reference = (target[0] if isinstance(target, (list, tuple)) else target)[:, 0].long()
@@ -152,7 +152,7 @@ class nnUNetTrainerPixelRL(RLTrainerBase):
         if ignore_label is not None:
             valid = (reference != ignore_label)[:, None]
             reference = torch.where(valid[:, 0], reference, torch.zeros_like(reference))
-        episode = network.training_episode(logits.detach().argmax(dim=1), features, reference, self.gamma,
+        episode = network.training_episode(network.initial_map(logits.detach()), features, reference, self.gamma,
                                            self.action_generator, valid, self.shuffle_rewards)
         self._episodes.append(episode)
         return torch.zeros((), device=logits.device) if episode.losses is None else episode.losses.total
@@ -169,8 +169,8 @@ class nnUNetTrainerPixelRL(RLTrainerBase):
         omega = self.pixel_rl_network.actor_critic.returns.omega.weight.detach()
         self.log_telemetry("pixel_rl/omega_sum", float(omega.sum()))
         if finite:
-            self.log_telemetry("pixel_rl/policy_loss", np.mean([float(loss.policy) for loss in finite]))
-            self.log_telemetry("pixel_rl/value_loss", np.mean([float(loss.value) for loss in finite]))
+            self.log_telemetry("pixel_rl/policy_loss", np.mean([float(loss.policy.detach()) for loss in finite]))
+            self.log_telemetry("pixel_rl/value_loss", np.mean([float(loss.value.detach()) for loss in finite]))
         if len(finite) < len(self._episodes):
             self.print_to_log_file(f"pixel_rl: {len(self._episodes) - len(finite)} of {len(self._episodes)} updates "
                                    f"skipped for non-finite returns, values or advantages")
