@@ -35,7 +35,7 @@ from nnunet_rl.trainers.schedules import short_schedule_variants
 
 COMPONENT = "pixel_rl"
 TELEMETRY = ("pixel_rl/reward", "pixel_rl/changed_fraction", "pixel_rl/policy_loss", "pixel_rl/value_loss",
-             "pixel_rl/skipped_updates", "pixel_rl/omega_sum", "pixel_rl/val_dice_backbone",
+             "pixel_rl/skipped_updates", "pixel_rl/omega_sum", "pixel_rl/val_dice_initial",
              "pixel_rl/val_dice_refined")
 STEPS_FILE = "pixel_rl_steps"
 
@@ -129,7 +129,7 @@ class nnUNetTrainerPixelRL(RLTrainerBase):
             return
         dice = dice_per_step(torch.stack(self._step_confusions).sum(dim=0))
         self.step_dice_history[self.current_epoch] = dice
-        self.log_telemetry("pixel_rl/val_dice_backbone", dice[0])
+        self.log_telemetry("pixel_rl/val_dice_initial", dice[0])
         self.log_telemetry("pixel_rl/val_dice_refined", dice[-1])
 
     def train_step(self, batch: dict) -> dict:

@@ -42,7 +42,7 @@ class Demo(ShortSchedule):
 
 
 class Study(ShortSchedule):
-    """An hour or so per trainer on a CPU for a small real dataset: ``benchmarks/das_hippocampus_study.py``."""
+    """An hour or so per trainer on a CPU for a small real dataset: ``benchmarks/hippocampus_study.py``."""
     epochs, iterations, val_iterations = 30, 50, 10
     suffix = "_30epochs_50iters"
 
