@@ -17,10 +17,13 @@ of the refined map after t greedy steps, for t in ``STEPS`` (t = 0: the initial 
 - control: Dice(t_max) − Dice(backbone) ≤ 0 in every seed;
 - steps: over the learner's seeds, the mean of Dice(t+1) − Dice(t) ≥ 0 for t = 0, 1, 2.
 
-History (docs/pixel_rl.md, "Evidence"): the first run (commit 275b48e) had f(0) = the argmax, so that t = 0 was the
-backbone, and the policy's initial removal probability 0.005 per step; it failed (no voxel changed in any arm). This
-version, at the defaults that followed (``proposal_threshold`` 0.9, ``initial_episode_keep_probability`` 0.6, i.e.
-0.95 per step), with the backbone measured on its own, was fixed before its first run.
+History (docs/pixel_rl.md, "Evidence"), each run's set-up and thresholds fixed before it ran:
+
+1. commit 275b48e: f(0) the argmax, initial removal probability 0.005 per step, heads on nnU-Net's SGD;
+2. commit bb293bf: f(0) the high-recall proposal (``proposal_threshold`` 0.9), removal probability 0.05 per step,
+   heads on nnU-Net's SGD, the backbone's argmax measured on its own;
+3. this version: f(0) the argmax again, removal probability 0.05 per step, heads and ω on the paper's Adam (lr 1e-3,
+   poly-decayed).
 
     python benchmarks/pixel_rl_learning.py --seeds 0 1 2 -o pixel_rl_learning.json
 

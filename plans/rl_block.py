@@ -90,12 +90,14 @@ PAPER_DEFAULTS: dict[str, dict] = {
         "backbone_fraction": 0.5,          # ours: the first half of the epochs train the planned network with
                                            # nnU-Net's loss only, then the heads join (the paper trains end to end)
         "rl_gradient_to_backbone": True,   # eq. 16: the segmentation network also receives the A2C gradient
+        "heads_optimizer": "adam",         # the paper's Adam for the heads and ω ("sgd": nnU-Net's SGD, as the rest)
+        "heads_lr": 1e-3,                  # the paper's Adam lr, decayed by nnU-Net's poly schedule like the rest
         "use_sam": True,                   # SAM, eq. 1 (False: _noSAM, Table 3)
         "head_dilations": [1, 2, 4],       # DC: one 3^d convolution per entry (all 1: _noDC, Table 3); ours
         "head_channels": 16,               # width of the policy and value heads; ours
         "omega_kernel_size": 3,            # ω of eq. 8, a 3^d neighbourhood N(i); ours
-        "proposal_threshold": 0.9,         # ours: f(0) adds the voxels whose background probability is below this
-                                           # to the argmax's foreground (0: f(0) is the argmax)
+        "proposal_threshold": 0.0,         # ours: f(0) adds the voxels whose background probability is below this
+                                           # to the argmax's foreground (0: f(0) is the argmax, as the issue asks)
         "initial_episode_keep_probability": 0.6,  # ours: an untrained policy keeps a label through a whole sampled
                                                   # episode with this probability (0.95 per step at t_max = 10)
         "seed": 0,                         # action sampling

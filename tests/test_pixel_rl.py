@@ -273,6 +273,33 @@ def test_validation_in_the_rl_phase_measures_the_refined_map(trainer):
     assert confusion[0, :, 0].sum() > 0 and confusion[-1, :, :2].sum() == 0  # f(0) found foreground, f(T) has none
 
 
+def test_heads_train_with_adam_and_the_planned_network_with_nnunets_sgd(trainer):
+    from nnunet_rl.heads_optimizer import SGDWithAdamHeads
+    optimizer = trainer.optimizer
+    assert isinstance(optimizer, SGDWithAdamHeads)
+    heads = {id(p) for p in trainer.bare_network.actor_critic.parameters()}
+    in_sgd = {id(p) for group in optimizer.sgd.param_groups for p in group["params"]}
+    in_adam = {id(p) for group in optimizer.adam.param_groups for p in group["params"]}
+    assert in_adam == heads and not in_sgd & heads
+    assert in_sgd | in_adam == {id(p) for p in trainer.network.parameters()}
+    assert optimizer.sgd.defaults["momentum"] == 0.99 and optimizer.sgd.defaults["nesterov"]  # nnU-Net's
+    trainer.lr_scheduler.step(1)  # the poly rate of epoch 1 in every group; Adam steps at heads_lr times its decay
+    scheduled = optimizer.adam.param_groups[0]["lr"]
+    assert scheduled == optimizer.sgd.param_groups[0]["lr"] < trainer.initial_lr
+    seen = []
+    adam_step = optimizer.adam.step
+    optimizer.adam.step = lambda: seen.append(optimizer.adam.param_groups[0]["lr"]) or adam_step()
+    try:
+        trainer.current_epoch = 1
+        trainer.on_train_epoch_start()
+        trainer.train_step(next(trainer.dataloader_train))
+    finally:
+        del optimizer.adam.step
+    assert seen == [pytest.approx(scheduled * HP["heads_lr"] / trainer.initial_lr)]
+    assert optimizer.adam.param_groups[0]["lr"] == scheduled
+    assert optimizer.adam.state  # Adam's moments exist after the step
+
+
 def test_trainer_skips_the_update_on_non_finite_rewards(trainer, monkeypatch):
     def nan_reward(previous, current, reference, num_classes):
         return torch.full(previous[:, None].shape, float("nan"))
@@ -298,6 +325,9 @@ def test_checkpoint_round_trip_restores_heads_omega_and_sampler(trainer, tmp_pat
     for key, value in trainer.bare_network.actor_critic.state_dict().items():
         assert torch.equal(value, resumed.bare_network.actor_critic.state_dict()[key]), key
     assert torch.equal(trainer.action_generator.get_state(), resumed.action_generator.get_state())
+    resumed_adam = resumed.optimizer.adam.state_dict()["state"]
+    for index, moments in trainer.optimizer.adam.state_dict()["state"].items():
+        assert torch.equal(moments["exp_avg"], resumed_adam[index]["exp_avg"])
     logits = torch.zeros(1, 2, 32, 32)
     assert torch.equal(sample_actions(logits, trainer.action_generator),
                        sample_actions(logits, resumed.action_generator))
