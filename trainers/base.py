@@ -9,6 +9,7 @@ from unittest import mock
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunet_rl.plans.rl_block import read_rl_block, rl_section
 from nnunet_rl.telemetry import RLLocalLogger
@@ -59,11 +60,19 @@ class RLTrainerBase(nnUNetTrainer):
     """
 
     rl_overrides: dict[str, dict] = {}
+    #: True where some parameters take no gradient in some steps (RL heads before their phase starts): nnU-Net's DDP
+    #: wrapper is then rebuilt with ``find_unused_parameters``, which its own does not set.
+    ddp_find_unused_parameters = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.logger.local_logger = RLLocalLogger(self.logger.local_logger.verbose)
+
+    def initialize(self) -> None:
+        super().initialize()
+        if self.is_ddp and self.ddp_find_unused_parameters:
+            self.network = DDP(self.network.module, device_ids=[self.local_rank], find_unused_parameters=True)
 
     @cached_property
     def rl_block(self) -> dict:

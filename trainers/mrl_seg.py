@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.mrl_seg import (Episode, GreedyEpisode, MRLSegNetwork, RewardSettings, build_mrl_seg_network,
@@ -47,6 +46,7 @@ class nnUNetTrainerMRLSeg(RLTrainerBase):
     """Planned U-Net as Segmentation-Net + MRL-Seg's Reinforcement-Net masking its input, trained by A2C after an
     nnU-Net pre-training phase."""
     shuffle_rewards = False
+    ddp_find_unused_parameters = True  # the heads take no gradient before the RL phase
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -70,8 +70,6 @@ class nnUNetTrainerMRLSeg(RLTrainerBase):
             raise NnunetRLError(f"{type(self).__name__} rewards the cross-entropy of label maps; this dataset is "
                                 f"trained on regions (overlapping labels), for which eq. 4 is not defined")
         super().initialize()
-        if self.is_ddp:  # the Reinforcement-Net takes no gradient in the pre-training phase
-            self.network = DDP(self.network.module, device_ids=[self.local_rank], find_unused_parameters=True)
         hp = self.rl_hyperparameters(COMPONENT)
         self.pretrain = hp["pretrain"]
         self.rl_start_epoch = math.floor(hp["segmentation_fraction"] * self.num_epochs) if self.pretrain else 0

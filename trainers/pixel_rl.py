@@ -65,6 +65,7 @@ class PlusEpisodeLoss(nn.Module):
 class nnUNetTrainerPixelRL(RLTrainerBase):
     """Planned U-Net + PixelDRL-MG's policy/value heads with SAM and DC, trained by A2C after an nnU-Net phase."""
     shuffle_rewards = False
+    ddp_find_unused_parameters = True  # the heads take no gradient before the RL phase
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
