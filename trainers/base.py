@@ -9,7 +9,6 @@ from unittest import mock
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunet_rl.plans.rl_block import read_rl_block, rl_section
 from nnunet_rl.telemetry import RLLocalLogger
@@ -60,19 +59,24 @@ class RLTrainerBase(nnUNetTrainer):
     """
 
     rl_overrides: dict[str, dict] = {}
-    #: True where some parameters take no gradient in some steps (RL heads before their phase starts): nnU-Net's DDP
-    #: wrapper is then rebuilt with ``find_unused_parameters``, which its own does not set.
-    ddp_find_unused_parameters = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.logger.local_logger = RLLocalLogger(self.logger.local_logger.verbose)
 
-    def initialize(self) -> None:
-        super().initialize()
-        if self.is_ddp and self.ddp_find_unused_parameters:
-            self.network = DDP(self.network.module, device_ids=[self.local_rank], find_unused_parameters=True)
+    @staticmethod
+    def zero_gradient_term(module: torch.nn.Module) -> torch.Tensor:
+        """0 · Σ of ``module``'s parameters: a loss term that gives them a zero gradient. nnU-Net's DDP wrapper (without
+        ``find_unused_parameters``, and blind to parameters used outside ``forward``, such as heads run in the loss)
+        expects a gradient for every parameter in every step; heads that a step does not use (before their phase, or
+        when an episode is skipped) get one from this term."""
+        return sum(parameter.sum() for parameter in module.parameters()) * 0.0
+
+    def idle_term(self, module: torch.nn.Module) -> torch.Tensor:
+        """The loss term of a step that does not use ``module``: under DDP :meth:`zero_gradient_term` (the optimiser's
+        momentum then still moves it), otherwise 0, so that its parameters get no gradient and no update."""
+        return self.zero_gradient_term(module) if self.is_ddp else torch.zeros((), device=self.device)
 
     @cached_property
     def rl_block(self) -> dict:

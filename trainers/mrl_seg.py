@@ -46,7 +46,6 @@ class nnUNetTrainerMRLSeg(RLTrainerBase):
     """Planned U-Net as Segmentation-Net + MRL-Seg's Reinforcement-Net masking its input, trained by A2C after an
     nnU-Net pre-training phase."""
     shuffle_rewards = False
-    ddp_find_unused_parameters = True  # the heads take no gradient before the RL phase
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -139,7 +138,8 @@ class nnUNetTrainerMRLSeg(RLTrainerBase):
 
     def train_step(self, batch: dict) -> dict:
         if not self.in_rl_phase():
-            return super().train_step(batch)
+            with self.loss.adding(lambda output, target: self.idle_term(self.mrl_seg_network.reinforcement)):
+                return super().train_step(batch)
         reference, valid = self._reference(self.batch_to_device(batch)[1])
         with self.mrl_seg_network.training_episodes(reference, valid, self.reward_settings,
                                                     self.action_generator) as episodes:
@@ -147,10 +147,12 @@ class nnUNetTrainerMRLSeg(RLTrainerBase):
                 return super().train_step(batch)
 
     def _episode_loss(self, episode: Episode, output) -> torch.Tensor:
-        """The episode's A2C losses, or zero (recorded as skipped) when they are not finite."""
+        """The episode's A2C losses, or a zero gradient for the Reinforcement-Net (recorded as skipped) when they are not
+        finite."""
         self._episodes.append(episode)
-        device = (output[0] if isinstance(output, (list, tuple)) else output).device
-        return torch.zeros((), device=device) if episode.losses is None else episode.losses.total
+        if episode.losses is None:
+            return self.idle_term(self.mrl_seg_network.reinforcement)
+        return episode.losses.total
 
     def validation_step(self, batch: dict) -> dict:
         """nnU-Net's validation step; in the RL phase on the greedily masked input, recording each step's counts."""

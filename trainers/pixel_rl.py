@@ -65,7 +65,6 @@ class PlusEpisodeLoss(nn.Module):
 class nnUNetTrainerPixelRL(RLTrainerBase):
     """Planned U-Net + PixelDRL-MG's policy/value heads with SAM and DC, trained by A2C after an nnU-Net phase."""
     shuffle_rewards = False
-    ddp_find_unused_parameters = True  # the heads take no gradient before the RL phase
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -152,9 +151,9 @@ class nnUNetTrainerPixelRL(RLTrainerBase):
         self.log_telemetry("pixel_rl/val_dice_refined", dice[-1])
 
     def train_step(self, batch: dict) -> dict:
-        if not self.in_rl_phase():
-            return super().train_step(batch)
-        with self.loss.adding(self.episode_loss):
+        objective = self.episode_loss if self.in_rl_phase() else \
+            lambda output, target: self.idle_term(self.pixel_rl_network.actor_critic)
+        with self.loss.adding(objective):
             return super().train_step(batch)
 
     def episode_loss(self, output, target) -> torch.Tensor:
@@ -174,7 +173,7 @@ class nnUNetTrainerPixelRL(RLTrainerBase):
         episode = network.training_episode(network.initial_map(logits.detach()), features, reference, self.gamma,
                                            self.action_generator, valid, self.shuffle_rewards)
         self._episodes.append(episode)
-        return torch.zeros((), device=logits.device) if episode.losses is None else episode.losses.total
+        return self.idle_term(network.actor_critic) if episode.losses is None else episode.losses.total
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
