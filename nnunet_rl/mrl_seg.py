@@ -333,15 +333,18 @@ class MRLSegNetwork(nn.Module):
                          settings: RewardSettings, generator: torch.Generator | None):
         """``steps`` sampled steps from s(0) = ``x``; per step the reward r*(t) of eqs. 3-5 against ``reference``
         (B, *spatial, labels ≥ 0; 0 where ``valid`` (B, 1, *spatial) is false), the returns of eqs. 11-12 with ADP
-        (eq. 10) bootstrapped from V(s(T)), and the A2C losses (eqs. 8, 9, 13) over the valid voxels. Returns the
-        Segmentation-Net's output on s(T) (with gradients, for nnU-Net's loss) and the :class:`Episode`. The rewards
-        come from the Segmentation-Net without gradients: the A2C losses train the Reinforcement-Net and ω only."""
+        (eq. 10) bootstrapped from V(s(T)), and the A2C losses (eqs. 8, 9, 13) over the valid voxels; the policy term
+        of step t only over the voxels not masked before it (masks only grow, so an action there changes nothing).
+        Returns the Segmentation-Net's output on s(T) (with gradients, for nnU-Net's loss) and the :class:`Episode`.
+        The rewards come from the Segmentation-Net without gradients: the A2C losses train the Reinforcement-Net and ω
+        only."""
         masked = torch.zeros_like(x[:, :1], dtype=torch.bool)
         with torch.no_grad():
             previous = self._full_resolution(self.segmentation(x))
-        logits, values, actions, rewards, fractions = [], [], [], [], []
+        logits, values, actions, rewards, fractions, acting = [], [], [], [], [], []
         output = None
         for step in range(self.steps):
+            acting.append(~masked if valid is None else valid & ~masked)
             step_logits, value = self.reinforcement(masked_input(x, masked), masked)
             action = sample_actions(step_logits.detach(), generator)
             masked = masked | (action == MASK)[:, None]
@@ -361,7 +364,7 @@ class MRLSegNetwork(nn.Module):
         bootstrap = self.reinforcement.state_value(masked_input(x, masked), masked).detach().float()
         adp = difficulty(reference, settings.window) if settings.use_difficulty else torch.zeros_like(bootstrap)
         returns = difficulty_returns(rewards, bootstrap, adp, self.reinforcement.omega, settings.gamma)
-        losses = a2c_losses(logits, values, actions, returns, valid)
+        losses = a2c_losses(logits, values, actions, returns, valid, policy_mask=acting)
         mean_rewards = torch.stack([r.mean() for r in rewards]).tolist()
         return output, Episode(losses, mean_rewards, torch.stack(fractions).tolist())
 

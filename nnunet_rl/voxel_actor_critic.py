@@ -191,27 +191,44 @@ class A2CLosses:
 
 
 def a2c_losses(logits: Sequence[torch.Tensor], values: Sequence[torch.Tensor], actions: Sequence[torch.Tensor],
-               returns: Sequence[torch.Tensor], mask: torch.Tensor | None = None) -> A2CLosses | None:
+               returns: Sequence[torch.Tensor], mask: torch.Tensor | Sequence[torch.Tensor] | None = None,
+               policy_mask: torch.Tensor | Sequence[torch.Tensor] | None = None) -> A2CLosses | None:
     """Per-voxel advantage actor-critic losses over an episode (PixelDRL-MG eqs. 13-15), averaged over the voxels
-    (those where ``mask`` is true) and the steps::
+    and the steps::
 
         value:  mean((R − V)²)                 (eq. 13)
         policy: −mean(log π(a|s) · A),  A = R − V, a constant here   (eqs. 14-15)
+
+    ``mask`` (one (B, 1, *spatial) boolean map for all steps, or one per step) selects the voxels of both terms, e.g.
+    those without an ignore label; ``policy_mask`` (likewise) those of the policy term, where it differs: voxels
+    whose action at that step can change nothing (MRL-Seg's already masked voxels) carry no policy gradient, but
+    their values are still learned. Without ``policy_mask`` the policy term uses ``mask``.
 
     The advantage is detached (as in PixelRL's reference implementation): the policy term moves only the policy and
     what feeds it; ω learns from the value term. ``None`` when a return, value or advantage is not finite: the caller
     skips the update and records it.
     """
+    masks = _per_step(mask, len(logits))
+    policy_masks = masks if policy_mask is None else _per_step(policy_mask, len(logits))
     policy_terms, value_terms = [], []
-    for step_logits, value, action, target in zip(logits, values, actions, returns):
+    for step_logits, value, action, target, step_mask, step_policy_mask in zip(logits, values, actions, returns,
+                                                                               masks, policy_masks):
         value, target = value.float(), target.float()
         advantage = (target - value).detach()
         log_pi = torch.log_softmax(step_logits.float(), dim=1).gather(1, action[:, None])
-        policy_terms.append(_masked_mean(-log_pi * advantage, mask))
-        value_terms.append(_masked_mean((target - value) ** 2, mask))
+        policy_terms.append(_masked_mean(-log_pi * advantage, step_policy_mask))
+        value_terms.append(_masked_mean((target - value) ** 2, step_mask))
     losses = A2CLosses(policy=torch.stack(policy_terms).mean(), value=torch.stack(value_terms).mean())
     # a non-finite return, value or advantage anywhere (masked voxels included: NaN·0 is NaN) makes a mean non-finite
     return losses if bool(torch.isfinite(losses.total)) else None
+
+
+def _per_step(mask: torch.Tensor | Sequence[torch.Tensor] | None, steps: int) -> list[torch.Tensor | None]:
+    if mask is None or isinstance(mask, torch.Tensor):
+        return [mask] * steps
+    if len(mask) != steps:
+        raise ValueError(f"{len(mask)} masks for {steps} steps")
+    return list(mask)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -317,6 +317,36 @@ def test_training_episode_trains_the_reinforcement_net_and_omega_and_returns_the
     assert any(p.grad is not None for p in network.segmentation.parameters())
 
 
+def test_policy_loss_leaves_out_voxels_masked_before_the_step(monkeypatch):
+    network = small_network(2)
+    with torch.no_grad():  # half the voxels masked per step, with gradients through the output layer
+        network.reinforcement.actor_critic.policy.out.bias.zero_()
+        network.reinforcement.actor_critic.policy.out.weight.normal_(std=0.1)
+        network.reinforcement.actor_critic.value.out.weight.normal_(std=0.1)
+    x, reference = torch.randn(2, 2, 12, 12), torch.randint(0, 3, (2, 12, 12))
+    valid = torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(1)) < 0.9
+    recorded = {}
+    original = mrl_seg.a2c_losses
+
+    def spy(logits, values, actions, returns, *args, **kwargs):
+        for step_logits in logits:
+            step_logits.retain_grad()
+        recorded.update(logits=logits, actions=actions)
+        return original(logits, values, actions, returns, *args, **kwargs)
+    monkeypatch.setattr(mrl_seg, "a2c_losses", spy)
+    with network.training_episodes(reference, valid, SETTINGS, torch.Generator().manual_seed(0)) as episodes:
+        network(x)
+    episodes[0].losses.policy.backward()
+    masked = torch.zeros_like(valid)
+    for t, (step_logits, action) in enumerate(zip(recorded["logits"], recorded["actions"])):
+        gradient = step_logits.grad.abs().sum(dim=1, keepdim=True)
+        if t > 0:
+            assert masked.any()
+        assert not gradient[masked | ~valid].any(), t  # acting on a masked voxel changes nothing: no policy gradient
+        assert gradient[~masked & valid].gt(0).float().mean() > 0.9, t
+        masked = masked | (action == MASK)[:, None]
+
+
 def test_episode_rewards_are_eq5_plus_eq3_and_shuffled_for_the_control(monkeypatch):
     network = small_network(2)
     x, reference = torch.randn(1, 2, 12, 12), torch.randint(0, 3, (1, 12, 12))

@@ -217,6 +217,26 @@ def test_non_finite_rewards_give_no_losses(monkeypatch):
     assert a2c_losses(logits, values, actions, returns) is not None
 
 
+def test_a2c_losses_take_one_mask_per_step_and_a_policy_mask():
+    torch.manual_seed(0)
+    logits = [torch.randn(1, 2, 4, 4) for _ in range(2)]
+    values, returns = [torch.randn(1, 1, 4, 4) for _ in range(2)], [torch.randn(1, 1, 4, 4) for _ in range(2)]
+    actions = [torch.randint(0, 2, (1, 4, 4)) for _ in range(2)]
+    masks = [torch.rand(1, 1, 4, 4) < 0.5 for _ in range(2)]
+
+    def terms(t):
+        log_pi = torch.log_softmax(logits[t], dim=1).gather(1, actions[t][:, None])
+        return -log_pi * (returns[t] - values[t]), (returns[t] - values[t]) ** 2
+    per_step = a2c_losses(logits, values, actions, returns, masks)
+    torch.testing.assert_close(per_step.policy, sum(terms(t)[0][masks[t]].mean() for t in range(2)) / 2)
+    torch.testing.assert_close(per_step.value, sum(terms(t)[1][masks[t]].mean() for t in range(2)) / 2)
+    policy_only = a2c_losses(logits, values, actions, returns, policy_mask=masks)
+    torch.testing.assert_close(policy_only.policy, per_step.policy)
+    torch.testing.assert_close(policy_only.value, sum(terms(t)[1].mean() for t in range(2)) / 2)
+    with pytest.raises(ValueError, match="1 masks for 2 steps"):
+        a2c_losses(logits, values, actions, returns, masks[:1])
+
+
 def test_sampled_actions_follow_the_policy():
     logits = torch.log(torch.tensor([0.2, 0.8]))[None, :, None, None].expand(1, 2, 100, 100)
     actions = sample_actions(logits, torch.Generator().manual_seed(0))
