@@ -346,7 +346,7 @@ class MRLSegNetwork(nn.Module):
         for step in range(self.steps):
             acting.append(~masked if valid is None else valid & ~masked)
             step_logits, value = self.reinforcement(masked_input(x, masked), masked)
-            action = sample_actions(step_logits.detach(), generator)
+            action = sample_actions(step_logits.detach(), generator, fallback=RETAIN)
             masked = masked | (action == MASK)[:, None]
             if step < self.steps - 1:
                 with torch.no_grad():

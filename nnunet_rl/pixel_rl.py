@@ -196,7 +196,7 @@ class PixelRLNetwork(nn.Module):
         current = labels
         for _ in range(self.steps):
             step_logits, value = self.actor_critic(attended, one_hot(current, self.num_classes))
-            action = sample_actions(step_logits.detach(), generator)
+            action = sample_actions(step_logits.detach(), generator, fallback=KEEP)
             following = apply_actions(current, action)
             reward = squared_error_reward(current, following, reference, self.num_classes)
             if valid is not None:

@@ -167,12 +167,15 @@ class VoxelActorCritic(nn.Module):
                               self.value.compute_conv_feature_map_size(input_size))
 
 
-def sample_actions(logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_actions(logits: torch.Tensor, generator: torch.Generator | None = None, *,
+                   fallback: int) -> torch.Tensor:
     """One action per voxel drawn from softmax(``logits``) over dim 1 by inverse CDF; (B, *spatial), int64.
-    ``generator`` must live on ``logits``' device."""
+    A voxel whose logits are not all finite gets ``fallback`` (the action that leaves it as it is, as the greedy
+    paths do) rather than whatever the comparison with NaN yields. ``generator`` must live on ``logits``' device."""
     cumulative = torch.softmax(logits.float(), dim=1).cumsum(dim=1)
     uniform = torch.rand(cumulative[:, :1].shape, generator=generator, device=logits.device)
-    return (uniform > cumulative[:, :-1]).sum(dim=1)
+    drawn = (uniform > cumulative[:, :-1]).sum(dim=1)
+    return torch.where(torch.isfinite(logits).all(dim=1), drawn, fallback)
 
 
 def greedy_actions(logits: torch.Tensor) -> torch.Tensor:

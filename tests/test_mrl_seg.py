@@ -280,6 +280,18 @@ def test_untrained_policy_masks_nothing_greedily_and_non_finite_policies_retain(
         assert not network.greedy_masks(x)[-1].any()
 
 
+def test_sampled_episodes_retain_voxels_whose_policy_is_not_finite():
+    network = small_network(2)
+    with torch.no_grad():
+        network.reinforcement.actor_critic.policy.out.bias.fill_(float("nan"))
+    x, reference = torch.randn(1, 2, 16, 16), torch.randint(0, 3, (1, 16, 16))
+    with network.training_episodes(reference, None, SETTINGS, torch.Generator().manual_seed(0)) as episodes:
+        network(x)
+    (episode,) = episodes
+    assert episode.masked_fractions == [0.0] * HP["steps"]  # retained, as the greedy steps retain them
+    assert episode.losses is None
+
+
 def test_reinforcement_encoder_is_initialised_from_the_segmentation_encoder():
     network = small_network(2)
     with torch.no_grad():
@@ -461,8 +473,8 @@ def test_checkpoint_round_trip_restores_the_reinforcement_net_and_sampler(traine
         assert torch.equal(value, resumed.bare_network.state_dict()[key]), key
     assert resumed.step_dice_history == trainer.step_dice_history
     logits = torch.zeros(1, 2, 32, 32)
-    assert torch.equal(sample_actions(logits, trainer.action_generator),
-                       sample_actions(logits, resumed.action_generator))
+    assert torch.equal(sample_actions(logits, trainer.action_generator, fallback=RETAIN),
+                       sample_actions(logits, resumed.action_generator, fallback=RETAIN))
 
 
 @pytest.mark.parametrize("variant, pinned", [("_noFB", {"use_prior": False}), ("_noADP", {"use_difficulty": False}),

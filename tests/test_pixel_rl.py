@@ -88,7 +88,7 @@ def test_heads_output_one_value_per_voxel(dim, spatial, use_sam, dilations):
     features, state = torch.randn(2, 6, *spatial), torch.randn(2, 3, *spatial)
     logits, values = heads(heads.attend(features), state)
     assert logits.shape == (2, 2, *spatial) and values.shape == (2, 1, *spatial)
-    assert sample_actions(logits).shape == (2, *spatial)
+    assert sample_actions(logits, fallback=1).shape == (2, *spatial)
 
 
 def test_sam_is_a_softmax_over_the_patch():
@@ -239,9 +239,25 @@ def test_a2c_losses_take_one_mask_per_step_and_a_policy_mask():
 
 def test_sampled_actions_follow_the_policy():
     logits = torch.log(torch.tensor([0.2, 0.8]))[None, :, None, None].expand(1, 2, 100, 100)
-    actions = sample_actions(logits, torch.Generator().manual_seed(0))
+    actions = sample_actions(logits, torch.Generator().manual_seed(0), fallback=KEEP)
     assert abs(float((actions == KEEP).float().mean()) - 0.8) < 0.02
     assert set(actions.unique().tolist()) == {SET_TO_BACKGROUND, KEEP}
+
+
+def test_voxels_with_non_finite_logits_sample_the_fallback_action():
+    logits = torch.zeros(1, 2, 8, 8)
+    logits[0, :, 2, 3] = float("nan")
+    logits[0, 0, 5, 5] = float("inf")
+    for fallback in (SET_TO_BACKGROUND, KEEP):
+        actions = sample_actions(logits, torch.Generator().manual_seed(0), fallback=fallback)
+        assert actions[0, 2, 3] == fallback and actions[0, 5, 5] == fallback
+    network = small_network(2)
+    with torch.no_grad():
+        network.actor_critic.policy.out.bias.fill_(float("nan"))
+        outputs = network(torch.randn(1, 1, 16, 16))
+        episode = network.training_episode(outputs[0].argmax(dim=1), network.take_features(),
+                                           torch.randint(0, 3, (1, 16, 16)), 0.95, torch.Generator().manual_seed(0))
+    assert episode.changed_fractions == [0.0] * HP["t_max"]  # kept, as the greedy steps keep them
 
 
 @pytest.fixture(scope="module")
@@ -349,8 +365,8 @@ def test_checkpoint_round_trip_restores_heads_omega_and_sampler(trainer, tmp_pat
     for index, moments in trainer.optimizer.adam.state_dict()["state"].items():
         assert torch.equal(moments["exp_avg"], resumed_adam[index]["exp_avg"])
     logits = torch.zeros(1, 2, 32, 32)
-    assert torch.equal(sample_actions(logits, trainer.action_generator),
-                       sample_actions(logits, resumed.action_generator))
+    assert torch.equal(sample_actions(logits, trainer.action_generator, fallback=KEEP),
+                       sample_actions(logits, resumed.action_generator, fallback=KEEP))
 
 
 def test_an_untrained_sampled_episode_keeps_a_label_with_the_episode_probability():
