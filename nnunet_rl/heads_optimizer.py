@@ -1,11 +1,12 @@
 """nnU-Net's SGD for the planned network and Adam for reinforcement-learning heads, as the one optimiser nnU-Net drives.
 
 PixelDRL-MG trains its heads with Adam (lr 1e-3; Y. Liu et al., "Pixel level deep reinforcement learning for accurate
-and robust medical image segmentation", Scientific Reports 2025, "Implementation details"). nnU-Net's ``train_step``
-knows one optimiser: it zeroes, unscales (mixed precision), clips (norm 12 over all parameters) and steps
-``self.optimizer``, and its ``PolyLRScheduler`` writes the poly learning rate into every parameter group.
-:class:`SGDWithAdamHeads` is that one optimiser: its parameter groups are those of nnU-Net's SGD and of an Adam over the
-heads, so every one of those steps reaches both, and the heads' Adam runs at ``lr_scale`` times the scheduled rate
+and robust medical image segmentation", Scientific Reports 2025, "Implementation details"), MRL-Seg its networks with
+Adam (F. Yang et al., IEEE JBHI 28(2), 2024, DOI 10.1109/jbhi.2023.3336726, §IV.B); both trainers set this up in
+``nnunet_rl.trainers.voxel_agents``. nnU-Net's ``train_step`` knows one optimiser: it zeroes, unscales (mixed
+precision), clips (norm 12 over all parameters) and steps ``self.optimizer``, and its ``PolyLRScheduler`` writes the
+poly learning rate into every parameter group. :class:`SGDWithAdamHeads` is that one optimiser: its parameter groups
+are those of nnU-Net's SGD and of an Adam over the heads, so every one of those steps reaches both, and the heads' Adam runs at ``lr_scale`` times the scheduled rate
 (the poly decay applies to both).
 """
 import torch

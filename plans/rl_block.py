@@ -117,6 +117,10 @@ PAPER_DEFAULTS: dict[str, dict] = {
         "encoder_stages": 3,               # the Reinforcement-Net's "three convolution blocks" (Fig. 3), copies of
                                            # the planned encoder's first stages
         "head_layers": 3,                  # "three convolution compositions" per head (§III.A)
+        "heads_optimizer": "adam",         # the Reinforcement-Net and w on Adam, the paper's optimiser ("sgd":
+                                           # nnU-Net's SGD, as the Segmentation-Net)
+        "heads_lr": 1e-3,                  # ours: the paper gives Adam's lr 0.01 for the Segmentation-Net only;
+                                           # decayed by nnU-Net's poly schedule like the rest
         "head_channels": 16,               # width of the projected features and of the heads; ours
         "omega_kernel_size": 3,            # w of eq. 11, N(i) and ADP's window F_i (eq. 10); ours
         "initial_episode_retain_probability": 0.9,  # ours: an untrained policy retains a voxel through a sampled

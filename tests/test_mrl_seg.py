@@ -460,7 +460,20 @@ def test_trainer_skips_the_update_on_non_finite_rewards(trainer, monkeypatch):
     assert trainer.logger.local_logger.my_fantastic_logging["mrl_seg/skipped_updates"][-1] == 1
 
 
-def test_checkpoint_round_trip_restores_the_reinforcement_net_and_sampler(trainer, tmp_path, planned_dataset):
+def test_reinforcement_net_trains_with_adam_and_the_segmentation_net_with_nnunets_sgd(trainer):
+    from nnunet_rl.heads_optimizer import SGDWithAdamHeads
+    optimizer = trainer.optimizer
+    assert isinstance(optimizer, SGDWithAdamHeads)
+    network = trainer.bare_network
+    in_sgd = {id(p) for group in optimizer.sgd.param_groups for p in group["params"]}
+    in_adam = {id(p) for group in optimizer.adam.param_groups for p in group["params"]}
+    assert in_adam == {id(p) for p in network.reinforcement.parameters()}  # encoder, heads and w
+    assert in_sgd == {id(p) for p in network.segmentation.parameters()}
+    assert optimizer.sgd.defaults["momentum"] == 0.99 and optimizer.sgd.defaults["nesterov"]  # nnU-Net's
+    assert optimizer.lr_scale == pytest.approx(PAPER_DEFAULTS["mrl_seg"]["heads_lr"] / trainer.initial_lr)
+
+
+def test_checkpoint_round_trip_restores_the_reinforcement_net_adam_and_sampler(trainer, tmp_path, planned_dataset):
     from nnunet_rl.trainers import nnUNetTrainerMRLSeg_3epochs_2iters
     trainer.current_epoch = 1
     trainer.on_train_epoch_start()
@@ -472,6 +485,12 @@ def test_checkpoint_round_trip_restores_the_reinforcement_net_and_sampler(traine
     for key, value in trainer.bare_network.state_dict().items():
         assert torch.equal(value, resumed.bare_network.state_dict()[key]), key
     assert resumed.step_dice_history == trainer.step_dice_history
+    saved_adam = trainer.optimizer.adam.state_dict()["state"]
+    resumed_adam = resumed.optimizer.adam.state_dict()["state"]
+    assert saved_adam and saved_adam.keys() == resumed_adam.keys()
+    for index, moments in saved_adam.items():
+        assert torch.equal(moments["exp_avg"], resumed_adam[index]["exp_avg"])
+        assert torch.equal(moments["exp_avg_sq"], resumed_adam[index]["exp_avg_sq"])
     logits = torch.zeros(1, 2, 32, 32)
     assert torch.equal(sample_actions(logits, trainer.action_generator, fallback=RETAIN),
                        sample_actions(logits, resumed.action_generator, fallback=RETAIN))

@@ -36,15 +36,17 @@ from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
 from nnunet_rl.trainers.base import RLTrainerBase
 from nnunet_rl.trainers.pixel_rl import PlusEpisodeLoss, plot_dice_per_step
 from nnunet_rl.trainers.schedules import short_schedule_variants
+from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer
 
 COMPONENT = "mrl_seg"
 STEPS_FILE = "mrl_seg_steps"
 MASKS_FIGURE = "mrl_seg_masks.png"
 
 
-class nnUNetTrainerMRLSeg(RLTrainerBase):
+class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
     """Planned U-Net as Segmentation-Net + MRL-Seg's Reinforcement-Net masking its input, trained by A2C after an
     nnU-Net pre-training phase."""
+    component = COMPONENT
     shuffle_rewards = False
 
     @classmethod
@@ -110,6 +112,11 @@ class nnUNetTrainerMRLSeg(RLTrainerBase):
     @property
     def mrl_seg_network(self) -> MRLSegNetwork:
         return self.bare_network
+
+    @property
+    def rl_module(self) -> nn.Module:
+        """The Reinforcement-Net: its encoder, heads and w."""
+        return self.mrl_seg_network.reinforcement
 
     def in_rl_phase(self) -> bool:
         return self.current_epoch >= self.rl_start_epoch

@@ -28,11 +28,11 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunet_rl.errors import NnunetRLError
-from nnunet_rl.heads_optimizer import SGDWithAdamHeads
 from nnunet_rl.pixel_rl import Episode, PixelRLNetwork, build_pixel_rl_network, dice_per_step, step_confusion
 from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
 from nnunet_rl.trainers.base import RLTrainerBase
 from nnunet_rl.trainers.schedules import short_schedule_variants
+from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer
 
 COMPONENT = "pixel_rl"
 TELEMETRY = ("pixel_rl/reward", "pixel_rl/changed_fraction", "pixel_rl/policy_loss", "pixel_rl/value_loss",
@@ -62,8 +62,9 @@ class PlusEpisodeLoss(nn.Module):
         return loss if self.objective is None else loss + self.objective(output, target)
 
 
-class nnUNetTrainerPixelRL(RLTrainerBase):
+class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
     """Planned U-Net + PixelDRL-MG's policy/value heads with SAM and DC, trained by A2C after an nnU-Net phase."""
+    component = COMPONENT
     shuffle_rewards = False
 
     @classmethod
@@ -82,22 +83,10 @@ class nnUNetTrainerPixelRL(RLTrainerBase):
     def _build_loss(self) -> nn.Module:
         return PlusEpisodeLoss(super()._build_loss())
 
-    def configure_optimizers(self):
-        """nnU-Net's SGD and poly schedule; with ``heads_optimizer`` "adam" (the paper's), the heads and ω leave the
-        SGD for an Adam at ``heads_lr`` (poly-decayed like the rest), inside one optimiser nnU-Net's train_step drives
-        (:class:`~nnunet_rl.heads_optimizer.SGDWithAdamHeads`)."""
-        optimizer, lr_scheduler = super().configure_optimizers()
-        hp = self.rl_hyperparameters(COMPONENT)
-        if hp["heads_optimizer"] not in ("adam", "sgd"):
-            raise NnunetRLError(f"pixel_rl heads_optimizer must be 'adam' or 'sgd', not {hp['heads_optimizer']!r}")
-        if hp["heads_optimizer"] == "sgd":
-            return optimizer, lr_scheduler
-        heads = list(self.pixel_rl_network.actor_critic.parameters())
-        ids = {id(p) for p in heads}
-        for group in optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if id(p) not in ids]
-        optimizer = SGDWithAdamHeads(optimizer, heads, hp["heads_lr"] / self.initial_lr)
-        return optimizer, type(lr_scheduler)(optimizer, self.initial_lr, self.num_epochs)
+    @property
+    def rl_module(self) -> nn.Module:
+        """The heads and ω."""
+        return self.pixel_rl_network.actor_critic
 
     def initialize(self) -> None:
         if self.label_manager.has_regions:
