@@ -497,7 +497,8 @@ def test_checkpoint_round_trip_restores_the_reinforcement_net_adam_and_sampler(t
 
 
 @pytest.mark.parametrize("variant, pinned", [("_noFB", {"use_prior": False}), ("_noADP", {"use_difficulty": False}),
-                                             ("_noPretrain", {"pretrain": False})])
+                                             ("_noPretrain", {"pretrain": False, "use_prior": False,
+                                                              "use_difficulty": False})])
 def test_variants_pin_the_table_v_ablations(variant, pinned):
     from nnunet_rl import trainers
     cls = getattr(trainers, f"nnUNetTrainerMRLSeg{variant}")

@@ -264,9 +264,10 @@ class nnUNetTrainerMRLSeg_noADP(nnUNetTrainerMRLSeg):
 
 
 class nnUNetTrainerMRLSeg_noPretrain(nnUNetTrainerMRLSeg):
-    """Table V's "w/o pre-training": the RL phase from the first epoch, the Reinforcement-Net not initialised from
-    a pre-trained Segmentation-Net (the paper reports collapse)."""
-    rl_overrides = {COMPONENT: {"pretrain": False}}
+    """Table V's "w/o pre-training", which "corresponds to the RL+Seg" (its row ticks neither FB nor ADP): the RL
+    phase from the first epoch, the Reinforcement-Net not initialised from a pre-trained Segmentation-Net, without
+    eq. 3's prior and without ADP (the paper reports collapse)."""
+    rl_overrides = {COMPONENT: {"pretrain": False, "use_prior": False, "use_difficulty": False}}
 
 
 class nnUNetTrainerMRLSeg_shuffledReward(nnUNetTrainerMRLSeg):
