@@ -473,6 +473,19 @@ def test_reinforcement_net_trains_with_adam_and_the_segmentation_net_with_nnunet
     assert optimizer.lr_scale == pytest.approx(PAPER_DEFAULTS["mrl_seg"]["heads_lr"] / trainer.initial_lr)
 
 
+def test_reward_telemetry_averages_the_finite_episodes(trainer):
+    trainer.current_epoch = 1
+    trainer.on_train_epoch_start()
+    skipped = mrl_seg.Episode(None, [float("nan")] * HP["steps"], [0.0] * HP["steps"])
+    finite = mrl_seg.Episode(mrl_seg.A2CLosses(torch.tensor(0.5), torch.tensor(0.25)),
+                             [1.0, 2.0, 3.0, 4.0], [0.1] * HP["steps"])
+    trainer._episodes = [skipped, finite, finite]
+    trainer.on_train_epoch_end([{"loss": 0.0}])
+    logged = trainer.logger.local_logger.my_fantastic_logging
+    assert [logged[f"mrl_seg/reward_step{t}"][-1] for t in range(1, 5)] == [1.0, 2.0, 3.0, 4.0]
+    assert logged["mrl_seg/skipped_updates"][-1] == 1 and logged["mrl_seg/policy_loss"][-1] == 0.5
+
+
 def test_checkpoint_round_trip_restores_the_reinforcement_net_adam_and_sampler(trainer, tmp_path, planned_dataset):
     from nnunet_rl.trainers import nnUNetTrainerMRLSeg_3epochs_2iters
     trainer.current_epoch = 1

@@ -349,6 +349,16 @@ def test_trainer_skips_the_update_on_non_finite_rewards(trainer, monkeypatch):
     assert trainer.logger.local_logger.my_fantastic_logging["pixel_rl/skipped_updates"][-1] == 1
 
 
+def test_reward_telemetry_averages_the_finite_episodes(trainer):
+    trainer.current_epoch = 1
+    trainer.on_train_epoch_start()
+    trainer._episodes = [pixel_rl.Episode(None, [float("nan")] * 2, [0.0] * 2),
+                         pixel_rl.Episode(pixel_rl.A2CLosses(torch.tensor(0.5), torch.tensor(0.25)), [1.0, 2.0],
+                                          [0.1] * 2)]
+    trainer.on_train_epoch_end([{"loss": 0.0}])
+    assert trainer.logger.local_logger.my_fantastic_logging["pixel_rl/reward"][-1] == 1.5
+
+
 def test_checkpoint_round_trip_restores_heads_omega_and_sampler(trainer, tmp_path, planned_dataset):
     from nnunet_rl.trainers import nnUNetTrainerPixelRL_3epochs_2iters
     trainer.current_epoch = 1

@@ -36,7 +36,7 @@ from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
 from nnunet_rl.trainers.base import RLTrainerBase
 from nnunet_rl.trainers.pixel_rl import PlusEpisodeLoss, plot_dice_per_step
 from nnunet_rl.trainers.schedules import short_schedule_variants
-from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer
+from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer, finite_mean
 
 COMPONENT = "mrl_seg"
 STEPS_FILE = "mrl_seg_steps"
@@ -192,7 +192,7 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
             return
         finite = [e.losses for e in self._episodes if e.losses is not None]
         for t in range(self.steps):
-            self.log_telemetry(f"mrl_seg/reward_step{t + 1}", np.mean([e.mean_rewards[t] for e in self._episodes]))
+            self.log_telemetry(f"mrl_seg/reward_step{t + 1}", finite_mean(e.mean_rewards[t] for e in self._episodes))
             self.log_telemetry(f"mrl_seg/masked_fraction_step{t + 1}",
                                np.mean([e.masked_fractions[t] for e in self._episodes]))
         self.log_telemetry("mrl_seg/skipped_updates", len(self._episodes) - len(finite))

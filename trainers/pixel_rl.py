@@ -32,7 +32,7 @@ from nnunet_rl.pixel_rl import Episode, PixelRLNetwork, build_pixel_rl_network, 
 from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
 from nnunet_rl.trainers.base import RLTrainerBase
 from nnunet_rl.trainers.schedules import short_schedule_variants
-from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer
+from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer, finite_mean
 
 COMPONENT = "pixel_rl"
 TELEMETRY = ("pixel_rl/reward", "pixel_rl/changed_fraction", "pixel_rl/policy_loss", "pixel_rl/value_loss",
@@ -169,7 +169,7 @@ class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
         if not self._episodes:
             return
         finite = [e.losses for e in self._episodes if e.losses is not None]
-        self.log_telemetry("pixel_rl/reward", np.mean([np.mean(e.mean_rewards) for e in self._episodes]))
+        self.log_telemetry("pixel_rl/reward", finite_mean(np.mean(e.mean_rewards) for e in self._episodes))
         self.log_telemetry("pixel_rl/changed_fraction",
                            np.mean([np.mean(e.changed_fractions) for e in self._episodes]))
         self.log_telemetry("pixel_rl/skipped_updates", len(self._episodes) - len(finite))

@@ -4,6 +4,7 @@ Both add an A2C-trained module (PixelDRL-MG's heads and ω; MRL-Seg's Reinforcem
 network and train it inside nnU-Net's ``train_step``. :class:`VoxelAgentsTrainer` holds what they do alike; each
 trainer names its rl block section (``component``) and the module its agents learn in (:attr:`rl_module`).
 """
+import numpy as np
 from torch import nn
 
 from nnunet_rl.errors import NnunetRLError
@@ -11,6 +12,14 @@ from nnunet_rl.heads_optimizer import SGDWithAdamHeads
 from nnunet_rl.trainers.base import RLTrainerBase
 
 HEADS_OPTIMIZERS = ("adam", "sgd")
+
+
+def finite_mean(values) -> float:
+    """The mean of the finite ``values`` (NaN when none is): an epoch's telemetry over its episodes, of which those
+    skipped for non-finite rewards would otherwise turn the epoch's mean into NaN."""
+    values = np.asarray(list(values), dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else float("nan")
 
 
 class VoxelAgentsTrainer(RLTrainerBase):
