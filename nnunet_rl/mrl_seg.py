@@ -361,7 +361,8 @@ class MRLSegNetwork(nn.Module):
             rewards.append(reward)
             fractions.append(masked.float().mean())
             previous = current
-        bootstrap = self.reinforcement.state_value(masked_input(x, masked), masked).detach().float()
+        with torch.no_grad():  # R(T) = V(s(T)) is a target: no graph
+            bootstrap = self.reinforcement.state_value(masked_input(x, masked), masked).float()
         adp = difficulty(reference, settings.window) if settings.use_difficulty else torch.zeros_like(bootstrap)
         returns = difficulty_returns(rewards, bootstrap, adp, self.reinforcement.omega, settings.gamma)
         losses = a2c_losses(logits, values, actions, returns, valid, policy_mask=acting)

@@ -359,6 +359,21 @@ def test_policy_loss_leaves_out_voxels_masked_before_the_step(monkeypatch):
         masked = masked | (action == MASK)[:, None]
 
 
+def test_bootstrap_value_is_computed_without_a_graph(monkeypatch):
+    network = small_network(2)
+    calls = []
+    original = mrl_seg.ReinforcementNet.state_value
+
+    def spy(self, *args):
+        calls.append(torch.is_grad_enabled())
+        return original(self, *args)
+    monkeypatch.setattr(mrl_seg.ReinforcementNet, "state_value", spy)
+    reference = torch.randint(0, 3, (1, 12, 12))
+    with network.training_episodes(reference, None, SETTINGS, torch.Generator().manual_seed(0)):
+        network(torch.randn(1, 2, 12, 12))
+    assert calls == [False]
+
+
 def test_episode_rewards_are_eq5_plus_eq3_and_shuffled_for_the_control(monkeypatch):
     network = small_network(2)
     x, reference = torch.randn(1, 2, 12, 12), torch.randint(0, 3, (1, 12, 12))
