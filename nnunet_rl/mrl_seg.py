@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_rl.pixel_rl import one_hot, shuffled_over_voxels
-from nnunet_rl.voxel_actor_critic import A2CLosses, VoxelActorCritic, a2c_losses, greedy_actions, sample_actions
+from nnunet_rl.voxel_actor_critic import (A2CLosses, VoxelActorCritic, a2c_losses, full_resolution, greedy_actions,
+                                          sample_actions)
 
 MASK, RETAIN = 0, 1
 NUM_ACTIONS = 2
@@ -308,8 +309,7 @@ class MRLSegNetwork(nn.Module):
             masks = self.greedy_masks(x)
             states = [masked_input(x, m) for m in masks]
             outputs = [self.segmentation(state) for state in states]
-            full = [o[0] if isinstance(o, (list, tuple)) else o for o in outputs]
-            self._recorded.append(GreedyEpisode(masks, [f.argmax(dim=1) for f in full]))
+            self._recorded.append(GreedyEpisode(masks, [full_resolution(o).argmax(dim=1) for o in outputs]))
             return outputs[-1]
         if not self.decoder.deep_supervision:
             return self.segmentation(masked_input(x, self.greedy_masks(x)[-1]))
@@ -325,10 +325,6 @@ class MRLSegNetwork(nn.Module):
             masks.append(masks[-1] | (actions == MASK)[:, None])
         return masks
 
-    @staticmethod
-    def _full_resolution(output) -> torch.Tensor:
-        return output[0] if isinstance(output, (list, tuple)) else output
-
     def training_episode(self, x: torch.Tensor, reference: torch.Tensor, valid: torch.Tensor | None,
                          settings: RewardSettings, generator: torch.Generator | None):
         """``steps`` sampled steps from s(0) = ``x``; per step the reward r*(t) of eqs. 3-5 against ``reference``
@@ -340,7 +336,7 @@ class MRLSegNetwork(nn.Module):
         only."""
         masked = torch.zeros_like(x[:, :1], dtype=torch.bool)
         with torch.no_grad():
-            previous = self._full_resolution(self.segmentation(x))
+            previous = full_resolution(self.segmentation(x))
         logits, values, actions, rewards, fractions, acting = [], [], [], [], [], []
         output = None
         for step in range(self.steps):
@@ -350,10 +346,10 @@ class MRLSegNetwork(nn.Module):
             masked = masked | (action == MASK)[:, None]
             if step < self.steps - 1:
                 with torch.no_grad():
-                    current = self._full_resolution(self.segmentation(masked_input(x, masked)))
+                    current = full_resolution(self.segmentation(masked_input(x, masked)))
             else:
                 output = self.segmentation(masked_input(x, masked))
-                current = self._full_resolution(output).detach()
+                current = full_resolution(output).detach()
             reward = self._reward(previous, current, masked, reference, valid, settings, generator)
             logits.append(step_logits)
             values.append(value)

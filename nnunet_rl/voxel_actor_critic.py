@@ -13,6 +13,8 @@ what both need:
   every step, with its difficulty term) are :func:`nnunet_rl.mrl_seg.difficulty_returns` on the same ``omega``;
 - :func:`sample_actions` / :func:`greedy_actions` and :func:`a2c_losses` (eqs. 13-15), which return ``None`` when
   a reward, value or advantage is not finite, so nothing non-finite reaches the weights.
+- :func:`full_resolution`: the full-resolution member of nnU-Net's deep-supervision outputs, where rewards are
+  computed.
 
 Y. Liu, D. Yuan, Z. Xu, Y. Zhan, H. Zhang, J. Lu, T. Lukasiewicz, "Pixel level deep reinforcement learning for
 accurate and robust medical image segmentation", Scientific Reports (published 10 March 2025; our copy of the
@@ -165,6 +167,12 @@ class VoxelActorCritic(nn.Module):
         sam = 0 if self.sam is None else 3 * self.sam.project.in_channels * voxels
         return sam + steps * (self.policy.compute_conv_feature_map_size(input_size) +
                               self.value.compute_conv_feature_map_size(input_size))
+
+
+def full_resolution(output: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    """The full-resolution member of nnU-Net's deep-supervision outputs or targets (a list, finest first), or
+    ``output`` itself when deep supervision is off."""
+    return output[0] if isinstance(output, (list, tuple)) else output
 
 
 def sample_actions(logits: torch.Tensor, generator: torch.Generator | None = None, *,

@@ -9,8 +9,8 @@ The trainer wires the components into nnU-Net's hooks:
 - ``build_network_architecture``: the planned U-Net (Segmentation-Net) with the Reinforcement-Net
   (:class:`~nnunet_rl.mrl_seg.MRLSegNetwork`); ``nnUNetv2_predict`` rebuilds it and gets, per window, the
   Segmentation-Net's logits of the input after ``steps`` greedy masking steps;
-- ``_build_loss``: nnU-Net's loss, to which the RL phase adds the episode's A2C losses (PixelRL's
-  :class:`~nnunet_rl.trainers.pixel_rl.PlusEpisodeLoss`): one forward, one backward, one step of nnU-Net's optimiser;
+- ``_build_loss`` (shared, :class:`~nnunet_rl.trainers.voxel_agents.VoxelAgentsTrainer`): nnU-Net's loss, to which
+  the RL phase adds the episode's A2C losses: one forward, one backward, one step of nnU-Net's optimiser;
 - ``on_train_epoch_start``: the first ``segmentation_fraction`` of the epochs pre-train the Segmentation-Net with
   nnU-Net's loss; at the first RL epoch the Reinforcement-Net's encoder is initialised from it (Table V);
 - ``train_step``: in the RL phase every step runs a sampled episode on the batch (rewards eqs. 3-5, returns
@@ -34,9 +34,10 @@ from nnunet_rl.mrl_seg import (Episode, GreedyEpisode, MRLSegNetwork, RewardSett
 from nnunet_rl.pixel_rl import dice_per_step, step_confusion
 from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
 from nnunet_rl.trainers.base import RLTrainerBase
-from nnunet_rl.trainers.pixel_rl import PlusEpisodeLoss, plot_dice_per_step
+from nnunet_rl.trainers.pixel_rl import plot_dice_per_step
 from nnunet_rl.trainers.schedules import short_schedule_variants
 from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer, finite_mean
+from nnunet_rl.voxel_actor_critic import full_resolution
 
 COMPONENT = "mrl_seg"
 STEPS_FILE = "mrl_seg_steps"
@@ -58,13 +59,6 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
                                                                 enable_deep_supervision)
         hp = cls.hyperparameters_from(configuration_manager.configuration.get(RL_BLOCK_KEY, {}), COMPONENT)
         return build_mrl_seg_network(segmentation, num_input_channels, hp)
-
-    def _do_i_compile(self) -> bool:
-        """Not compiled: the episode's loop and sampling run outside the planned network's graph."""
-        return False
-
-    def _build_loss(self) -> nn.Module:
-        return PlusEpisodeLoss(super()._build_loss())
 
     def initialize(self) -> None:
         if self.label_manager.has_regions:
@@ -118,9 +112,6 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
         """The Reinforcement-Net: its encoder, heads and w."""
         return self.mrl_seg_network.reinforcement
 
-    def in_rl_phase(self) -> bool:
-        return self.current_epoch >= self.rl_start_epoch
-
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self._episodes = []
@@ -133,29 +124,19 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
         super().on_validation_epoch_start()
         self._step_confusions = []
 
-    def _reference(self, target) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The full-resolution reference (B, *spatial) with the ignore label set to 0, and the valid voxels
-        (B, 1, *spatial) (None without an ignore label)."""
-        reference = (target[0] if isinstance(target, (list, tuple)) else target)[:, 0].long()
-        ignore_label = self.label_manager.ignore_label
-        if ignore_label is None:
-            return reference, None
-        valid = (reference != ignore_label)[:, None]
-        return torch.where(valid[:, 0], reference, torch.zeros_like(reference)), valid
-
     def train_step(self, batch: dict) -> dict:
         if not self.in_rl_phase():
             with self.loss.adding(lambda output, target: self.idle_term(self.mrl_seg_network.reinforcement)):
                 return super().train_step(batch)
-        reference, valid = self._reference(self.batch_to_device(batch)[1])
+        reference, valid = self.reference_and_valid(self.batch_to_device(batch)[1])
         with self.mrl_seg_network.training_episodes(reference, valid, self.reward_settings,
                                                     self.action_generator) as episodes:
             with self.loss.adding(lambda output, target: self._episode_loss(episodes[-1], output)):
                 return super().train_step(batch)
 
     def _episode_loss(self, episode: Episode, output) -> torch.Tensor:
-        """The episode's A2C losses, or a zero gradient for the Reinforcement-Net (recorded as skipped) when they are not
-        finite."""
+        """The episode's A2C losses, or a zero gradient for the Reinforcement-Net (recorded as skipped) when they are
+        not finite."""
         self._episodes.append(episode)
         if episode.losses is None:
             return self.idle_term(self.mrl_seg_network.reinforcement)
@@ -167,7 +148,7 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
             return super().validation_step(batch)
         data, target = self.batch_to_device(batch)
         # with its ignore label, which step_confusion leaves out (nnU-Net's validation step rewrites it in place)
-        reference = (target[0] if isinstance(target, list) else target)[:, 0].long().clone()
+        reference = full_resolution(target)[:, 0].long().clone()
         with self.mrl_seg_network.recording() as episodes:
             result = super().validation_step(batch)
         (episode,) = episodes
@@ -213,15 +194,6 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
             plot_dice_per_step(self.step_dice_history, join(self.output_folder, f"{STEPS_FILE}.png"))
         if self._figure_patch is not None:
             plot_masks(self._figure_patch, join(self.output_folder, MASKS_FIGURE))
-
-    def rl_state_dict(self) -> dict:
-        """The Reinforcement-Net and ω are in the network's weights and nnU-Net's optimiser; the sampler and the
-        per-step Dice record are ours."""
-        return {"action_generator": self.action_generator.get_state(), "step_dice_history": self.step_dice_history}
-
-    def load_rl_state_dict(self, state: dict) -> None:
-        self.action_generator.set_state(state["action_generator"])
-        self.step_dice_history = {int(epoch): dice for epoch, dice in state["step_dice_history"].items()}
 
 
 def figure_patch(data: torch.Tensor, reference: torch.Tensor, episode: GreedyEpisode) -> dict:

@@ -9,16 +9,15 @@ The trainer wires the components into nnU-Net's hooks:
 - ``build_network_architecture``: the planned network with the actor-critic heads
   (:class:`~nnunet_rl.pixel_rl.PixelRLNetwork`); ``nnUNetv2_predict`` rebuilds it and gets, per window, the one-hot
   logits of the map after t_max greedy steps;
-- ``_build_loss``: nnU-Net's loss, to which the RL phase adds the episode's A2C losses (:class:`PlusEpisodeLoss`),
-  so that nnU-Net's ``train_step`` does one forward, one backward (mixed precision, gradient clipping) and one step
-  of its optimiser for the planned network, the heads and ω alike;
+- ``_build_loss`` (shared, :class:`~nnunet_rl.trainers.voxel_agents.VoxelAgentsTrainer`): nnU-Net's loss, to which
+  the RL phase adds the episode's A2C losses, so that nnU-Net's ``train_step`` does one forward, one backward (mixed
+  precision, gradient clipping) and one step of its optimiser for the planned network, the heads and ω alike;
 - ``train_step``: the first ``backbone_fraction`` of the epochs are nnU-Net's; then every step also runs an episode
   on the batch, rewarded by its ground truth (eq. 12);
 - ``validation_step``: in the RL phase nnU-Net's validation (its pseudo Dice, hence ``checkpoint_best``) measures the
   refined output, and the Dice of every greedy step f(0) … f(t_max) is recorded (``pixel_rl_steps.json`` / ``.png``).
 """
 import math
-from contextlib import contextmanager
 from os.path import join
 
 import matplotlib.pyplot as plt
@@ -33,33 +32,13 @@ from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
 from nnunet_rl.trainers.base import RLTrainerBase
 from nnunet_rl.trainers.schedules import short_schedule_variants
 from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer, finite_mean
+from nnunet_rl.voxel_actor_critic import full_resolution
 
 COMPONENT = "pixel_rl"
 TELEMETRY = ("pixel_rl/reward", "pixel_rl/changed_fraction", "pixel_rl/policy_loss", "pixel_rl/value_loss",
              "pixel_rl/skipped_updates", "pixel_rl/omega_sum", "pixel_rl/val_dice_initial",
              "pixel_rl/val_dice_refined")
 STEPS_FILE = "pixel_rl_steps"
-
-
-class PlusEpisodeLoss(nn.Module):
-    """nnU-Net's loss, plus ``objective(output, target)`` while :meth:`adding` is active (the RL phase's steps)."""
-
-    def __init__(self, segmentation_loss: nn.Module):
-        super().__init__()
-        self.segmentation_loss = segmentation_loss
-        self.objective = None
-
-    @contextmanager
-    def adding(self, objective):
-        self.objective = objective
-        try:
-            yield
-        finally:
-            self.objective = None
-
-    def forward(self, output, target) -> torch.Tensor:
-        loss = self.segmentation_loss(output, target)
-        return loss if self.objective is None else loss + self.objective(output, target)
 
 
 class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
@@ -75,13 +54,6 @@ class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
                                                             num_output_channels, enable_deep_supervision)
         hp = cls.hyperparameters_from(configuration_manager.configuration.get(RL_BLOCK_KEY, {}), COMPONENT)
         return build_pixel_rl_network(backbone, num_output_channels, hp)
-
-    def _do_i_compile(self) -> bool:
-        """Not compiled: the episode's loop and sampling run outside the planned network's graph."""
-        return False
-
-    def _build_loss(self) -> nn.Module:
-        return PlusEpisodeLoss(super()._build_loss())
 
     @property
     def rl_module(self) -> nn.Module:
@@ -107,9 +79,6 @@ class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
     def pixel_rl_network(self) -> PixelRLNetwork:
         return self.bare_network
 
-    def in_rl_phase(self) -> bool:
-        return self.current_epoch >= self.rl_start_epoch
-
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self._episodes = []
@@ -124,8 +93,7 @@ class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
             return super().validation_step(batch)
         with self.pixel_rl_network.refining() as episodes:
             result = super().validation_step(batch)
-        reference = self.batch_to_device(batch)[1]
-        reference = (reference[0] if isinstance(reference, list) else reference)[:, 0]
+        reference = full_resolution(self.batch_to_device(batch)[1])[:, 0]
         self._step_confusions.append(step_confusion(episodes[0], reference, self.label_manager.num_segmentation_heads,
                                                     self.label_manager.ignore_label))
         return result
@@ -149,17 +117,12 @@ class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
         """An episode from f(0) (the network's initial map of the full-resolution output) against the full-resolution
         target; its A2C losses, or zero (recorded as skipped) when they are not finite."""
         network = self.pixel_rl_network
-        logits = output[0] if isinstance(output, (list, tuple)) else output
-        reference = (target[0] if isinstance(target, (list, tuple)) else target)[:, 0].long()
+        reference, valid = self.reference_and_valid(target)
         features = network.take_features()
         if not self.rl_gradient_to_backbone:
             features = features.detach()
-        valid = None
-        ignore_label = self.label_manager.ignore_label
-        if ignore_label is not None:
-            valid = (reference != ignore_label)[:, None]
-            reference = torch.where(valid[:, 0], reference, torch.zeros_like(reference))
-        episode = network.training_episode(network.initial_map(logits.detach()), features, reference, self.gamma,
+        episode = network.training_episode(network.initial_map(full_resolution(output).detach()), features, reference,
+                                           self.gamma,
                                            self.action_generator, valid, self.shuffle_rewards)
         self._episodes.append(episode)
         return self.idle_term(network.actor_critic) if episode.losses is None else episode.losses.total
@@ -188,15 +151,6 @@ class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
             self.save_fold_json(f"{STEPS_FILE}.json", {"dice_per_step": self.step_dice_history})
             if self.local_rank == 0:
                 plot_dice_per_step(self.step_dice_history, join(self.output_folder, f"{STEPS_FILE}.png"))
-
-    def rl_state_dict(self) -> dict:
-        """The heads and ω are in the network's weights and nnU-Net's optimiser; the sampler and the per-step Dice
-        record are ours."""
-        return {"action_generator": self.action_generator.get_state(), "step_dice_history": self.step_dice_history}
-
-    def load_rl_state_dict(self, state: dict) -> None:
-        self.action_generator.set_state(state["action_generator"])
-        self.step_dice_history = {int(epoch): dice for epoch, dice in state["step_dice_history"].items()}
 
 
 def plot_dice_per_step(history: dict[int, list[float]], filename: str) -> None:

@@ -4,12 +4,16 @@ Both add an A2C-trained module (PixelDRL-MG's heads and ω; MRL-Seg's Reinforcem
 network and train it inside nnU-Net's ``train_step``. :class:`VoxelAgentsTrainer` holds what they do alike; each
 trainer names its rl block section (``component``) and the module its agents learn in (:attr:`rl_module`).
 """
+from contextlib import contextmanager
+
 import numpy as np
+import torch
 from torch import nn
 
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.heads_optimizer import SGDWithAdamHeads
 from nnunet_rl.trainers.base import RLTrainerBase
+from nnunet_rl.voxel_actor_critic import full_resolution
 
 HEADS_OPTIMIZERS = ("adam", "sgd")
 
@@ -22,9 +26,56 @@ def finite_mean(values) -> float:
     return float(finite.mean()) if finite.size else float("nan")
 
 
+class PlusEpisodeLoss(nn.Module):
+    """nnU-Net's loss, plus ``objective(output, target)`` while :meth:`adding` is active (the RL phase's steps)."""
+
+    def __init__(self, segmentation_loss: nn.Module):
+        super().__init__()
+        self.segmentation_loss = segmentation_loss
+        self.objective = None
+
+    @contextmanager
+    def adding(self, objective):
+        self.objective = objective
+        try:
+            yield
+        finally:
+            self.objective = None
+
+    def forward(self, output, target) -> torch.Tensor:
+        loss = self.segmentation_loss(output, target)
+        return loss if self.objective is None else loss + self.objective(output, target)
+
+
 class VoxelAgentsTrainer(RLTrainerBase):
-    """Base of the per-voxel agents' trainers: the agents' optimiser."""
+    """Base of the per-voxel agents' trainers: nnU-Net's loss plus the episode's (:class:`PlusEpisodeLoss`), the
+    agents' optimiser, the reference an episode is rewarded against, and the RL state in the checkpoint (the action
+    sampler ``self.action_generator`` and the per-step validation Dice ``self.step_dice_history``, which subclasses
+    set up in ``initialize``; the agents' weights and optimiser state are in nnU-Net's own entries)."""
     component: str  # the rl block's section, with the keys ``heads_optimizer`` and ``heads_lr``
+    rl_start_epoch: int  # the first epoch of the RL phase, set by the subclass's ``initialize``
+    action_generator: torch.Generator
+    step_dice_history: dict[int, list[float]]
+
+    def _do_i_compile(self) -> bool:
+        """Not compiled: the episode's loop and sampling run outside the planned network's graph."""
+        return False
+
+    def _build_loss(self) -> nn.Module:
+        return PlusEpisodeLoss(super()._build_loss())
+
+    def in_rl_phase(self) -> bool:
+        return self.current_epoch >= self.rl_start_epoch
+
+    def reference_and_valid(self, target) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """From nnU-Net's target(s): the full-resolution reference (B, *spatial) with the ignore label set to 0, and
+        the valid voxels (B, 1, *spatial), None without an ignore label."""
+        reference = full_resolution(target)[:, 0].long()
+        ignore_label = self.label_manager.ignore_label
+        if ignore_label is None:
+            return reference, None
+        valid = (reference != ignore_label)[:, None]
+        return torch.where(valid[:, 0], reference, torch.zeros_like(reference)), valid
 
     @property
     def rl_module(self) -> nn.Module:
@@ -48,3 +99,11 @@ class VoxelAgentsTrainer(RLTrainerBase):
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         optimizer = SGDWithAdamHeads(optimizer, heads, hp["heads_lr"] / self.initial_lr)
         return optimizer, type(lr_scheduler)(optimizer, self.initial_lr, self.num_epochs)
+
+    def rl_state_dict(self) -> dict:
+        """The sampler and the per-step Dice record (the agents' weights and optimiser are in nnU-Net's entries)."""
+        return {"action_generator": self.action_generator.get_state(), "step_dice_history": self.step_dice_history}
+
+    def load_rl_state_dict(self, state: dict) -> None:
+        self.action_generator.set_state(state["action_generator"])
+        self.step_dice_history = {int(epoch): dice for epoch, dice in state["step_dice_history"].items()}
