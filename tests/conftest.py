@@ -61,6 +61,21 @@ def make_trainer(dataset: str, trainer_class, configuration: str = "3d_fullres")
     return trainer_class(plans, configuration, 0, load_json(str(folder / "dataset.json")), torch.device("cpu"))
 
 
+def started_trainer(dataset: str, trainer_class, configuration: str):
+    """For a module-scoped fixture: a :func:`make_trainer` trainer, initialised and started as nnU-Net's
+    ``run_training`` starts it, ended after the module."""
+    trainer = make_trainer(dataset, trainer_class, configuration)
+    trainer.initialize()
+    trainer.on_train_start()
+    yield trainer
+    trainer.on_train_end()
+
+
+def cloned_state(module) -> dict:
+    """A copy of ``module``'s state dict, to compare with after a step."""
+    return {key: value.clone() for key, value in module.state_dict().items()}
+
+
 @pytest.fixture(scope="session")
 def planned_dataset(tmp_path_factory) -> str:
     """A 6-case 32^3 two-channel synthetic dataset, planned and preprocessed for 2d and 3d_fullres.

@@ -8,7 +8,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from conftest import make_trainer
+from conftest import cloned_state, make_trainer, started_trainer
 from nnunet_rl import mrl_seg
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.mrl_seg import (MASK, RETAIN, RewardSettings, build_mrl_seg_network, cross_entropy_reward,
@@ -400,15 +400,11 @@ def test_episode_rewards_are_eq5_plus_eq3_and_shuffled_for_the_control(monkeypat
 @pytest.fixture(scope="module")
 def trainer(planned_dataset):
     from nnunet_rl.trainers import nnUNetTrainerMRLSeg_3epochs_2iters
-    trainer = make_trainer(planned_dataset, nnUNetTrainerMRLSeg_3epochs_2iters, "2d")
-    trainer.initialize()
-    trainer.on_train_start()
-    yield trainer
-    trainer.on_train_end()
+    yield from started_trainer(planned_dataset, nnUNetTrainerMRLSeg_3epochs_2iters, "2d")
 
 
 def reinforcement_state(trainer) -> dict:
-    return {k: v.clone() for k, v in trainer.bare_network.reinforcement.state_dict().items()}
+    return cloned_state(trainer.bare_network.reinforcement)
 
 
 def test_trainer_reads_the_dataset_foreground_ratio_from_the_rl_block(trainer):

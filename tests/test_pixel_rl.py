@@ -6,7 +6,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from conftest import make_trainer
+from conftest import cloned_state, make_trainer, started_trainer
 from nnunet_rl import pixel_rl
 from nnunet_rl.pixel_rl import KEEP, SET_TO_BACKGROUND, build_pixel_rl_network, squared_error_reward
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
@@ -263,15 +263,11 @@ def test_voxels_with_non_finite_logits_sample_the_fallback_action():
 @pytest.fixture(scope="module")
 def trainer(planned_dataset):
     from nnunet_rl.trainers import nnUNetTrainerPixelRL_3epochs_2iters
-    trainer = make_trainer(planned_dataset, nnUNetTrainerPixelRL_3epochs_2iters, "2d")
-    trainer.initialize()
-    trainer.on_train_start()
-    yield trainer
-    trainer.on_train_end()
+    yield from started_trainer(planned_dataset, nnUNetTrainerPixelRL_3epochs_2iters, "2d")
 
 
 def heads_state(trainer) -> dict:
-    return {k: v.clone() for k, v in trainer.bare_network.actor_critic.state_dict().items()}
+    return cloned_state(trainer.bare_network.actor_critic)
 
 
 def test_trainer_rl_phase_follows_the_backbone_phase(trainer):

@@ -34,13 +34,11 @@ from nnunet_rl.mrl_seg import (Episode, GreedyEpisode, MRLSegNetwork, RewardSett
 from nnunet_rl.pixel_rl import dice_per_step, step_confusion
 from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
 from nnunet_rl.trainers.base import RLTrainerBase
-from nnunet_rl.trainers.pixel_rl import plot_dice_per_step
 from nnunet_rl.trainers.schedules import short_schedule_variants
 from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer, finite_mean
 from nnunet_rl.voxel_actor_critic import full_resolution
 
 COMPONENT = "mrl_seg"
-STEPS_FILE = "mrl_seg_steps"
 MASKS_FIGURE = "mrl_seg_masks.png"
 
 
@@ -171,27 +169,17 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
         super().on_train_epoch_end(train_outputs)
         if not self._episodes:
             return
-        finite = [e.losses for e in self._episodes if e.losses is not None]
         for t in range(self.steps):
             self.log_telemetry(f"mrl_seg/reward_step{t + 1}", finite_mean(e.mean_rewards[t] for e in self._episodes))
             self.log_telemetry(f"mrl_seg/masked_fraction_step{t + 1}",
                                np.mean([e.masked_fractions[t] for e in self._episodes]))
-        self.log_telemetry("mrl_seg/skipped_updates", len(self._episodes) - len(finite))
-        self.log_telemetry("mrl_seg/omega_sum", float(self.mrl_seg_network.reinforcement.omega.weight.detach().sum()))
-        if finite:
-            self.log_telemetry("mrl_seg/policy_loss", np.mean([float(loss.policy.detach()) for loss in finite]))
-            self.log_telemetry("mrl_seg/value_loss", np.mean([float(loss.value.detach()) for loss in finite]))
-        if len(finite) < len(self._episodes):
-            self.print_to_log_file(f"mrl_seg: {len(self._episodes) - len(finite)} of {len(self._episodes)} updates "
-                                   f"skipped for non-finite rewards, returns or values")
+        self.log_updates(self._episodes, self.mrl_seg_network.reinforcement.omega)
 
     def on_train_end(self) -> None:
         super().on_train_end()
         if self.local_rank != 0:
             return
-        if self.step_dice_history:
-            self.save_fold_json(f"{STEPS_FILE}.json", {"dice_per_step": self.step_dice_history})
-            plot_dice_per_step(self.step_dice_history, join(self.output_folder, f"{STEPS_FILE}.png"))
+        self.save_steps_record()
         if self._figure_patch is not None:
             plot_masks(self._figure_patch, join(self.output_folder, MASKS_FIGURE))
 

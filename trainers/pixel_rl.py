@@ -18,9 +18,7 @@ The trainer wires the components into nnU-Net's hooks:
   refined output, and the Dice of every greedy step f(0) … f(t_max) is recorded (``pixel_rl_steps.json`` / ``.png``).
 """
 import math
-from os.path import join
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -38,7 +36,6 @@ COMPONENT = "pixel_rl"
 TELEMETRY = ("pixel_rl/reward", "pixel_rl/changed_fraction", "pixel_rl/policy_loss", "pixel_rl/value_loss",
              "pixel_rl/skipped_updates", "pixel_rl/omega_sum", "pixel_rl/val_dice_initial",
              "pixel_rl/val_dice_refined")
-STEPS_FILE = "pixel_rl_steps"
 
 
 class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
@@ -131,39 +128,14 @@ class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
         super().on_train_epoch_end(train_outputs)
         if not self._episodes:
             return
-        finite = [e.losses for e in self._episodes if e.losses is not None]
         self.log_telemetry("pixel_rl/reward", finite_mean(np.mean(e.mean_rewards) for e in self._episodes))
         self.log_telemetry("pixel_rl/changed_fraction",
                            np.mean([np.mean(e.changed_fractions) for e in self._episodes]))
-        self.log_telemetry("pixel_rl/skipped_updates", len(self._episodes) - len(finite))
-        omega = self.pixel_rl_network.actor_critic.returns.omega.weight.detach()
-        self.log_telemetry("pixel_rl/omega_sum", float(omega.sum()))
-        if finite:
-            self.log_telemetry("pixel_rl/policy_loss", np.mean([float(loss.policy.detach()) for loss in finite]))
-            self.log_telemetry("pixel_rl/value_loss", np.mean([float(loss.value.detach()) for loss in finite]))
-        if len(finite) < len(self._episodes):
-            self.print_to_log_file(f"pixel_rl: {len(self._episodes) - len(finite)} of {len(self._episodes)} updates "
-                                   f"skipped for non-finite returns, values or advantages")
+        self.log_updates(self._episodes, self.pixel_rl_network.actor_critic.returns.omega)
 
     def on_train_end(self) -> None:
         super().on_train_end()
-        if self.step_dice_history:
-            self.save_fold_json(f"{STEPS_FILE}.json", {"dice_per_step": self.step_dice_history})
-            if self.local_rank == 0:
-                plot_dice_per_step(self.step_dice_history, join(self.output_folder, f"{STEPS_FILE}.png"))
-
-
-def plot_dice_per_step(history: dict[int, list[float]], filename: str) -> None:
-    """PixelDRL-MG's Fig. 4 view: validation Dice against greedy step t, for the first and the last RL epoch."""
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for epoch in sorted({min(history), max(history)}):
-        axis.plot(range(len(history[epoch])), history[epoch], marker="o", label=f"epoch {epoch}")
-    axis.set_xlabel("step t (0: the planned network's map)")
-    axis.set_ylabel("mean foreground Dice, validation patches")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(filename)
-    plt.close(figure)
+        self.save_steps_record()
 
 
 class nnUNetTrainerPixelRL_noSAM(nnUNetTrainerPixelRL):

@@ -5,7 +5,9 @@ network and train it inside nnU-Net's ``train_step``. :class:`VoxelAgentsTrainer
 trainer names its rl block section (``component``) and the module its agents learn in (:attr:`rl_module`).
 """
 from contextlib import contextmanager
+from os.path import join
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import nn
@@ -24,6 +26,19 @@ def finite_mean(values) -> float:
     values = np.asarray(list(values), dtype=np.float64)
     finite = values[np.isfinite(values)]
     return float(finite.mean()) if finite.size else float("nan")
+
+
+def plot_dice_per_step(history: dict[int, list[float]], filename: str) -> None:
+    """PixelDRL-MG's Fig. 4 view: validation Dice against step t, for the first and the last RL epoch."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for epoch in sorted({min(history), max(history)}):
+        axis.plot(range(len(history[epoch])), history[epoch], marker="o", label=f"epoch {epoch}")
+    axis.set_xlabel("step t (0: before the agents act)")
+    axis.set_ylabel("mean foreground Dice, validation patches")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(filename)
+    plt.close(figure)
 
 
 class PlusEpisodeLoss(nn.Module):
@@ -99,6 +114,27 @@ class VoxelAgentsTrainer(RLTrainerBase):
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         optimizer = SGDWithAdamHeads(optimizer, heads, hp["heads_lr"] / self.initial_lr)
         return optimizer, type(lr_scheduler)(optimizer, self.initial_lr, self.num_epochs)
+
+    def log_updates(self, episodes: list, omega: nn.Module) -> None:
+        """``<component>/skipped_updates``, ``omega_sum``, ``policy_loss`` and ``value_loss`` of the epoch's episodes
+        (each with ``losses``, None where skipped); skipped updates also go to the training log."""
+        finite = [episode.losses for episode in episodes if episode.losses is not None]
+        skipped = len(episodes) - len(finite)
+        self.log_telemetry(f"{self.component}/skipped_updates", skipped)
+        self.log_telemetry(f"{self.component}/omega_sum", float(omega.weight.detach().sum()))
+        if finite:
+            self.log_telemetry(f"{self.component}/policy_loss", np.mean([float(l.policy.detach()) for l in finite]))
+            self.log_telemetry(f"{self.component}/value_loss", np.mean([float(l.value.detach()) for l in finite]))
+        if skipped:
+            self.print_to_log_file(f"{self.component}: {skipped} of {len(episodes)} updates skipped for non-finite "
+                                   f"rewards, returns, values or advantages")
+
+    def save_steps_record(self) -> None:
+        """``<component>_steps.json`` (validation Dice per step, every RL epoch) and ``<component>_steps.png`` in the
+        fold folder, on rank 0."""
+        if self.step_dice_history and self.local_rank == 0:
+            self.save_fold_json(f"{self.component}_steps.json", {"dice_per_step": self.step_dice_history})
+            plot_dice_per_step(self.step_dice_history, join(self.output_folder, f"{self.component}_steps.png"))
 
     def rl_state_dict(self) -> dict:
         """The sampler and the per-step Dice record (the agents' weights and optimiser are in nnU-Net's entries)."""
