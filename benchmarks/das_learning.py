@@ -22,7 +22,6 @@ threshold, the same, was fixed before its first run; no random-search arm).
 It works in a temporary folder of its own (nnU-Net's folder variables are set for this process only).
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from nnunet_rl.trainers import (nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_r
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
 from nnunet_rl.trainers.rl_deep_supervision import COMPONENT
 from nnunet_rl.trainers.schedules import ShortSchedule
+from phantom_experiments import planned_phantoms, report, trainer_for
 
 NOISY_OUTPUT = 1
 THRESHOLD = 0.6
@@ -122,15 +122,6 @@ def trainer_class(arm: str, seed: int, mode: str = "lookAhead") -> type:
                 {"rl_overrides": {COMPONENT: {**schedule.schedule, "seed": seed}}})
 
 
-def trainer_for(dataset: str, trainer_class: type, configuration: str):
-    """A CPU trainer for a planned dataset, constructed as nnUNetv2_train constructs it."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    folder = Path(os.environ["nnUNet_preprocessed"]) / dataset
-    plans = load_json(str(folder / "nnUNetPlans.json"))
-    plans["continue_training"] = False
-    return trainer_class(plans, configuration, 0, load_json(str(folder / "dataset.json")), torch.device("cpu"))
-
-
 def probability_of_lowering_output_1(dataset: str, arm: str, seed: int, configuration: str,
                                      mode: str = "lookAhead") -> tuple[float, float]:
     """π(Δβ = −0.15) of output 1's controller after the run, and the fraction of rounds whose scores favoured
@@ -144,15 +135,7 @@ def probability_of_lowering_output_1(dataset: str, arm: str, seed: int, configur
 
 def planned_dataset(base: Path) -> str:
     """The tests' dataset: 6 synthetic 32³ two-channel cases, planned for 2d and 3d_fullres, under ``base``."""
-    from nnunet_rl.datasets.synthetic import make_dataset
-    from nnunet_rl.nnunet_folders import NNUNET_FOLDER_VARIABLES
-    from nnunet_rl.plans.planner import plan_rl
-    for name in NNUNET_FOLDER_VARIABLES:
-        (base / name).mkdir(parents=True, exist_ok=True)
-        os.environ[name] = str(base / name)
-    folder = make_dataset("multimodal", DATASET_ID, cases=6, size=32)
-    plan_rl(folder.name, ["2d", "3d_fullres"])
-    return folder.name
+    return planned_phantoms(base, "multimodal", DATASET_ID, ["2d", "3d_fullres"], cases=6, size=32)
 
 
 def run(dataset: str, configuration: str, seeds: list[int], arms: list[str], mode: str) -> dict:
@@ -183,9 +166,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as base:
         result = run(planned_dataset(Path(base)), args.configuration, args.seeds, args.arms, args.mode)
-    print(json.dumps(result, indent=2))
-    if args.output:
-        args.output.write_text(json.dumps(result, indent=2))
+    report(result, args.output)
 
 
 if __name__ == "__main__":

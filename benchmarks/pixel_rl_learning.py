@@ -47,6 +47,7 @@ from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
 from nnunet_rl.trainers import nnUNetTrainerPixelRL, nnUNetTrainerPixelRL_shuffledReward
 from nnunet_rl.trainers.pixel_rl import COMPONENT
 from nnunet_rl.trainers.schedules import ShortSchedule
+from phantom_experiments import planned_phantoms, report, trainer_for
 
 ARMS = {"learner": nnUNetTrainerPixelRL, "shuffled": nnUNetTrainerPixelRL_shuffledReward}
 T_MAX = PAPER_DEFAULTS[COMPONENT]["t_max"]
@@ -65,30 +66,12 @@ def trainer_class(arm: str, seed: int) -> type:
                 {"rl_overrides": {COMPONENT: {**ARMS[arm].rl_overrides.get(COMPONENT, {}), "seed": seed}}})
 
 
-def planned_dataset(base: Path) -> str:
-    """The imbalanced 2D synthetic dataset, planned for 2d, under ``base``."""
-    from nnunet_rl.datasets.synthetic import make_dataset
-    from nnunet_rl.nnunet_folders import NNUNET_FOLDER_VARIABLES
-    from nnunet_rl.plans.planner import plan_rl
-    for name in NNUNET_FOLDER_VARIABLES:
-        (base / name).mkdir(parents=True, exist_ok=True)
-        os.environ[name] = str(base / name)
-    folder = make_dataset("imbalanced", DATASET_ID, dim=2)
-    plan_rl(folder.name, [CONFIGURATION])
-    return folder.name
-
-
 def trained(dataset: str, arm: str, seed: int):
-    """A CPU trainer for the planned dataset, constructed as nnUNetv2_train constructs it, trained."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
+    """The arm's trainer, seeded (torch, numpy, random, the action sampler), trained on the CPU."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    folder = Path(os.environ["nnUNet_preprocessed"]) / dataset
-    plans = load_json(str(folder / "nnUNetPlans.json"))
-    plans["continue_training"] = False
-    trainer = trainer_class(arm, seed)(plans, CONFIGURATION, 0, load_json(str(folder / "dataset.json")),
-                                       torch.device("cpu"))
+    trainer = trainer_for(dataset, trainer_class(arm, seed), CONFIGURATION)
     trainer.run_training()
     return trainer
 
@@ -155,10 +138,9 @@ def main() -> None:
     parser.add_argument("-o", "--output", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as base:
-        result = run(planned_dataset(Path(base)), args.seeds, args.arms)
-    print(json.dumps(result, indent=2))
-    if args.output:
-        args.output.write_text(json.dumps(result, indent=2))
+        result = run(planned_phantoms(Path(base), "imbalanced", DATASET_ID, [CONFIGURATION], dim=2), args.seeds,
+                     args.arms)
+    report(result, args.output)
 
 
 if __name__ == "__main__":

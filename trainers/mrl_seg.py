@@ -25,18 +25,13 @@ from os.path import join
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.mrl_seg import (Episode, GreedyEpisode, MRLSegNetwork, RewardSettings, build_mrl_seg_network,
                                dataset_foreground_ratio, masked_input)
-from nnunet_rl.pixel_rl import dice_per_step, step_confusion
-from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
-from nnunet_rl.trainers.base import RLTrainerBase
 from nnunet_rl.trainers.schedules import short_schedule_variants
 from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer, finite_mean
-from nnunet_rl.voxel_actor_critic import full_resolution
 
 COMPONENT = "mrl_seg"
 MASKS_FIGURE = "mrl_seg_masks.png"
@@ -49,14 +44,9 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
     shuffle_rewards = False
 
     @classmethod
-    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        segmentation = RLTrainerBase.build_network_architecture(plans_manager, configuration_manager,
-                                                                num_input_channels, num_output_channels,
-                                                                enable_deep_supervision)
-        hp = cls.hyperparameters_from(configuration_manager.configuration.get(RL_BLOCK_KEY, {}), COMPONENT)
-        return build_mrl_seg_network(segmentation, num_input_channels, hp)
+    def with_agents(cls, planned: nn.Module, num_input_channels: int, num_output_channels: int,
+                    hyperparameters: dict) -> nn.Module:
+        return build_mrl_seg_network(planned, num_input_channels, hyperparameters)
 
     def initialize(self) -> None:
         if self.label_manager.has_regions:
@@ -118,10 +108,6 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
             network.reinforcement.encoder.initialise_from(network.segmentation.encoder)
             self.print_to_log_file("mrl_seg: Reinforcement-Net encoder initialised from the Segmentation-Net")
 
-    def on_validation_epoch_start(self) -> None:
-        super().on_validation_epoch_start()
-        self._step_confusions = []
-
     def train_step(self, batch: dict) -> dict:
         if not self.in_rl_phase():
             with self.loss.adding(lambda output, target: self.idle_term(self.mrl_seg_network.reinforcement)):
@@ -144,24 +130,16 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
         """nnU-Net's validation step; in the RL phase on the greedily masked input, recording each step's counts."""
         if not self.in_rl_phase():
             return super().validation_step(batch)
-        data, target = self.batch_to_device(batch)
-        # with its ignore label, which step_confusion leaves out (nnU-Net's validation step rewrites it in place)
-        reference = full_resolution(target)[:, 0].long().clone()
+        data, reference = self.batch_to_device(batch)[0], self.validation_reference(batch)
         with self.mrl_seg_network.recording() as episodes:
             result = super().validation_step(batch)
         (episode,) = episodes
-        self._step_confusions.append(step_confusion(episode.maps, reference, self.label_manager.num_segmentation_heads,
-                                                    self.label_manager.ignore_label))
-        if not self._step_confusions[1:]:
+        self.record_step_counts(episode.maps, reference)
+        if len(self._step_confusions) == 1:
             self._figure_patch = figure_patch(data, reference, episode)
         return result
 
-    def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
-        super().on_validation_epoch_end(val_outputs)
-        if not self._step_confusions:
-            return
-        dice = dice_per_step(torch.stack(self._step_confusions).sum(dim=0))
-        self.step_dice_history[self.current_epoch] = dice
+    def log_step_dice(self, dice: list[float]) -> None:
         for t, value in enumerate(dice):
             self.log_telemetry(f"mrl_seg/val_dice_step{t}", value)
 

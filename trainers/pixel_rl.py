@@ -21,13 +21,10 @@ import math
 
 import numpy as np
 import torch
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
 from nnunet_rl.errors import NnunetRLError
-from nnunet_rl.pixel_rl import Episode, PixelRLNetwork, build_pixel_rl_network, dice_per_step, step_confusion
-from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
-from nnunet_rl.trainers.base import RLTrainerBase
+from nnunet_rl.pixel_rl import Episode, PixelRLNetwork, build_pixel_rl_network
 from nnunet_rl.trainers.schedules import short_schedule_variants
 from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer, finite_mean
 from nnunet_rl.voxel_actor_critic import full_resolution
@@ -44,13 +41,9 @@ class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
     shuffle_rewards = False
 
     @classmethod
-    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        backbone = RLTrainerBase.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                            num_output_channels, enable_deep_supervision)
-        hp = cls.hyperparameters_from(configuration_manager.configuration.get(RL_BLOCK_KEY, {}), COMPONENT)
-        return build_pixel_rl_network(backbone, num_output_channels, hp)
+    def with_agents(cls, planned: nn.Module, num_input_channels: int, num_output_channels: int,
+                    hyperparameters: dict) -> nn.Module:
+        return build_pixel_rl_network(planned, num_output_channels, hyperparameters)
 
     @property
     def rl_module(self) -> nn.Module:
@@ -80,27 +73,17 @@ class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
         super().on_train_epoch_start()
         self._episodes = []
 
-    def on_validation_epoch_start(self) -> None:
-        super().on_validation_epoch_start()
-        self._step_confusions = []
-
     def validation_step(self, batch: dict) -> dict:
         """nnU-Net's validation step; in the RL phase on the refined output, recording each greedy step's counts."""
         if not self.in_rl_phase():
             return super().validation_step(batch)
+        reference = self.validation_reference(batch)
         with self.pixel_rl_network.refining() as episodes:
             result = super().validation_step(batch)
-        reference = full_resolution(self.batch_to_device(batch)[1])[:, 0]
-        self._step_confusions.append(step_confusion(episodes[0], reference, self.label_manager.num_segmentation_heads,
-                                                    self.label_manager.ignore_label))
+        self.record_step_counts(episodes[0], reference)
         return result
 
-    def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
-        super().on_validation_epoch_end(val_outputs)
-        if not self._step_confusions:
-            return
-        dice = dice_per_step(torch.stack(self._step_confusions).sum(dim=0))
-        self.step_dice_history[self.current_epoch] = dice
+    def log_step_dice(self, dice: list[float]) -> None:
         self.log_telemetry("pixel_rl/val_dice_initial", dice[0])
         self.log_telemetry("pixel_rl/val_dice_refined", dice[-1])
 

@@ -10,10 +10,13 @@ from os.path import join
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.heads_optimizer import SGDWithAdamHeads
+from nnunet_rl.pixel_rl import dice_per_step, step_confusion
+from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
 from nnunet_rl.trainers.base import RLTrainerBase
 from nnunet_rl.voxel_actor_critic import full_resolution
 
@@ -72,6 +75,22 @@ class VoxelAgentsTrainer(RLTrainerBase):
     action_generator: torch.Generator
     step_dice_history: dict[int, list[float]]
 
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        """The planned network with the agents' networks around it (:meth:`with_agents`); ``nnUNetv2_predict`` calls
+        this without a trainer, so the hyperparameters come from the plans and the class."""
+        planned = RLTrainerBase.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                           num_output_channels, enable_deep_supervision)
+        hp = cls.hyperparameters_from(configuration_manager.configuration.get(RL_BLOCK_KEY, {}), cls.component)
+        return cls.with_agents(planned, num_input_channels, num_output_channels, hp)
+
+    @classmethod
+    def with_agents(cls, planned: nn.Module, num_input_channels: int, num_output_channels: int,
+                    hyperparameters: dict) -> nn.Module:
+        raise NotImplementedError
+
     def _do_i_compile(self) -> bool:
         """Not compiled: the episode's loop and sampling run outside the planned network's graph."""
         return False
@@ -114,6 +133,31 @@ class VoxelAgentsTrainer(RLTrainerBase):
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         optimizer = SGDWithAdamHeads(optimizer, heads, hp["heads_lr"] / self.initial_lr)
         return optimizer, type(lr_scheduler)(optimizer, self.initial_lr, self.num_epochs)
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        self._step_confusions: list[torch.Tensor] = []
+
+    def validation_reference(self, batch: dict) -> torch.Tensor:
+        """A validation batch's full-resolution reference (B, *spatial), ignore label included: a copy taken before
+        nnU-Net's validation step, which overwrites the ignore label in place."""
+        return full_resolution(self.batch_to_device(batch)[1])[:, 0].long().clone()
+
+    def record_step_counts(self, maps: list[torch.Tensor], reference: torch.Tensor) -> None:
+        """One validation batch's counts for each step's map (:func:`~nnunet_rl.pixel_rl.step_confusion`)."""
+        self._step_confusions.append(step_confusion(maps, reference, self.label_manager.num_segmentation_heads,
+                                                    self.label_manager.ignore_label))
+
+    def on_validation_epoch_end(self, val_outputs: list[dict]) -> None:
+        super().on_validation_epoch_end(val_outputs)
+        if self._step_confusions:
+            dice = dice_per_step(torch.stack(self._step_confusions).sum(dim=0))
+            self.step_dice_history[self.current_epoch] = dice
+            self.log_step_dice(dice)
+
+    def log_step_dice(self, dice: list[float]) -> None:
+        """Telemetry of an RL epoch's validation Dice per step (f(0) … f(T))."""
+        raise NotImplementedError
 
     def log_updates(self, episodes: list, omega: nn.Module) -> None:
         """``<component>/skipped_updates``, ``omega_sum``, ``policy_loss`` and ``value_loss`` of the epoch's episodes
