@@ -7,8 +7,8 @@ gives no DOI), eqs. 1, 8, 12-16, Algorithm 1, Table 3.
 The trainer wires the components into nnU-Net's hooks:
 
 - ``build_network_architecture``: the planned network with the actor-critic heads
-  (:class:`~nnunet_rl.pixel_rl.PixelRLNetwork`); ``nnUNetv2_predict`` rebuilds it and gets, per window, the one-hot
-  logits of the map after t_max greedy steps;
+  (:class:`~nnunet_rl.pixel_rl.PixelRLNetwork`); ``nnUNetv2_predict`` rebuilds it and gets, per window, the logits
+  of the map after t_max greedy steps (:func:`~nnunet_rl.pixel_rl.refined_logits`);
 - ``_build_loss`` (shared, :class:`~nnunet_rl.trainers.voxel_agents.VoxelAgentsTrainer`): nnU-Net's loss, to which
   the RL phase adds the episode's A2C losses, so that nnU-Net's ``train_step`` does one forward, one backward (mixed
   precision, gradient clipping) and one step of its optimiser for the planned network, the heads and ω alike;
