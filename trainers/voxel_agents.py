@@ -89,6 +89,7 @@ class VoxelAgentsTrainer(RLTrainerBase):
     @classmethod
     def with_agents(cls, planned: nn.Module, num_input_channels: int, num_output_channels: int,
                     hyperparameters: dict) -> nn.Module:
+        """The component's network around ``planned`` (nnU-Net's planned network), from its ``hyperparameters``."""
         raise NotImplementedError
 
     def _do_i_compile(self) -> bool:
