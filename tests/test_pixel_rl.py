@@ -416,3 +416,10 @@ def test_ddp_accepts_heads_trained_in_the_loss_and_idle_heads_with_a_zero_gradie
     ddp_steps(small_network(2), lambda network, outputs: RLTrainerBase.zero_gradient_term(network.actor_critic))
     with pytest.raises(RuntimeError, match="reduction"):  # the backbone phase without the term
         ddp_steps(small_network(2), lambda network, outputs: 0.0)
+
+
+def test_step_study_variants_pin_t_max():
+    from nnunet_rl import trainers
+    for steps in (1, 4, 10):
+        variant = getattr(trainers, f"nnUNetTrainerPixelRL_tmax{steps}")
+        assert variant.hyperparameters_from({}, "pixel_rl")["t_max"] == steps

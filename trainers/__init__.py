@@ -6,7 +6,8 @@ from nnunet_rl.trainers.pam import nnUNetTrainerPAM
 from nnunet_rl.trainers.mrl_seg import (SHORT_SCHEDULES as _MRL_SEG_SHORT_SCHEDULES, nnUNetTrainerMRLSeg,
                                         nnUNetTrainerMRLSeg_noADP, nnUNetTrainerMRLSeg_noFB,
                                         nnUNetTrainerMRLSeg_noPretrain, nnUNetTrainerMRLSeg_shuffledReward)
-from nnunet_rl.trainers.pixel_rl import (SHORT_SCHEDULES as _PIXEL_RL_SHORT_SCHEDULES, nnUNetTrainerPixelRL,
+from nnunet_rl.trainers.pixel_rl import (SHORT_SCHEDULES as _PIXEL_RL_SHORT_SCHEDULES,
+                                         STEP_STUDY as _PIXEL_RL_STEP_STUDY, nnUNetTrainerPixelRL,
                                          nnUNetTrainerPixelRL_noDC, nnUNetTrainerPixelRL_noSAM,
                                          nnUNetTrainerPixelRL_shuffledReward)
 from nnunet_rl.trainers.rl_deep_supervision import (nnUNetTrainerAWSnet, nnUNetTrainerRLDeepSup,
@@ -40,6 +41,7 @@ from nnunet_rl.trainers.schedules import (nnUNetTrainer_3epochs_2iters, nnUNetTr
 
 globals().update(_RL_U2NET_SHORT_SCHEDULES)
 globals().update(_PIXEL_RL_SHORT_SCHEDULES)
+globals().update(_PIXEL_RL_STEP_STUDY)
 globals().update(_MRL_SEG_SHORT_SCHEDULES)
 
 __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10epochs_20iters",
@@ -62,6 +64,6 @@ __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10
            "nnUNetTrainerRLU2Net_unpaired",
            "nnUNetTrainerPixelRL", "nnUNetTrainerPixelRL_noSAM", "nnUNetTrainerPixelRL_noDC",
            "nnUNetTrainerPixelRL_shuffledReward",
-           *_PIXEL_RL_SHORT_SCHEDULES,
+           *_PIXEL_RL_SHORT_SCHEDULES, *_PIXEL_RL_STEP_STUDY,
            "nnUNetTrainerMRLSeg", "nnUNetTrainerMRLSeg_noFB", "nnUNetTrainerMRLSeg_noADP",
            "nnUNetTrainerMRLSeg_noPretrain", "nnUNetTrainerMRLSeg_shuffledReward", *_MRL_SEG_SHORT_SCHEDULES]
