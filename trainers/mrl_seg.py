@@ -110,7 +110,7 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
 
     def train_step(self, batch: dict) -> dict:
         if not self.in_rl_phase():
-            with self.loss.adding(lambda output, target: self.idle_term(self.mrl_seg_network.reinforcement)):
+            with self.loss.adding(lambda output, target: self.idle_term(self.rl_module)):
                 return super().train_step(batch)
         reference, valid = self.reference_and_valid(self.batch_to_device(batch)[1])
         with self.mrl_seg_network.training_episodes(reference, valid, self.reward_settings,
@@ -123,7 +123,7 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
         not finite."""
         self._episodes.append(episode)
         if episode.losses is None:
-            return self.idle_term(self.mrl_seg_network.reinforcement)
+            return self.idle_term(self.rl_module)
         return episode.losses.total
 
     def validation_step(self, batch: dict) -> dict:

@@ -89,7 +89,7 @@ class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
 
     def train_step(self, batch: dict) -> dict:
         objective = self.episode_loss if self.in_rl_phase() else \
-            lambda output, target: self.idle_term(self.pixel_rl_network.actor_critic)
+            lambda output, target: self.idle_term(self.rl_module)
         with self.loss.adding(objective):
             return super().train_step(batch)
 
@@ -105,7 +105,7 @@ class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
                                            self.gamma,
                                            self.action_generator, valid, self.shuffle_rewards)
         self._episodes.append(episode)
-        return self.idle_term(network.actor_critic) if episode.losses is None else episode.losses.total
+        return self.idle_term(self.rl_module) if episode.losses is None else episode.losses.total
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
         super().on_train_epoch_end(train_outputs)
