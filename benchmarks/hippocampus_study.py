@@ -1,7 +1,7 @@
 """Our trainers beside stock nnU-Net on real data (MSD Hippocampus), held-out Dice per class, mean ± sd over repeats.
 
 ``--study das`` (default): stock nnU-Net, PAM, RLDeepSup, its random-search control and AWSnet, 3d_fullres,
-``_30epochs_50iters``. ``--study pixel_rl``: stock nnU-Net and PixelRL, 2d, ``_10epochs_20iters``. One schedule and
+``_30epochs_50iters``. ``--study pixel_rl``: stock nnU-Net and PixelRL, 2d, ``_30epochs_50iters``. One schedule and
 configuration for all trainers of a study, fold 0, ``--repeats`` runs of each trainer (repeat r: plans
 ``nnUNetPlans_repeat<r>``, the same preprocessed data, every RL component's ``seed`` set to r; nnU-Net's own training
 is not seeded).
@@ -41,7 +41,7 @@ class Study(NamedTuple):
 STUDIES = {
     "das": Study(("nnUNetTrainer", "nnUNetTrainerPAM", "nnUNetTrainerRLDeepSup", "nnUNetTrainerRLDeepSup_randomSearch",
                   "nnUNetTrainerAWSnet"), "3d_fullres", "_30epochs_50iters"),
-    "pixel_rl": Study(("nnUNetTrainer", "nnUNetTrainerPixelRL"), "2d", "_10epochs_20iters"),
+    "pixel_rl": Study(("nnUNetTrainer", "nnUNetTrainerPixelRL"), "2d", "_30epochs_50iters"),
 }
 
 

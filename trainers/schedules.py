@@ -48,89 +48,15 @@ class Study(ShortSchedule):
 
 
 def short_schedule_variants(variants, module: str) -> dict[str, type]:
-    """``<variant>_3epochs_2iters`` and ``<variant>_10epochs_20iters`` for every variant, generated so that the list
-    cannot drift from the variants; ``module`` is the module whose globals receive them (nnU-Net finds and pickles
-    trainers by module-level name)."""
+    """``<variant>_3epochs_2iters``, ``<variant>_10epochs_20iters`` and ``<variant>_30epochs_50iters`` for every
+    variant, generated so that the list cannot drift from the variants; ``module`` is the module whose globals receive
+    them (nnU-Net finds and pickles trainers by module-level name)."""
     return {f"{variant.__name__}{schedule.suffix}": type(f"{variant.__name__}{schedule.suffix}", (schedule, variant),
                                                          {"__module__": module})
-            for variant in dict.fromkeys(variants) for schedule in (Smoke, Demo)}
+            for variant in dict.fromkeys(variants) for schedule in (Smoke, Demo, Study)}
 
 
-class nnUNetTrainer_3epochs_2iters(Smoke, nnUNetTrainer):
-    pass
-
-
-class nnUNetTrainer_10epochs_20iters(Demo, nnUNetTrainer):
-    pass
-
-
-class nnUNetTrainerPAM_3epochs_2iters(Smoke, nnUNetTrainerPAM):
-    pass
-
-
-class nnUNetTrainerPAM_10epochs_20iters(Demo, nnUNetTrainerPAM):
-    pass
-
-
-class nnUNetTrainerRLDeepSup_3epochs_2iters(Smoke, nnUNetTrainerRLDeepSup):
-    pass
-
-
-class nnUNetTrainerRLDeepSup_10epochs_20iters(Demo, nnUNetTrainerRLDeepSup):
-    pass
-
-
-class nnUNetTrainerRLDeepSup_faithful_3epochs_2iters(Smoke, nnUNetTrainerRLDeepSup_faithful):
-    pass
-
-
-class nnUNetTrainerRLDeepSup_faithful_10epochs_20iters(Demo, nnUNetTrainerRLDeepSup_faithful):
-    pass
-
-
-class nnUNetTrainerRLDeepSup_randomSearch_3epochs_2iters(Smoke, nnUNetTrainerRLDeepSup_randomSearch):
-    pass
-
-
-class nnUNetTrainerRLDeepSup_randomSearch_10epochs_20iters(Demo, nnUNetTrainerRLDeepSup_randomSearch):
-    pass
-
-
-class nnUNetTrainerRLDeepSup_shortHorizon_3epochs_2iters(Smoke, nnUNetTrainerRLDeepSup_shortHorizon):
-    pass
-
-
-class nnUNetTrainerRLDeepSup_shortHorizon_10epochs_20iters(Demo, nnUNetTrainerRLDeepSup_shortHorizon):
-    pass
-
-
-class nnUNetTrainerAWSnet_3epochs_2iters(Smoke, nnUNetTrainerAWSnet):
-    pass
-
-
-class nnUNetTrainerAWSnet_10epochs_20iters(Demo, nnUNetTrainerAWSnet):
-    pass
-
-
-class nnUNetTrainer_30epochs_50iters(Study, nnUNetTrainer):
-    pass
-
-
-class nnUNetTrainerPAM_30epochs_50iters(Study, nnUNetTrainerPAM):
-    pass
-
-
-class nnUNetTrainerRLDeepSup_30epochs_50iters(Study, nnUNetTrainerRLDeepSup):
-    pass
-
-
-class nnUNetTrainerRLDeepSup_randomSearch_30epochs_50iters(Study, nnUNetTrainerRLDeepSup_randomSearch):
-    pass
-
-
-class nnUNetTrainerAWSnet_30epochs_50iters(Study, nnUNetTrainerAWSnet):
-    pass
-
-
-class nnUNetTrainerRLDeepSup_shortHorizon_30epochs_50iters(Study, nnUNetTrainerRLDeepSup_shortHorizon):
-    pass
+SHORT_SCHEDULES = short_schedule_variants(
+    (nnUNetTrainer, nnUNetTrainerPAM, nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_faithful,
+     nnUNetTrainerRLDeepSup_randomSearch, nnUNetTrainerRLDeepSup_shortHorizon, nnUNetTrainerAWSnet), __name__)
+globals().update(SHORT_SCHEDULES)
