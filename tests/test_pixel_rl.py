@@ -1,5 +1,6 @@
 """PixelDRL-MG's per-voxel actor-critic (nnunet_rl.voxel_actor_critic, nnunet_rl.pixel_rl) and nnUNetTrainerPixelRL."""
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
 from conftest import cloned_state, make_trainer, started_trainer
-from nnunet_rl import pixel_rl
+from nnunet_rl import agent_figures, pixel_rl
 from nnunet_rl.pixel_rl import KEEP, SET_TO_BACKGROUND, build_pixel_rl_network, squared_error_reward
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
 from nnunet_rl.voxel_actor_critic import NeighbourReturns, VoxelActorCritic, a2c_losses, sample_actions
@@ -176,6 +177,36 @@ def test_dice_per_step_on_hand_made_maps():
     assert pixel_rl.dice_per_step(confusion) == pytest.approx([(0.8 + 1) / 2, (2 / 3 + 1) / 2])
 
 
+def test_action_figure_counts_right_and_wrong_removals_of_the_middle_plane_of_hand_made_maps(tmp_path):
+    reference = torch.tensor([[0, 0, 1], [1, 1, 0]])
+    planes = [torch.tensor([[1, 0, 1], [1, 2, 2]]),  # f(0)
+              torch.tensor([[0, 0, 1], [0, 2, 2]]),  # step 1: a false positive and a true positive removed
+              torch.tensor([[0, 0, 0], [0, 0, 0]])]  # step 2: one of each, and a label-2 voxel of reference 1
+
+    def batch(plane: torch.Tensor) -> torch.Tensor:  # (2, 3, 2, 3): the plane is sample 0's middle one
+        volume = torch.randint(0, 3, (2, 3, 2, 3), generator=torch.Generator().manual_seed(0))
+        volume[0, 1] = plane
+        return volume
+    data = torch.randn(2, 2, 3, 2, 3)
+    patch = agent_figures.actions_patch(data, batch(reference), [batch(plane) for plane in planes], num_classes=3)
+    assert torch.equal(torch.from_numpy(patch["input"]), data[0, 0, 1])
+    assert (patch["initial"] == planes[0].numpy()).all() and (patch["refined"] == 0).all()
+    assert patch["counts"] == {"false_positive": 2, "true_positive": 2, "other": 1}
+    assert patch["step_counts"] == [{"false_positive": 1, "true_positive": 1, "other": 0},
+                                    {"false_positive": 1, "true_positive": 1, "other": 1}]
+    panels = agent_figures.action_panels(patch)
+    assert [panel.title for panel in panels] == [
+        "input", "reference", "f(0)", "f(t_max)", "removed: FP 2 / TP 2 / other 1", "step 1: FP 1 / TP 1",
+        "step 2: FP 1 / TP 1 / other 1"]
+    colours = panels[4].image
+    assert colours.shape == (2, 3, 3)
+    assert (colours[0, 0] == agent_figures.REMOVAL_COLOURS[agent_figures.FALSE_POSITIVE_REMOVED]).all()
+    assert (colours[1, 0] == agent_figures.REMOVAL_COLOURS[agent_figures.TRUE_POSITIVE_REMOVED]).all()
+    assert (colours[0, 1] == agent_figures.REMOVAL_COLOURS[agent_figures.UNCHANGED]).all()
+    agent_figures.plot_actions(patch, str(tmp_path / "actions.png"))
+    assert (tmp_path / "actions.png").stat().st_size > 0
+
+
 def test_untrained_policy_keeps_the_initial_map():
     network = small_network(2).eval()
     with torch.no_grad():
@@ -303,6 +334,39 @@ def test_validation_in_the_rl_phase_measures_the_refined_map(trainer):
     (confusion,) = trainer._step_confusions
     assert confusion.shape[0] == HP_TRAINER_STEPS + 1
     assert confusion[0, :, 0].sum() > 0 and confusion[-1, :, :2].sum() == 0  # f(0) found foreground, f(T) has none
+
+
+def test_the_last_rl_validation_epoch_draws_its_first_patch_into_pixel_rl_actions_png(trainer, monkeypatch):
+    from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer
+    monkeypatch.setattr(VoxelAgentsTrainer, "on_train_end", lambda self: None)  # keep the fixture's dataloaders
+    monkeypatch.setattr(trainer, "_figure_patch", None)
+    figure = Path(trainer.output_folder) / "pixel_rl_actions.png"
+    figure.unlink(missing_ok=True)
+    network = trainer.bare_network
+    trainer.current_epoch = 0
+    trainer.on_validation_epoch_start()
+    trainer.validation_step(next(trainer.dataloader_val))
+    trainer.on_train_end()
+    assert not figure.exists()  # no RL epoch, no figure
+    trainer.current_epoch = 1
+    first, second = next(trainer.dataloader_val), next(trainer.dataloader_val)
+    bias = network.actor_critic.policy.out.bias.detach().clone()
+    try:
+        with torch.no_grad():
+            network.actor_critic.policy.out.bias.copy_(torch.tensor([20.0, -20.0]))  # remove every voxel's label
+        trainer.on_validation_epoch_start()
+        trainer.validation_step(first)
+        trainer.validation_step(second)
+    finally:
+        with torch.no_grad():
+            network.actor_critic.policy.out.bias.copy_(bias)
+    patch = trainer._figure_patch
+    assert torch.equal(torch.from_numpy(patch["input"]), first["data"][0, 0].float())
+    assert len(patch["step_removed"]) == HP_TRAINER_STEPS and (patch["refined"] == 0).all()
+    assert sum(patch["counts"].values()) == (patch["initial"] != 0).sum()  # the first step removed all of f(0)
+    assert patch["step_counts"][0] == patch["counts"] and not any(sum(c.values()) for c in patch["step_counts"][1:])
+    trainer.on_train_end()
+    assert figure.stat().st_size > 0
 
 
 def test_heads_train_with_adam_and_the_planned_network_with_nnunets_sgd(trainer):

@@ -22,11 +22,11 @@ The trainer wires the components into nnU-Net's hooks:
 import math
 from os.path import join
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import nn
 
+from nnunet_rl.agent_figures import middle_plane, plot_panels
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.mrl_seg import (Episode, GreedyEpisode, MRLSegNetwork, RewardSettings, build_mrl_seg_network,
                                dataset_foreground_ratio, masked_input)
@@ -163,32 +163,22 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
 
 
 def figure_patch(data: torch.Tensor, reference: torch.Tensor, episode: GreedyEpisode) -> dict:
-    """The first patch of a validation batch as 2D arrays (3D: its middle slice along the first axis): the input's
-    first channel, the masked input, each step's mask, the reference and the final segmentation."""
-    def plane(volume: torch.Tensor) -> np.ndarray:
-        volume = volume[0]
-        return (volume[volume.shape[0] // 2] if volume.ndim == 3 else volume).float().cpu().numpy()
+    """The first patch of a validation batch as 2D arrays (3D: its middle slice along the first axis,
+    :func:`~nnunet_rl.agent_figures.middle_plane`): the input's first channel, the masked input, each step's mask, the
+    reference and the final segmentation."""
     masked = masked_input(data, episode.masks[-1])
-    return {"input": plane(data[:, 0]), "masked": plane(masked[:, 0]),
-            "masks": [plane(mask[:, 0]) for mask in episode.masks[1:]], "reference": plane(reference),
-            "segmentation": plane(episode.maps[-1])}
+    return {"input": middle_plane(data[:, 0]), "masked": middle_plane(masked[:, 0]),
+            "masks": [middle_plane(mask[:, 0]) for mask in episode.masks[1:]], "reference": middle_plane(reference),
+            "segmentation": middle_plane(episode.maps[-1])}
 
 
 def plot_masks(patch: dict, filename: str) -> None:
     """MRL-Seg's Fig. 9 view for one validation patch: the input, the mask after each greedy step, the masked input,
-    the reference and the Segmentation-Net's map of the masked input."""
-    panels = [("input", patch["input"]),
-              *((f"mask after step {t + 1}", mask) for t, mask in enumerate(patch["masks"])),
-              ("masked input", patch["masked"]), ("reference", patch["reference"]),
-              ("segmentation", patch["segmentation"])]
-    figure, axes = plt.subplots(1, len(panels), figsize=(3 * len(panels), 3.4))
-    for axis, (title, image) in zip(axes, panels):
-        axis.imshow(image, cmap="gray", interpolation="nearest")
-        axis.set_title(title)
-        axis.axis("off")
-    figure.tight_layout()
-    figure.savefig(filename)
-    plt.close(figure)
+    the reference and the Segmentation-Net's map of the masked input (:func:`~nnunet_rl.agent_figures.plot_panels`)."""
+    plot_panels([("input", patch["input"]),
+                 *((f"mask after step {t + 1}", mask) for t, mask in enumerate(patch["masks"])),
+                 ("masked input", patch["masked"]), ("reference", patch["reference"]),
+                 ("segmentation", patch["segmentation"])], filename)
 
 
 class nnUNetTrainerMRLSeg_noFB(nnUNetTrainerMRLSeg):

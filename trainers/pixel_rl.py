@@ -15,14 +15,17 @@ The trainer wires the components into nnU-Net's hooks:
 - ``train_step``: the first ``backbone_fraction`` of the epochs are nnU-Net's; then every step also runs an episode
   on the batch, rewarded by its ground truth (eq. 12);
 - ``validation_step``: in the RL phase nnU-Net's validation (its pseudo Dice, hence ``checkpoint_best``) measures the
-  refined output, and the Dice of every greedy step f(0) … f(t_max) is recorded (``pixel_rl_steps.json`` / ``.png``).
+  refined output, and the Dice of every greedy step f(0) … f(t_max) is recorded (``pixel_rl_steps.json`` / ``.png``)
+  with the action maps of one validation patch (``pixel_rl_actions.png``, Fig. 4).
 """
 import math
+from os.path import join
 
 import numpy as np
 import torch
 from torch import nn
 
+from nnunet_rl.agent_figures import actions_patch, plot_actions
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.pixel_rl import Episode, PixelRLNetwork, build_pixel_rl_network
 from nnunet_rl.trainers.schedules import short_schedule_variants
@@ -33,12 +36,14 @@ COMPONENT = "pixel_rl"
 TELEMETRY = ("pixel_rl/reward", "pixel_rl/changed_fraction", "pixel_rl/policy_loss", "pixel_rl/value_loss",
              "pixel_rl/skipped_updates", "pixel_rl/omega_sum", "pixel_rl/val_dice_initial",
              "pixel_rl/val_dice_refined")
+ACTIONS_FIGURE = "pixel_rl_actions.png"
 
 
 class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
     """Planned U-Net + PixelDRL-MG's policy/value heads with SAM and DC, trained by A2C after an nnU-Net phase."""
     component = COMPONENT
     shuffle_rewards = False
+    _figure_patch: dict | None = None  # the last RL validation epoch's first patch (agent_figures.actions_patch)
 
     @classmethod
     def with_agents(cls, planned: nn.Module, num_input_channels: int, num_output_channels: int,
@@ -74,13 +79,18 @@ class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
         self._episodes = []
 
     def validation_step(self, batch: dict) -> dict:
-        """nnU-Net's validation step; in the RL phase on the refined output, recording each greedy step's counts."""
+        """nnU-Net's validation step; in the RL phase on the refined output (its one forward refines once), recording
+        each greedy step's counts, and of the epoch's first batch the first patch for ``pixel_rl_actions.png``."""
         if not self.in_rl_phase():
             return super().validation_step(batch)
         reference = self.validation_reference(batch)
         with self.pixel_rl_network.refining() as episodes:
             result = super().validation_step(batch)
-        self.record_step_counts(episodes[0], reference)
+        (maps,) = episodes
+        self.record_step_counts(maps, reference)
+        if len(self._step_confusions) == 1:
+            self._figure_patch = actions_patch(batch["data"], reference, maps,
+                                               self.label_manager.num_segmentation_heads)
         return result
 
     def log_step_dice(self, dice: list[float]) -> None:
@@ -117,8 +127,12 @@ class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
         self.log_updates(self._episodes, self.pixel_rl_network.actor_critic.returns.omega)
 
     def on_train_end(self) -> None:
+        """nnU-Net's end of training; on rank 0 ``pixel_rl_steps.json`` / ``.png`` and, when an RL validation epoch ran
+        in this process (not kept across ``--c``), ``pixel_rl_actions.png`` of its last one."""
         super().on_train_end()
         self.save_steps_record()
+        if self.local_rank == 0 and self._figure_patch is not None:
+            plot_actions(self._figure_patch, join(self.output_folder, ACTIONS_FIGURE))
 
 
 class nnUNetTrainerPixelRL_noSAM(nnUNetTrainerPixelRL):
