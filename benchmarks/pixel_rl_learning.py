@@ -11,7 +11,8 @@ network, and the RL phase 250 episodes. Arms: the learner (``nnUNetTrainerPixelR
 Outcome: on the held-out cases (never seen in training: the RL reward comes from training batches only), predicted by
 nnU-Net's predictor (Gaussian sliding window, mirroring) from the final weights, the mean foreground Dice (organ and
 lesion, averaged per case, then over cases) of the planned network's own segmentation (its argmax: "backbone") and
-of the refined map after t greedy steps, for t in ``STEPS`` (t = 0: the initial map f(0)). Thresholds:
+of the refined map after t greedy steps, for t in ``STEPS`` (t = 0: the initial map f(0)), and the ``ceiling``
+(reported, no threshold). Thresholds:
 
 - learner: Dice(t_max) − Dice(backbone) > 0 in every seed;
 - control: Dice(t_max) − Dice(backbone) ≤ 0 in every seed;
@@ -22,8 +23,12 @@ History (docs/pixel_rl.md, "Evidence"), each run's set-up and thresholds fixed b
 1. commit 275b48e: f(0) the argmax, initial removal probability 0.005 per step, heads on nnU-Net's SGD;
 2. commit bb293bf: f(0) the high-recall proposal (``proposal_threshold`` 0.9), removal probability 0.05 per step,
    heads on nnU-Net's SGD, the backbone's argmax measured on its own;
-3. this version: f(0) the argmax again, removal probability 0.05 per step, heads and ω on the paper's Adam (lr 1e-3,
-   poly-decayed).
+3. commit 189dfac: f(0) the argmax again, removal probability 0.05 per step, heads and ω on the paper's Adam (lr 1e-3,
+   poly-decayed);
+4. this version: run 3's set-up on today's code, thresholds unchanged; it also reports the ``ceiling``, the held-out
+   Dice of the best map the actions can reach from f(0) (:func:`best_removal`), so that the room the refinement has
+   is measured beside what it did. Expected before running, from a stock-nnU-Net pilot on the same data and schedule
+   (docs/pixel_rl.md): a room of at most a few thousandths of Dice, so that the learner is likely to fail.
 
     python benchmarks/pixel_rl_learning.py --seeds 0 1 2 -o pixel_rl_learning.json
 
@@ -76,6 +81,16 @@ def trained(dataset: str, arm: str, seed: int):
     return trainer
 
 
+def mean_dice(segmentation: np.ndarray, reference: np.ndarray, labels) -> float:
+    return float(np.mean([dice(segmentation == label, reference == label) for label in labels]))
+
+
+def best_removal(initial: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The best map the actions {set to background, keep} can reach from ``initial``: every foreground voxel whose
+    label is wrong set to background, every other voxel kept (the room the refinement has: its Dice is the ceiling)."""
+    return np.where((initial != 0) & (initial != reference), 0, initial)
+
+
 def held_out_dice_per_step(trainer, dataset: str) -> dict:
     """Mean foreground Dice on the held-out cases of the planned network's argmax ("backbone") and of the refined map
     after t greedy steps, for t in ``STEPS``."""
@@ -98,12 +113,16 @@ def held_out_dice_per_step(trainer, dataset: str) -> dict:
     result = {}
     for key, steps, threshold in [("backbone", 0, 0.0), *[(steps, steps, proposal_threshold) for steps in STEPS]]:
         network.steps, network.proposal_threshold = steps, threshold
-        scores = []
+        scores, ceiling = [], []
         for case, (data, properties) in cases.items():
             segmentation = predictor.predict_single_npy_array(data, properties)
-            scores.append(np.mean([dice(segmentation == label, references[case].reshape(segmentation.shape) == label)
-                                   for label in labels]))
+            reference = references[case].reshape(segmentation.shape)
+            scores.append(mean_dice(segmentation, reference, labels))
+            if key == 0:
+                ceiling.append(mean_dice(best_removal(segmentation, reference), reference, labels))
         result[key] = float(np.mean(scores))
+        if key == 0:
+            result["ceiling"] = float(np.mean(ceiling))
     network.steps, network.proposal_threshold = T_MAX, proposal_threshold
     return result
 
