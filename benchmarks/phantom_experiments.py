@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -31,6 +32,40 @@ def trainer_for(dataset: str, trainer_class: type, configuration: str):
     plans = load_json(str(folder / "nnUNetPlans.json"))
     plans["continue_training"] = False
     return trainer_class(plans, configuration, 0, load_json(str(folder / "dataset.json")), torch.device("cpu"))
+
+
+def held_out_cases(dataset: str) -> tuple[dict, dict]:
+    """The held-out cases of a ``make-dataset`` phantom (imagesTs, labelsTs): images with their properties as nnU-Net's
+    reader gives them, and the reference label arrays, by case."""
+    import SimpleITK as sitk
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    raw = Path(os.environ["nnUNet_raw"]) / dataset
+    images = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))
+    cases = {image.name[:-len("_0000.nii.gz")]: SimpleITKIO().read_images([str(image)]) for image in images}
+    references = {case: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTs" / f"{case}.nii.gz")))
+                  for case in cases}
+    return cases, references
+
+
+def cpu_predictor(trainer, network: torch.nn.Module, parameters: dict | None = None):
+    """nnU-Net's predictor (Gaussian sliding window, the trainer's mirroring) on ``network`` with ``parameters`` (a
+    state dict; default: the network's own now, which every prediction loads into ``network``), deep supervision
+    switched off as ``nnUNetv2_predict`` builds it."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    network.decoder.deep_supervision = False
+    predictor = nnUNetPredictor(perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                                verbose_preprocessing=False, allow_tqdm=False)
+    predictor.manual_initialization(network, trainer.plans_manager, trainer.configuration_manager,
+                                    [parameters or network.state_dict()], trainer.dataset_json, type(trainer).__name__,
+                                    trainer.inference_allowed_mirroring_axes)
+    return predictor
+
+
+def mean_dice(segmentation: np.ndarray, reference: np.ndarray, labels) -> float:
+    """Mean Dice over ``labels`` of one case."""
+    from nnunet_rl.metrics import dice
+    return float(np.mean([dice(segmentation == label, reference.reshape(segmentation.shape) == label)
+                          for label in labels]))
 
 
 def report(result: dict, output: Path | None) -> None:

@@ -44,15 +44,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
-from nnunet_rl.metrics import dice
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
 from nnunet_rl.trainers import nnUNetTrainerPixelRL, nnUNetTrainerPixelRL_shuffledReward
 from nnunet_rl.trainers.pixel_rl import COMPONENT
 from nnunet_rl.trainers.schedules import ShortSchedule
-from phantom_experiments import planned_phantoms, report, trainer_for
+from phantom_experiments import cpu_predictor, held_out_cases, mean_dice, planned_phantoms, report, trainer_for
 
 ARMS = {"learner": nnUNetTrainerPixelRL, "shuffled": nnUNetTrainerPixelRL_shuffledReward}
 T_MAX = PAPER_DEFAULTS[COMPONENT]["t_max"]
@@ -81,10 +79,6 @@ def trained(dataset: str, arm: str, seed: int):
     return trainer
 
 
-def mean_dice(segmentation: np.ndarray, reference: np.ndarray, labels) -> float:
-    return float(np.mean([dice(segmentation == label, reference == label) for label in labels]))
-
-
 def best_removal(initial: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """The best map the actions {set to background, keep} can reach from ``initial``: every foreground voxel whose
     label is wrong set to background, every other voxel kept (the room the refinement has: its Dice is the ceiling)."""
@@ -93,22 +87,11 @@ def best_removal(initial: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 def held_out_dice_per_step(trainer, dataset: str) -> dict:
     """Mean foreground Dice on the held-out cases of the planned network's argmax ("backbone") and of the refined map
-    after t greedy steps, for t in ``STEPS``."""
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-    raw = Path(os.environ["nnUNet_raw"]) / dataset
+    after t greedy steps, for t in ``STEPS``; the ``ceiling`` of f(0)."""
     network = trainer.bare_network
-    network.decoder.deep_supervision = False
-    predictor = nnUNetPredictor(perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
-                                verbose_preprocessing=False, allow_tqdm=False)
-    predictor.manual_initialization(network, trainer.plans_manager, trainer.configuration_manager,
-                                    [network.state_dict()], trainer.dataset_json, type(trainer).__name__,
-                                    trainer.inference_allowed_mirroring_axes)
-    labels = [label for label in trainer.label_manager.foreground_labels]
-    images = sorted((raw / "imagesTs").glob("*_0000.nii.gz"))
-    cases = {image.name[:-len("_0000.nii.gz")]: SimpleITKIO().read_images([str(image)]) for image in images}
-    references = {case: sitk.GetArrayFromImage(sitk.ReadImage(str(raw / "labelsTs" / f"{case}.nii.gz")))
-                  for case in cases}
+    predictor = cpu_predictor(trainer, network)
+    labels = trainer.label_manager.foreground_labels
+    cases, references = held_out_cases(dataset)
     proposal_threshold = network.proposal_threshold
     result = {}
     for key, steps, threshold in [("backbone", 0, 0.0), *[(steps, steps, proposal_threshold) for steps in STEPS]]:
