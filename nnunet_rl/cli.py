@@ -45,6 +45,13 @@ def _compare(args):
     print(f"report written to {out}")
 
 
+def _pretrained_weights(args):
+    from nnunet_rl.pretrained import convert_stock_checkpoint
+    out = convert_stock_checkpoint(args.dataset, args.c, args.tr, args.i, args.o, plans=args.p)
+    print(f"wrote {out}; train with: nnUNetv2_train {args.dataset} {args.c} FOLD -tr {args.tr} -p {args.p} "
+          f"-pretrained_weights {out}")
+
+
 def _demo(args):
     from nnunet_rl.demo import run_demo
     run_demo(quick=args.quick, msd_folder=args.msd, device=args.device)
@@ -130,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true", help="also the fusion-weight sweep λ = 0.1 ... 0.5 (Fig. 9)")
     p.add_argument("-device", default=None, choices=["cuda", "cpu", "mps"], help="passed to nnUNetv2_train")
     p.set_defaults(func=_ablation)
+
+    p = sub.add_parser("pretrained-weights",
+                       help="a stock nnUNetTrainer checkpoint as -pretrained_weights for nnUNetTrainerPixelRL or "
+                            "nnUNetTrainerMRLSeg (and their variants): its weights in the planned network, the agents "
+                            "freshly initialised (MRL-Seg's Reinforcement-Net encoder copied from the loaded "
+                            "Segmentation-Net)")
+    p.add_argument("dataset", help="dataset name or ID")
+    p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
+    p.add_argument("-tr", required=True, help="the trainer to be trained, e.g. nnUNetTrainerPixelRL_pretrained")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("-i", required=True, help="the stock checkpoint (checkpoint_final.pth of an nnUNetTrainer fold "
+                                             "trained with the same plans and configuration)")
+    p.add_argument("-o", required=True, help="the file to write, passed to nnUNetv2_train -pretrained_weights")
+    p.set_defaults(func=_pretrained_weights)
 
     p = sub.add_parser("demo", help="synthetic (or MSD) dataset -> plan -> train stock and ours -> predict -> compare")
     p.add_argument("--quick", action="store_true", help="tiny schedule for a smoke run (a few minutes on CPU)")

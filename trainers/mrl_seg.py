@@ -204,7 +204,15 @@ class nnUNetTrainerMRLSeg_shuffledReward(nnUNetTrainerMRLSeg):
     shuffle_rewards = True
 
 
+class nnUNetTrainerMRLSeg_pretrained(nnUNetTrainerMRLSeg):
+    """The RL phase from the first epoch (``segmentation_fraction`` 0), for a Segmentation-Net trained before the run:
+    train with ``-pretrained_weights`` from ``nnunet-rl pretrained-weights`` (a stock nnUNetTrainer checkpoint
+    converted). ``pretrain`` stays on: at epoch 0 the Reinforcement-Net's encoder is copied from the loaded
+    Segmentation-Net, as at the first RL epoch of an in-run pre-training."""
+    rl_overrides = {COMPONENT: {"segmentation_fraction": 0.0}}
+
+
 SHORT_SCHEDULES = short_schedule_variants(
     (nnUNetTrainerMRLSeg, nnUNetTrainerMRLSeg_noFB, nnUNetTrainerMRLSeg_noADP, nnUNetTrainerMRLSeg_noPretrain,
-     nnUNetTrainerMRLSeg_shuffledReward), __name__)
+     nnUNetTrainerMRLSeg_shuffledReward, nnUNetTrainerMRLSeg_pretrained), __name__)
 globals().update(SHORT_SCHEDULES)

@@ -151,6 +151,12 @@ class nnUNetTrainerPixelRL_shuffledReward(nnUNetTrainerPixelRL):
     shuffle_rewards = True
 
 
+class nnUNetTrainerPixelRL_pretrained(nnUNetTrainerPixelRL):
+    """The RL phase from the first epoch (``backbone_fraction`` 0), for a backbone trained before the run: train with
+    ``-pretrained_weights`` from ``nnunet-rl pretrained-weights`` (a stock nnUNetTrainer checkpoint converted)."""
+    rl_overrides = {COMPONENT: {"backbone_fraction": 0.0}}
+
+
 STEP_STUDY = {f"nnUNetTrainerPixelRL_tmax{steps}": type(
     f"nnUNetTrainerPixelRL_tmax{steps}", (nnUNetTrainerPixelRL,),
     {"rl_overrides": {COMPONENT: {"t_max": steps}}, "__module__": __name__,
@@ -160,5 +166,5 @@ globals().update(STEP_STUDY)
 
 SHORT_SCHEDULES = short_schedule_variants(
     (nnUNetTrainerPixelRL, nnUNetTrainerPixelRL_noSAM, nnUNetTrainerPixelRL_noDC,
-     nnUNetTrainerPixelRL_shuffledReward), __name__)
+     nnUNetTrainerPixelRL_shuffledReward, nnUNetTrainerPixelRL_pretrained), __name__)
 globals().update(SHORT_SCHEDULES)

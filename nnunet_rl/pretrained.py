@@ -1,0 +1,165 @@
+"""A stock nnU-Net checkpoint as ``-pretrained_weights`` for the per-voxel agents' trainers (``nnunet-rl
+pretrained-weights``).
+
+nnU-Net's ``nnUNetv2_train ... -pretrained_weights FILE`` (``nnunetv2/run/load_pretrained_weights.py``) requires every
+key of the trainer's network's state dict, except those containing ``.seg_layers.``, in the file's
+``network_weights`` with the same shape, and transfers those keys. The networks of ``nnUNetTrainerPixelRL`` and
+``nnUNetTrainerMRLSeg`` hold the planned network under a prefix (``backbone.``; ``segmentation.``) next to the agents'
+modules, so a stock ``nnUNetTrainer`` checkpoint is refused. :func:`convert_stock_checkpoint` writes the file nnU-Net
+accepts: the trainer's network built from the plans as ``nnUNetv2_predict`` builds it (the trainer class's
+``build_network_architecture``), its planned part loaded from the stock checkpoint under nnU-Net's rules (every key
+but the seg layers present with the same shape; the seg layers not transferred, so ``nnUNetv2_train`` starts them
+afresh as it does for any ``-pretrained_weights``), the agents as freshly initialised, and for MRL-Seg the
+Reinforcement-Net's encoder copied from the loaded Segmentation-Net's as the in-run pre-training does at the first RL
+epoch (:meth:`~nnunet_rl.mrl_seg.ReinforcementEncoder.initialise_from`).
+"""
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.nnunet_folders import dataset_name as nnunet_dataset_name, require_nnunet_folders
+
+# keys containing these nnU-Net's load_pretrained_weights neither requires nor transfers (skip_strings_in_pretrained)
+NOT_TRANSFERRED = (".seg_layers.",)
+SHOWN_KEYS = 5
+
+
+def transferred(key: str) -> bool:
+    return all(skip not in key for skip in NOT_TRANSFERRED)
+
+
+def planned_part(network: nn.Module) -> nn.Module:
+    """The planned network inside a per-voxel agents' network: PixelRL's backbone, MRL-Seg's Segmentation-Net."""
+    from nnunet_rl.mrl_seg import MRLSegNetwork
+    from nnunet_rl.pixel_rl import PixelRLNetwork
+    if isinstance(network, PixelRLNetwork):
+        return network.backbone
+    if isinstance(network, MRLSegNetwork):
+        return network.segmentation
+    raise NnunetRLError(f"a {type(network).__name__} has no planned part to load a stock checkpoint into; "
+                        f"pretrained-weights converts for nnUNetTrainerPixelRL, nnUNetTrainerMRLSeg and their variants")
+
+
+def warm_start_agents(network: nn.Module) -> None:
+    """What the agents take from the loaded planned network: MRL-Seg's Reinforcement-Net encoder its copy of the
+    Segmentation-Net's first encoder stages (the in-run pre-training's step at the first RL epoch); PixelRL's heads
+    nothing (they start as initialised, near "keep")."""
+    from nnunet_rl.mrl_seg import MRLSegNetwork
+    if isinstance(network, MRLSegNetwork):
+        network.reinforcement.encoder.initialise_from(network.segmentation.encoder)
+
+
+def read_stock_weights(checkpoint: Path) -> tuple[dict, str]:
+    """The checkpoint's ``network_weights`` (on the CPU) and a few words on what it is (trainer, configuration)."""
+    if not checkpoint.is_file():
+        raise NnunetRLError(f"{checkpoint} does not exist")
+    try:
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for files that are not checkpoints
+        raise NnunetRLError(f"cannot read {checkpoint} as a PyTorch checkpoint: {error}") from error
+    if not isinstance(saved, dict) or "network_weights" not in saved:
+        raise NnunetRLError(f"{checkpoint} holds no 'network_weights': not an nnU-Net checkpoint "
+                            f"(checkpoint_final.pth or checkpoint_best.pth of a fold folder)")
+    origin = [f"trainer {saved['trainer_name']}"] if "trainer_name" in saved else []
+    if isinstance(saved.get("init_args"), dict) and "configuration" in saved["init_args"]:
+        origin.append(f"configuration {saved['init_args']['configuration']}")
+    return saved["network_weights"], ", ".join(origin)
+
+
+def check_compatible(planned: dict, stock: dict, source: str, target: str) -> None:
+    """nnU-Net's rule: every key of the ``planned`` state dict but the seg layers' in ``stock`` with the same shape.
+    One error naming the missing keys and the shape mismatches (the first few of each, with counts)."""
+    required = [key for key in planned if transferred(key)]
+    missing = [key for key in required if key not in stock]
+    mismatched = [f"{key}: checkpoint {tuple(stock[key].shape)}, network {tuple(planned[key].shape)}"
+                  for key in required if key in stock and stock[key].shape != planned[key].shape]
+    if not missing and not mismatched:
+        return
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} of its {len(required)} keys are missing from the checkpoint "
+                        f"({', '.join(missing[:SHOWN_KEYS])}{', ...' if len(missing) > SHOWN_KEYS else ''})")
+    if mismatched:
+        problems.append(f"{len(mismatched)} keys have another shape ({'; '.join(mismatched[:SHOWN_KEYS])}"
+                        f"{'; ...' if len(mismatched) > SHOWN_KEYS else ''})")
+    raise NnunetRLError(f"{source} does not fit {target}: {' and '.join(problems)}. Convert a checkpoint trained "
+                        f"with the same plans and configuration")
+
+
+def with_stock_weights(network: nn.Module, stock: dict, source: str, target: str) -> nn.Module:
+    """``network`` (a per-voxel agents' network) with its planned part loaded from the ``stock`` state dict under
+    nnU-Net's rules (:func:`check_compatible`; the seg layers keep their own weights) and the agents warm-started
+    (:func:`warm_start_agents`)."""
+    planned = planned_part(network)
+    state = planned.state_dict()
+    check_compatible(state, stock, source, target)
+    state.update({key: stock[key] for key in state if transferred(key)})
+    planned.load_state_dict(state)
+    warm_start_agents(network)
+    return network
+
+
+def build_network(dataset: str, configuration: str, trainer_name: str, plans: str) -> tuple[nn.Module, str]:
+    """TRAINER's network for the plans, as ``nnUNetv2_predict`` builds it (the trainer found by name as nnU-Net finds
+    it, its ``build_network_architecture`` on nnU-Net's plans and dataset.json from ``nnUNet_preprocessed``), with
+    deep supervision on as ``nnUNetv2_train`` builds it; and a description of it for messages."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    (preprocessed,) = require_nnunet_folders("nnUNet_preprocessed")
+    name = nnunet_dataset_name(dataset)
+    plans_file, dataset_json_file = preprocessed / name / f"{plans}.json", preprocessed / name / "dataset.json"
+    for file in (plans_file, dataset_json_file):
+        if not file.is_file():
+            raise NnunetRLError(f"{file} does not exist: plan and preprocess the dataset first "
+                                f"(nnunet-rl plan {dataset} -c {configuration} -p {plans})")
+    plans_manager = PlansManager(json.loads(plans_file.read_text()))
+    if configuration not in plans_manager.available_configurations:
+        raise NnunetRLError(f"{plans_file} has no configuration {configuration!r} (it has "
+                            f"{', '.join(plans_manager.available_configurations)})")
+    configuration_manager = plans_manager.get_configuration(configuration)
+    dataset_json = json.loads(dataset_json_file.read_text())
+    trainer_class = find_trainer(trainer_name)
+    network = trainer_class.build_network_architecture(
+        plans_manager, configuration_manager, determine_num_input_channels(plans_manager, configuration_manager,
+                                                                           dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=True)
+    return network, f"{trainer_name}'s planned network ({name}, {plans}, {configuration})"
+
+
+def find_trainer(trainer_name: str) -> type:
+    """The trainer class of that name: ours directly, any other by nnU-Net's search (``nnUNet_extTrainer`` included);
+    one of the per-voxel agents' trainers."""
+    from nnunet_rl import trainers
+    from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer
+    trainer_class = getattr(trainers, trainer_name, None)
+    if trainer_class is None:
+        from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+        try:
+            trainer_class = recursive_find_trainer_class_by_name(trainer_name)
+        except RuntimeError as error:
+            raise NnunetRLError(f"no trainer {trainer_name!r}: {error}") from error
+    if not issubclass(trainer_class, VoxelAgentsTrainer):
+        raise NnunetRLError(f"{trainer_name} is not a per-voxel agents' trainer; pretrained-weights converts for "
+                            f"nnUNetTrainerPixelRL, nnUNetTrainerMRLSeg and their variants (nnU-Net's own trainers "
+                            f"take a stock checkpoint as -pretrained_weights unchanged)")
+    return trainer_class
+
+
+def convert_stock_checkpoint(dataset: int | str, configuration: str, trainer_name: str, checkpoint: Path | str,
+                             output: Path | str, plans: str = "nnUNetPlans") -> Path:
+    """Write ``output`` = ``{"network_weights": ...}`` of TRAINER's network with the stock ``checkpoint``'s weights
+    in its planned part (:func:`with_stock_weights`), for ``nnUNetv2_train ... -tr TRAINER -pretrained_weights
+    output``."""
+    network, target = build_network(dataset, configuration, trainer_name, plans)
+    checkpoint = Path(checkpoint)
+    stock, origin = read_stock_weights(checkpoint)
+    source = f"{checkpoint}" + (f" ({origin})" if origin else "")
+    with_stock_weights(network, stock, source, target)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"network_weights": network.state_dict()}, output)
+    return output

@@ -1,0 +1,149 @@
+"""``nnunet-rl pretrained-weights``: a stock nnUNetTrainer checkpoint as nnU-Net's -pretrained_weights for the
+per-voxel agents' trainers (nnunet_rl.pretrained), and the ``_pretrained`` variants that start the RL phase at once."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+from conftest import make_trainer
+from nnunet_rl.cli import main
+from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.pretrained import NOT_TRANSFERRED, build_network, convert_stock_checkpoint
+from nnunet_rl.trainers import nnUNetTrainerMRLSeg_pretrained, nnUNetTrainerPixelRL_pretrained
+
+CONFIGURATION = "2d"
+
+
+def transferred(key: str) -> bool:
+    return all(skip not in key for skip in NOT_TRANSFERRED)
+
+
+def stock_checkpoint(dataset: str, configuration: str, path: Path) -> dict:
+    """A stand-in for a stock run's checkpoint_final.pth: nnUNetTrainer's network for the plans, nnU-Net's keys."""
+    folder = Path(os.environ["nnUNet_preprocessed"]) / dataset
+    plans_manager = PlansManager(json.loads((folder / "nnUNetPlans.json").read_text()))
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    configuration_manager = plans_manager.get_configuration(configuration)
+    torch.manual_seed(1)
+    network = nnUNetTrainer.build_network_architecture(
+        plans_manager, configuration_manager,
+        determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=True)
+    weights = network.state_dict()
+    torch.save({"network_weights": weights, "trainer_name": "nnUNetTrainer",
+                "init_args": {"configuration": configuration}}, path)
+    return weights
+
+
+@pytest.fixture(scope="module")
+def stock(planned_dataset, tmp_path_factory) -> tuple[Path, dict]:
+    path = tmp_path_factory.mktemp("stock") / "checkpoint_final.pth"
+    return path, stock_checkpoint(planned_dataset, CONFIGURATION, path)
+
+
+def converted(dataset: str, trainer, stock_path: Path, out: Path) -> tuple[dict, dict]:
+    """The converted file's weights and those of a fresh network of the trainer (same seed, built as the CLI does)."""
+    torch.manual_seed(0)
+    convert_stock_checkpoint(dataset, CONFIGURATION, trainer.__name__, stock_path, out)
+    torch.manual_seed(0)
+    fresh, _ = build_network(dataset, CONFIGURATION, trainer.__name__, "nnUNetPlans")
+    return torch.load(out, weights_only=False)["network_weights"], fresh.state_dict()
+
+
+def loaded_into_trainer(dataset: str, trainer_class, out: Path):
+    """A trainer initialised as nnUNetv2_train does, then nnU-Net's own load_pretrained_weights of ``out``."""
+    trainer = make_trainer(dataset, trainer_class, CONFIGURATION)
+    trainer.initialize()
+    load_pretrained_weights(trainer.network, str(out))
+    return trainer
+
+
+def first_step_is_an_episode(trainer, at_epoch_start=lambda: None) -> None:
+    """Epoch 0 of the loaded trainer, as nnU-Net's run_training starts it (``at_epoch_start`` runs after the epoch's
+    start): the first training step runs an episode."""
+    trainer.on_train_start()
+    try:
+        trainer.on_train_epoch_start()
+        at_epoch_start()
+        trainer.train_step(next(trainer.dataloader_train))
+        (episode,) = trainer._episodes
+        assert episode.losses is not None
+    finally:
+        trainer.on_train_end()
+
+
+def test_pixel_rl_takes_the_stock_backbone_and_fresh_heads(planned_dataset, stock, tmp_path):
+    stock_path, stock_weights = stock
+    out = tmp_path / "pixel_rl.pth"
+    weights, fresh = converted(planned_dataset, nnUNetTrainerPixelRL_pretrained, stock_path, out)
+    backbone = {key.removeprefix("backbone."): value for key, value in weights.items() if key.startswith("backbone.")}
+    assert backbone.keys() == stock_weights.keys()
+    assert all(torch.equal(value, stock_weights[key]) for key, value in backbone.items() if transferred(key))
+    heads = [key for key in weights if key.startswith("actor_critic.")]
+    assert heads and all(torch.equal(weights[key], fresh[key]) for key in heads)
+
+    trainer = loaded_into_trainer(planned_dataset, nnUNetTrainerPixelRL_pretrained, out)
+    assert trainer.rl_start_epoch == 0 and trainer.in_rl_phase()
+    state = trainer.bare_network.state_dict()
+    assert all(torch.equal(state[f"backbone.{key}"], value) for key, value in stock_weights.items()
+               if transferred(key))
+    assert all(torch.equal(state[key], fresh[key]) for key in heads)
+    first_step_is_an_episode(trainer)
+
+
+def test_mrl_seg_takes_the_stock_segmentation_net_and_warm_starts_the_reinforcement_encoder(planned_dataset, stock,
+                                                                                          tmp_path):
+    stock_path, stock_weights = stock
+    out = tmp_path / "mrl_seg.pth"
+    weights, fresh = converted(planned_dataset, nnUNetTrainerMRLSeg_pretrained, stock_path, out)
+    segmentation = {key.removeprefix("segmentation."): value for key, value in weights.items()
+                    if key.startswith("segmentation.")}
+    assert segmentation.keys() == stock_weights.keys()
+    assert all(torch.equal(value, stock_weights[key]) for key, value in segmentation.items() if transferred(key))
+    body = {key.removeprefix("reinforcement.encoder.body."): value for key, value in weights.items()
+            if key.startswith("reinforcement.encoder.body.")}
+    assert body and all(torch.equal(value, stock_weights[f"encoder.{key}"]) for key, value in body.items())
+    agents = [key for key in weights if key.startswith("reinforcement.") and ".body." not in key]
+    assert any(".actor_critic." in key for key in agents) and any(".project." in key for key in agents)
+    assert all(torch.equal(weights[key], fresh[key]) for key in agents)
+
+    trainer = loaded_into_trainer(planned_dataset, nnUNetTrainerMRLSeg_pretrained, out)
+    assert trainer.rl_start_epoch == 0 and trainer.pretrain
+    state = trainer.bare_network.state_dict()
+    assert all(torch.equal(state[key], value) for key, value in weights.items() if transferred(key))
+    network = trainer.bare_network
+    with torch.no_grad():
+        for parameter in network.reinforcement.encoder.body.parameters():
+            parameter.zero_()
+
+    def warm_started_again():  # epoch 0 of _pretrained repeats the copy from the loaded Segmentation-Net
+        source = network.segmentation.encoder.state_dict()
+        assert all(torch.equal(value, source[key]) for key, value in
+                   network.reinforcement.encoder.body.state_dict().items())
+    first_step_is_an_episode(trainer, warm_started_again)
+
+
+def test_cli_writes_the_file_and_refuses_another_architecture_or_trainer(planned_dataset, stock, tmp_path, capsys):
+    stock_path, _ = stock
+    out = tmp_path / "cli.pth"
+    main(["pretrained-weights", planned_dataset, "-c", CONFIGURATION, "-tr", "nnUNetTrainerPixelRL", "-i",
+          str(stock_path), "-o", str(out)])
+    assert out.is_file() and "-pretrained_weights" in capsys.readouterr().out
+
+    other = tmp_path / "3d.pth"
+    stock_checkpoint(planned_dataset, "3d_fullres", other)
+    with pytest.raises(NnunetRLError, match=r"3d_fullres.*does not fit.*(missing|another shape)"):
+        convert_stock_checkpoint(planned_dataset, CONFIGURATION, "nnUNetTrainerMRLSeg", other, tmp_path / "x.pth")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrained-weights", planned_dataset, "-c", CONFIGURATION, "-tr", "nnUNetTrainerPixelRL", "-i",
+              str(other), "-o", str(tmp_path / "y.pth")])
+    assert exit_info.value.code == 2 and "does not fit" in capsys.readouterr().err
+    with pytest.raises(NnunetRLError, match="not a per-voxel agents' trainer"):
+        convert_stock_checkpoint(planned_dataset, CONFIGURATION, "nnUNetTrainerPAM", stock_path, tmp_path / "z.pth")
+    assert not (tmp_path / "x.pth").exists() and not (tmp_path / "y.pth").exists()
