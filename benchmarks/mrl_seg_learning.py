@@ -33,23 +33,17 @@ History: run 1, this version.
 
 It works in a temporary folder of its own (nnU-Net's folder variables are set for this process only).
 """
-import argparse
 import copy
-import os
-import random
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
 from nnunet_rl.trainers import nnUNetTrainerMRLSeg, nnUNetTrainerMRLSeg_shuffledReward
 from nnunet_rl.trainers.mrl_seg import COMPONENT
 from nnunet_rl.trainers.schedules import ShortSchedule
-from phantom_experiments import cpu_predictor, held_out_cases, mean_dice, planned_phantoms, report, trainer_for
+from phantom_experiments import cpu_predictor, experiment_main, held_out_cases, mean_dice, seeded_arm, trained
 
 ARMS = {"learner": nnUNetTrainerMRLSeg, "shuffled": nnUNetTrainerMRLSeg_shuffledReward}
 STEPS = PAPER_DEFAULTS[COMPONENT]["steps"]
@@ -67,21 +61,6 @@ class PretrainedSnapshot(ShortSchedule):
         if self.current_epoch == self.rl_start_epoch:
             self.pretrained = copy.deepcopy(self.bare_network.state_dict())
         super().on_train_epoch_start()
-
-
-def trainer_class(arm: str, seed: int) -> type:
-    return type(f"MRLSeg_{arm}_seed{seed}", (PretrainedSnapshot, ARMS[arm]),
-                {"rl_overrides": {COMPONENT: {**ARMS[arm].rl_overrides.get(COMPONENT, {}), "seed": seed}}})
-
-
-def trained(dataset: str, arm: str, seed: int):
-    """The arm's trainer, seeded (torch, numpy, random, the action sampler), trained on the CPU."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    trainer = trainer_for(dataset, trainer_class(arm, seed), CONFIGURATION)
-    trainer.run_training()
-    return trainer
 
 
 def held_out_dice(trainer, dataset: str) -> dict:
@@ -117,7 +96,8 @@ def run(dataset: str, seeds: list[int], arms: list[str]) -> dict:
     for arm in arms:
         for seed in seeds:
             start = time.perf_counter()
-            trainer = trained(dataset, arm, seed)
+            trainer = trained(dataset, seeded_arm(arm, ARMS, PretrainedSnapshot, COMPONENT, seed), CONFIGURATION,
+                              seed)
             dice[arm][seed] = held_out_dice(trainer, dataset)
             masked[arm][seed] = masked_fractions(trainer)
             print(f"{arm}, seed {seed}: held-out Dice {dice[arm][seed]}, masked fractions {masked[arm][seed]} "
@@ -134,19 +114,5 @@ def run(dataset: str, seeds: list[int], arms: list[str]) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("-o", "--output", type=Path)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as base:
-        result = run(planned_phantoms(Path(base), "imbalanced", DATASET_ID, [CONFIGURATION], dim=2), args.seeds,
-                     args.arms)
-    report(result, args.output)
-
-
 if __name__ == "__main__":
-    os.environ.setdefault("nnUNet_compile", "f")
-    os.environ.setdefault("nnUNet_n_proc_DA", "1")
-    sys.exit(main())
+    sys.exit(experiment_main(__doc__.split("\n")[0], ARMS, run, DATASET_ID, CONFIGURATION))

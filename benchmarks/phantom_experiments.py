@@ -3,8 +3,11 @@
 ``das_learning.py`` and ``pixel_rl_learning.py`` run nnU-Net's training in this process (so that they can wrap a
 trainer class with a control or a recorder) on a dataset they make and plan in a temporary folder.
 """
+import argparse
 import json
 import os
+import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +35,40 @@ def trainer_for(dataset: str, trainer_class: type, configuration: str):
     plans = load_json(str(folder / "nnUNetPlans.json"))
     plans["continue_training"] = False
     return trainer_class(plans, configuration, 0, load_json(str(folder / "dataset.json")), torch.device("cpu"))
+
+
+def seeded_arm(arm: str, arms: dict, schedule: type, component: str, seed: int) -> type:
+    """The class of arm ``arm`` (a trainer of ``arms``) on ``schedule`` (a ``ShortSchedule`` mixin), its component's
+    ``seed`` (the action sampler) set to ``seed``."""
+    trainer = arms[arm]
+    return type(f"{trainer.__name__}_{schedule.__name__}_seed{seed}", (schedule, trainer),
+                {"rl_overrides": {component: {**trainer.rl_overrides.get(component, {}), "seed": seed}}})
+
+
+def trained(dataset: str, trainer_class: type, configuration: str, seed: int):
+    """``trainer_class`` trained on the CPU (fold 0) with torch, numpy and random seeded by ``seed``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+    trainer = trainer_for(dataset, trainer_class, configuration)
+    trainer.run_training()
+    return trainer
+
+
+def experiment_main(description: str, arms: dict, run, dataset_id: int, configuration: str) -> None:
+    """The command line of a learning experiment on 2D ``imbalanced`` phantoms: ``--seeds``, ``--arms``, ``-o``;
+    ``run(dataset, seeds, arms)`` gives the result, reported on stdout and in ``-o``."""
+    os.environ.setdefault("nnUNet_compile", "f")
+    os.environ.setdefault("nnUNet_n_proc_DA", "1")
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=list(arms), choices=list(arms))
+    parser.add_argument("-o", "--output", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as base:
+        result = run(planned_phantoms(Path(base), "imbalanced", dataset_id, [configuration], dim=2), args.seeds,
+                     args.arms)
+    report(result, args.output)
 
 
 def held_out_cases(dataset: str) -> tuple[dict, dict]:

@@ -34,23 +34,17 @@ History (docs/pixel_rl.md, "Evidence"), each run's set-up and thresholds fixed b
 
 It works in a temporary folder of its own (nnU-Net's folder variables are set for this process only).
 """
-import argparse
 import json
-import os
-import random
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
 from nnunet_rl.trainers import nnUNetTrainerPixelRL, nnUNetTrainerPixelRL_shuffledReward
 from nnunet_rl.trainers.pixel_rl import COMPONENT
 from nnunet_rl.trainers.schedules import ShortSchedule
-from phantom_experiments import cpu_predictor, held_out_cases, mean_dice, planned_phantoms, report, trainer_for
+from phantom_experiments import cpu_predictor, experiment_main, held_out_cases, mean_dice, seeded_arm, trained
 
 ARMS = {"learner": nnUNetTrainerPixelRL, "shuffled": nnUNetTrainerPixelRL_shuffledReward}
 T_MAX = PAPER_DEFAULTS[COMPONENT]["t_max"]
@@ -62,21 +56,6 @@ CONFIGURATION = "2d"
 class UnderTrainedBackbone(ShortSchedule):
     """250 iterations of nnU-Net's loss, then 250 RL episodes."""
     epochs, iterations, val_iterations = 20, 25, 5
-
-
-def trainer_class(arm: str, seed: int) -> type:
-    return type(f"PixelRL_{arm}_seed{seed}", (UnderTrainedBackbone, ARMS[arm]),
-                {"rl_overrides": {COMPONENT: {**ARMS[arm].rl_overrides.get(COMPONENT, {}), "seed": seed}}})
-
-
-def trained(dataset: str, arm: str, seed: int):
-    """The arm's trainer, seeded (torch, numpy, random, the action sampler), trained on the CPU."""
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-    trainer = trainer_for(dataset, trainer_class(arm, seed), CONFIGURATION)
-    trainer.run_training()
-    return trainer
 
 
 def best_removal(initial: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -115,7 +94,8 @@ def run(dataset: str, seeds: list[int], arms: list[str]) -> dict:
     for arm in arms:
         for seed in seeds:
             start = time.perf_counter()
-            trainer = trained(dataset, arm, seed)
+            trainer = trained(dataset, seeded_arm(arm, ARMS, UnderTrainedBackbone, COMPONENT, seed), CONFIGURATION,
+                              seed)
             curve = held_out_dice_per_step(trainer, dataset)
             curves[arm][seed] = curve
             print(f"{arm}, seed {seed}: held-out Dice per step {json.dumps(curve)} "
@@ -133,19 +113,5 @@ def run(dataset: str, seeds: list[int], arms: list[str]) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("-o", "--output", type=Path)
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as base:
-        result = run(planned_phantoms(Path(base), "imbalanced", DATASET_ID, [CONFIGURATION], dim=2), args.seeds,
-                     args.arms)
-    report(result, args.output)
-
-
 if __name__ == "__main__":
-    os.environ.setdefault("nnUNet_compile", "f")
-    os.environ.setdefault("nnUNet_n_proc_DA", "1")
-    sys.exit(main())
+    sys.exit(experiment_main(__doc__.split("\n")[0], ARMS, run, DATASET_ID, CONFIGURATION))
