@@ -39,10 +39,13 @@ def trainer_for(dataset: str, trainer_class: type, configuration: str):
 
 def seeded_arm(arm: str, arms: dict, schedule: type, component: str, seed: int) -> type:
     """The class of arm ``arm`` (a trainer of ``arms``) on ``schedule`` (a ``ShortSchedule`` mixin), its component's
-    ``seed`` (the action sampler) set to ``seed``."""
+    ``seed`` (the action sampler) set to ``seed`` (stock nnU-Net's trainer: the schedule alone)."""
     trainer = arms[arm]
+    overrides = getattr(trainer, "rl_overrides", None)
+    if overrides is None:  # stock nnU-Net: nothing to seed but torch, numpy and random
+        return type(f"{trainer.__name__}_{schedule.__name__}", (schedule, trainer), {})
     return type(f"{trainer.__name__}_{schedule.__name__}_seed{seed}", (schedule, trainer),
-                {"rl_overrides": {component: {**trainer.rl_overrides.get(component, {}), "seed": seed}}})
+                {"rl_overrides": {component: {**overrides.get(component, {}), "seed": seed}}})
 
 
 def trained(dataset: str, trainer_class: type, configuration: str, seed: int):
