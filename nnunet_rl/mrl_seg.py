@@ -27,7 +27,7 @@ from torch import nn
 
 from nnunet_rl.pixel_rl import one_hot, shuffled_over_voxels
 from nnunet_rl.voxel_actor_critic import (A2CLosses, VoxelActorCritic, a2c_losses, full_resolution, greedy_actions,
-                                          sample_actions)
+                                          greedy_rollout, sample_actions)
 
 MASK, RETAIN = 0, 1
 NUM_ACTIONS = 2
@@ -210,6 +210,10 @@ class ReinforcementNet(nn.Module):
     def state_value(self, representation: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
         return self.actor_critic.state_value(*self._state(representation, masked))
 
+    def action_logits(self, representation: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """The policy head alone (B, 2, *spatial): all a greedy step needs."""
+        return self.actor_critic.action_logits(*self._state(representation, masked))
+
     @property
     def omega(self) -> nn.Module:
         return self.actor_critic.returns.omega
@@ -316,14 +320,16 @@ class MRLSegNetwork(nn.Module):
         return self.segmentation(x)
 
     def greedy_masks(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """mask(0) … mask(T), each (B, 1, *spatial) boolean, under the greedy policy; a masked voxel stays masked, and a
-        voxel whose action logits are not finite is retained."""
-        masks = [torch.zeros_like(x[:, :1], dtype=torch.bool)]
-        for _ in range(self.steps):
-            logits, _ = self.reinforcement(masked_input(x, masks[-1]), masks[-1])
+        """mask(0) … mask(T), each (B, 1, *spatial) boolean, under the greedy policy
+        (:func:`~nnunet_rl.voxel_actor_critic.greedy_rollout`: the policy head alone, and no more of it once a step
+        masks nothing new); a masked voxel stays masked, and a voxel whose action logits are not finite is retained."""
+
+        def step(masked: torch.Tensor) -> torch.Tensor:
+            logits = self.reinforcement.action_logits(masked_input(x, masked), masked)
             actions = torch.where(torch.isfinite(logits).all(dim=1), greedy_actions(logits), RETAIN)
-            masks.append(masks[-1] | (actions == MASK)[:, None])
-        return masks
+            return masked | (actions == MASK)[:, None]
+
+        return greedy_rollout(torch.zeros_like(x[:, :1], dtype=torch.bool), step, self.steps)
 
     def training_episode(self, x: torch.Tensor, reference: torch.Tensor, valid: torch.Tensor | None,
                          settings: RewardSettings, generator: torch.Generator | None):

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_rl.voxel_actor_critic import (A2CLosses, VoxelActorCritic, a2c_losses, greedy_actions,
-                                          sample_actions)
+                                          greedy_rollout, sample_actions)
 
 SET_TO_BACKGROUND, KEEP = 0, 1
 NUM_ACTIONS = 2
@@ -174,14 +174,16 @@ class PixelRLNetwork(nn.Module):
         return features
 
     def greedy_episode(self, labels: torch.Tensor, features: torch.Tensor) -> list[torch.Tensor]:
-        """f(0) … f(t_max) under the greedy policy; a voxel whose action logits are not finite keeps its label."""
+        """f(0) … f(t_max) under the greedy policy (:func:`~nnunet_rl.voxel_actor_critic.greedy_rollout`: the policy
+        head alone, and no more of it once a step changes nothing); a voxel whose action logits are not finite keeps
+        its label."""
         attended = self.actor_critic.attend(features)
-        maps = [labels]
-        for _ in range(self.steps):
-            logits, _ = self.actor_critic(attended, one_hot(maps[-1], self.num_classes))
-            actions = torch.where(torch.isfinite(logits).all(dim=1), greedy_actions(logits), KEEP)
-            maps.append(apply_actions(maps[-1], actions))
-        return maps
+
+        def step(current: torch.Tensor) -> torch.Tensor:
+            logits = self.actor_critic.action_logits(attended, one_hot(current, self.num_classes))
+            return apply_actions(current, torch.where(torch.isfinite(logits).all(dim=1), greedy_actions(logits), KEEP))
+
+        return greedy_rollout(labels, step, self.steps)
 
     def training_episode(self, labels: torch.Tensor, features: torch.Tensor, reference: torch.Tensor,
                          gamma: float, generator: torch.Generator | None,

@@ -12,7 +12,8 @@ what both need:
   (Algorithm 1), R(t) = r(t) + γ R(t+1) with R(T) = ω ∗ V(s(T)); MRL-Seg's returns (its eqs. 11-12, ω applied at
   every step, with its difficulty term) are :func:`nnunet_rl.mrl_seg.difficulty_returns` on the same ``omega``;
 - :func:`sample_actions` / :func:`greedy_actions` and :func:`a2c_losses` (eqs. 13-15), which return ``None`` when
-  a reward, value or advantage is not finite, so nothing non-finite reaches the weights.
+  a reward, value or advantage is not finite, so nothing non-finite reaches the weights;
+- :func:`greedy_rollout`: a greedy episode that stops running the heads once a step changes nothing.
 - :func:`full_resolution`: the full-resolution member of nnU-Net's deep-supervision outputs, where rewards are
   computed.
 
@@ -23,7 +24,7 @@ reinforcement learning for image processing", IEEE Trans. Multimedia 22, 1704-17
 ω it builds on).
 """
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -160,6 +161,10 @@ class VoxelActorCritic(nn.Module):
         """V alone (B, 1, *spatial), e.g. to bootstrap the returns at the end of an episode."""
         return self.value(torch.cat((attended, state.to(attended.dtype)), dim=1))
 
+    def action_logits(self, attended: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """The policy head alone (B, actions, *spatial): all a greedy step needs."""
+        return self.policy(torch.cat((attended, state.to(attended.dtype)), dim=1))
+
     def compute_conv_feature_map_size(self, input_size, steps: int) -> int:
         """Feature-map voxels of SAM once and both heads ``steps`` times (what a training episode keeps for the
         backward pass)."""
@@ -189,6 +194,19 @@ def sample_actions(logits: torch.Tensor, generator: torch.Generator | None = Non
 def greedy_actions(logits: torch.Tensor) -> torch.Tensor:
     """The most probable action per voxel; (B, *spatial), int64."""
     return logits.argmax(dim=1)
+
+
+def greedy_rollout(initial: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor], steps: int) -> list[torch.Tensor]:
+    """The maps m(0) = ``initial``, m(t+1) = ``step``(m(t)), t < ``steps``, of a greedy episode whose state is m(t)
+    (with inputs fixed over the episode). A greedy step is a function of the state, so once a step leaves the map
+    unchanged every later step would too: the remaining maps repeat it and the heads are not run again. The result is
+    the same as running every step; the cost follows the steps that change something."""
+    maps = [initial]
+    while len(maps) <= steps:
+        maps.append(step(maps[-1]))
+        if torch.equal(maps[-1], maps[-2]):
+            maps.extend([maps[-1]] * (steps + 1 - len(maps)))
+    return maps
 
 
 @dataclass

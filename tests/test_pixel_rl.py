@@ -11,7 +11,8 @@ from conftest import cloned_state, make_trainer, started_trainer
 from nnunet_rl import agent_figures, pixel_rl
 from nnunet_rl.pixel_rl import KEEP, SET_TO_BACKGROUND, build_pixel_rl_network, squared_error_reward
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
-from nnunet_rl.voxel_actor_critic import NeighbourReturns, VoxelActorCritic, a2c_losses, sample_actions
+from nnunet_rl.voxel_actor_critic import (NeighbourReturns, VoxelActorCritic, a2c_losses, greedy_rollout,
+                                          sample_actions)
 
 HP = {**PAPER_DEFAULTS["pixel_rl"], "t_max": 3}
 HP_TRAINER_STEPS = PAPER_DEFAULTS["pixel_rl"]["t_max"]
@@ -144,6 +145,38 @@ def test_refined_prediction_is_the_greedy_map_at_full_resolution_and_determinist
     assert torch.equal(first.argmax(dim=1), maps[-1])
     agree = maps[-1] == logits.argmax(dim=1)
     assert torch.equal(first.movedim(1, -1)[agree], logits.movedim(1, -1)[agree])
+
+
+def test_greedy_rollout_stops_running_steps_once_one_changes_nothing():
+    calls = []
+
+    def step(state):
+        calls.append(state.clone())
+        return (state - 1).clamp(min=0)
+
+    maps = greedy_rollout(torch.tensor([2, 1]), step, 5)
+    assert [m.tolist() for m in maps] == [[2, 1], [1, 0], [0, 0], [0, 0], [0, 0], [0, 0]]
+    assert len(calls) == 3  # the third step changed nothing: steps 4 and 5 are not run
+    assert len(greedy_rollout(torch.tensor([9]), step, 0)) == 1
+
+
+@pytest.mark.parametrize("dim, spatial", [(2, (16, 20)), (3, (8, 8, 12))])
+def test_greedy_episode_equals_every_step_run_with_both_heads(dim, spatial):
+    torch.manual_seed(1)
+    network = small_network(dim, hp={**HP, "t_max": 6}).eval()
+    with torch.no_grad():
+        network.actor_critic.policy.out.bias.zero_()
+        network.actor_critic.policy.out.weight.normal_()
+        x = torch.randn(2, 1, *spatial)
+        labels = network.backbone(x)[0].argmax(dim=1)
+        features = network.take_features()
+        maps = network.greedy_episode(labels, features)
+        attended, naive = network.actor_critic.attend(features), [labels]
+        for _ in range(6):
+            logits, _ = network.actor_critic(attended, pixel_rl.one_hot(naive[-1], 3))
+            naive.append(pixel_rl.apply_actions(naive[-1], logits.argmax(dim=1)))
+    assert len(maps) == 7
+    assert all(torch.equal(a, b) for a, b in zip(maps, naive))
 
 
 def test_greedy_steps_keep_voxels_whose_policy_is_not_finite():
