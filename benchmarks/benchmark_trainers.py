@@ -336,8 +336,10 @@ def run_worker(args) -> dict:
         if not args.no_predict:
             predictor = sliding_window_predictor(trainer, device)
             case, data = _prediction_volume(args, trainer)
+            patch, shape = trainer.configuration_manager.patch_size, data.shape[1:]
+            slices = shape[:len(shape) - len(patch)]  # 2d configurations: the slices of a 3D case, one by one
             slicers = predictor._internal_get_sliding_window_slicers(
-                tuple(max(s, p) for s, p in zip(data.shape[1:], trainer.configuration_manager.patch_size)))
+                (*slices, *(max(s, p) for s, p in zip(shape[len(slices):], patch))))
             mirror_axes = trainer.inference_allowed_mirroring_axes or ()
             result["predict_case"] = {"identifier": case, "shape": list(data.shape), "tiles": len(slicers),
                                       "mirror_axes": list(mirror_axes),
