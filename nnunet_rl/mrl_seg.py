@@ -279,6 +279,16 @@ class MRLSegNetwork(nn.Module):
         """The planned decoder, where nnU-Net's ``set_deep_supervision_enabled`` switches deep supervision."""
         return self.segmentation.decoder
 
+    @property
+    def planned_network(self) -> nn.Module:
+        """nnU-Net's planned network (the Segmentation-Net), where a stock checkpoint's weights belong."""
+        return self.segmentation
+
+    def warm_start_from_planned(self) -> None:
+        """The Reinforcement-Net's encoder becomes a copy of the Segmentation-Net's first encoder stages (Table V's
+        pre-training)."""
+        self.reinforcement.encoder.initialise_from(self.segmentation.encoder)
+
     @contextmanager
     def recording(self):
         """Run greedy episodes with deep supervision on as well; yields the list that receives each forward's

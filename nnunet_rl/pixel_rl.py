@@ -140,6 +140,14 @@ class PixelRLNetwork(nn.Module):
         """The planned decoder, where nnU-Net's ``set_deep_supervision_enabled`` switches deep supervision."""
         return self.backbone.decoder
 
+    @property
+    def planned_network(self) -> nn.Module:
+        """nnU-Net's planned network (the backbone), where a stock checkpoint's weights belong."""
+        return self.backbone
+
+    def warm_start_from_planned(self) -> None:
+        """Nothing: the heads take no weights from the planned network; they start as initialised (near "keep")."""
+
     @contextmanager
     def refining(self):
         """Refine the full-resolution output with deep supervision on as well; yields a list that receives, per

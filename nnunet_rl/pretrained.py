@@ -31,27 +31,6 @@ def transferred(key: str) -> bool:
     return all(skip not in key for skip in NOT_TRANSFERRED)
 
 
-def planned_part(network: nn.Module) -> nn.Module:
-    """The planned network inside a per-voxel agents' network: PixelRL's backbone, MRL-Seg's Segmentation-Net."""
-    from nnunet_rl.mrl_seg import MRLSegNetwork
-    from nnunet_rl.pixel_rl import PixelRLNetwork
-    if isinstance(network, PixelRLNetwork):
-        return network.backbone
-    if isinstance(network, MRLSegNetwork):
-        return network.segmentation
-    raise NnunetRLError(f"a {type(network).__name__} has no planned part to load a stock checkpoint into; "
-                        f"pretrained-weights converts for nnUNetTrainerPixelRL, nnUNetTrainerMRLSeg and their variants")
-
-
-def warm_start_agents(network: nn.Module) -> None:
-    """What the agents take from the loaded planned network: MRL-Seg's Reinforcement-Net encoder its copy of the
-    Segmentation-Net's first encoder stages (the in-run pre-training's step at the first RL epoch); PixelRL's heads
-    nothing (they start as initialised, near "keep")."""
-    from nnunet_rl.mrl_seg import MRLSegNetwork
-    if isinstance(network, MRLSegNetwork):
-        network.reinforcement.encoder.initialise_from(network.segmentation.encoder)
-
-
 def read_stock_weights(checkpoint: Path) -> tuple[dict, str]:
     """The checkpoint's ``network_weights`` (on the CPU) and a few words on what it is (trainer, configuration)."""
     if not checkpoint.is_file():
@@ -90,15 +69,15 @@ def check_compatible(planned: dict, stock: dict, source: str, target: str) -> No
 
 
 def with_stock_weights(network: nn.Module, stock: dict, source: str, target: str) -> nn.Module:
-    """``network`` (a per-voxel agents' network) with its planned part loaded from the ``stock`` state dict under
-    nnU-Net's rules (:func:`check_compatible`; the seg layers keep their own weights) and the agents warm-started
-    (:func:`warm_start_agents`)."""
-    planned = planned_part(network)
+    """``network`` (a per-voxel agents' network: ``planned_network``, ``warm_start_from_planned``) with its planned
+    part loaded from the ``stock`` state dict under nnU-Net's rules (:func:`check_compatible`; the seg layers keep
+    their own weights) and the agents warm-started from it."""
+    planned = network.planned_network
     state = planned.state_dict()
     check_compatible(state, stock, source, target)
     state.update({key: stock[key] for key in state if transferred(key)})
     planned.load_state_dict(state)
-    warm_start_agents(network)
+    network.warm_start_from_planned()
     return network
 
 

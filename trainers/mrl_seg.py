@@ -104,8 +104,7 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
         super().on_train_epoch_start()
         self._episodes = []
         if self.pretrain and self.current_epoch == self.rl_start_epoch:
-            network = self.mrl_seg_network
-            network.reinforcement.encoder.initialise_from(network.segmentation.encoder)
+            self.mrl_seg_network.warm_start_from_planned()
             self.print_to_log_file("mrl_seg: Reinforcement-Net encoder initialised from the Segmentation-Net")
 
     def train_step(self, batch: dict) -> dict:
