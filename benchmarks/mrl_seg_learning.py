@@ -34,7 +34,8 @@ Thresholds, run 1 (as issue 15 words it):
 - control: Dice(steps) − Dice(pretrained) ≤ 0 in every seed.
 
 Run 1's comparison also credits the RL with the 250 iterations of nnU-Net's loss the Segmentation-Net gets in the RL
-phase (a review pointed this out before run 1's result was known); run 2 adds thresholds against the matched arm:
+phase (a review pointed this out while run 1 ran, when one of its results, learner seed 0, had been printed); run 2
+adds thresholds against the matched arm:
 
 - learner: Dice(steps) − Dice(stock) > 0 in every seed;
 - control: Dice(steps) − Dice(stock) ≤ 0 in every seed.
