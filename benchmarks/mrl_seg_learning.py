@@ -156,8 +156,8 @@ def run(dataset: str, seeds: list[int], arms: list[str]) -> dict:
             if arm in RL_ARMS:
                 masked.setdefault(arm, {})[seed] = masked_fractions(trainer)
                 balance.setdefault(arm, {})[seed] = held_out_balance(trainer, dataset)
-            print(f"{arm}, seed {seed}: held-out Dice {dice[arm][seed]}, masked fractions {masked.get(arm, {}).get(seed)}"
-                  f", held-out balance {balance.get(arm, {}).get(seed)} ({time.perf_counter() - start:.0f} s)",
+            print(f"{arm}, seed {seed}: held-out Dice {dice[arm][seed]}, "
+                  f"masked fractions {masked.get(arm, {}).get(seed)}, held-out balance {balance.get(arm, {}).get(seed)} ({time.perf_counter() - start:.0f} s)",
                   flush=True)
     rl_arms = [arm for arm in arms if arm in RL_ARMS]
     result = {"configuration": CONFIGURATION, "seeds": seeds, "steps": STEPS, "held_out_dice": dice,

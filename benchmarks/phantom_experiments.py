@@ -1,4 +1,5 @@
-"""What the learning experiments on synthetic phantoms share: their own nnU-Net folders, in-process trainers, the report.
+"""What the learning experiments on synthetic phantoms share: their own nnU-Net folders, in-process trainers, the
+report.
 
 ``das_learning.py``, ``pixel_rl_learning.py`` and ``mrl_seg_learning.py`` run nnU-Net's training in this process (so
 that they can wrap a trainer class with a control or a recorder) on a dataset they make and plan in a temporary folder.

@@ -196,7 +196,8 @@ def greedy_actions(logits: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=1)
 
 
-def greedy_rollout(initial: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor], steps: int) -> list[torch.Tensor]:
+def greedy_rollout(initial: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor],
+                   steps: int) -> list[torch.Tensor]:
     """The maps m(0) = ``initial``, m(t+1) = ``step``(m(t)), t < ``steps``, of a greedy episode whose state is m(t)
     (with inputs fixed over the episode). A greedy step is a function of the state, so once a step leaves the map
     unchanged every later step would too: the remaining maps repeat it and the heads are not run again. The result is

@@ -160,7 +160,8 @@ class nnUNetTrainerPixelRL_pretrained(nnUNetTrainerPixelRL):
 STEP_STUDY = {f"nnUNetTrainerPixelRL_tmax{steps}": type(
     f"nnUNetTrainerPixelRL_tmax{steps}", (nnUNetTrainerPixelRL,),
     {"rl_overrides": {COMPONENT: {"t_max": steps}}, "__module__": __name__,
-     "__doc__": f"PixelDRL-MG with t_max = {steps} steps per episode, in training and prediction (the paper's Fig. 7)."})
+     "__doc__": f"PixelDRL-MG with t_max = {steps} steps per episode, in training and prediction "
+                f"(the paper's Fig. 7)."})
     for steps in range(1, 11)}
 globals().update(STEP_STUDY)
 
