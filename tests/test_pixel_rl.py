@@ -125,6 +125,9 @@ def test_initial_map_adds_uncertain_background_to_the_argmax():
     logits = probabilities.log()
     assert pixel_rl.initial_map(logits, 0.0).tolist() == [[0, 0, 1, 0]]  # the argmax
     assert pixel_rl.initial_map(logits, 0.9).tolist() == [[0, 2, 1, 2]]  # background below 0.9: best foreground
+    saturated = torch.tensor([[[40.0], [0.0], [1.0]]])  # softmax gives background exactly 1 in float32
+    assert torch.softmax(saturated, dim=1)[0, 0, 0] == 1
+    assert pixel_rl.initial_map(saturated, 1.0).tolist() == [[2]]  # 1: every voxel, the paper's initial state
 
 
 @pytest.mark.parametrize("dim, spatial", [(2, (16, 20)), (3, (8, 8, 12))])

@@ -9,8 +9,10 @@ from nnunet_rl.trainers.mrl_seg import (SHORT_SCHEDULES as _MRL_SEG_SHORT_SCHEDU
                                         nnUNetTrainerMRLSeg_shuffledReward)
 from nnunet_rl.trainers.pixel_rl import (SHORT_SCHEDULES as _PIXEL_RL_SHORT_SCHEDULES,
                                          STEP_STUDY as _PIXEL_RL_STEP_STUDY, nnUNetTrainerPixelRL,
-                                         nnUNetTrainerPixelRL_noDC, nnUNetTrainerPixelRL_noSAM,
-                                         nnUNetTrainerPixelRL_pretrained, nnUNetTrainerPixelRL_shuffledReward)
+                                         nnUNetTrainerPixelRL_allForeground,
+                                         nnUNetTrainerPixelRL_allForeground_shuffledReward, nnUNetTrainerPixelRL_noDC,
+                                         nnUNetTrainerPixelRL_noSAM, nnUNetTrainerPixelRL_pretrained,
+                                         nnUNetTrainerPixelRL_shuffledReward)
 from nnunet_rl.trainers.rl_deep_supervision import (nnUNetTrainerAWSnet, nnUNetTrainerRLDeepSup,
                                                     nnUNetTrainerRLDeepSup_faithful,
                                                     nnUNetTrainerRLDeepSup_randomSearch,
@@ -64,7 +66,8 @@ __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10
            "nnUNetTrainerRLU2Net_lambda0p5", *_RL_U2NET_SHORT_SCHEDULES, "nnUNetTrainerRLU2Net_noPPO",
            "nnUNetTrainerRLU2Net_unpaired",
            "nnUNetTrainerPixelRL", "nnUNetTrainerPixelRL_noSAM", "nnUNetTrainerPixelRL_noDC",
-           "nnUNetTrainerPixelRL_shuffledReward", "nnUNetTrainerPixelRL_pretrained",
+           "nnUNetTrainerPixelRL_shuffledReward", "nnUNetTrainerPixelRL_allForeground",
+           "nnUNetTrainerPixelRL_allForeground_shuffledReward", "nnUNetTrainerPixelRL_pretrained",
            *_PIXEL_RL_SHORT_SCHEDULES, *_PIXEL_RL_STEP_STUDY,
            "nnUNetTrainerMRLSeg", "nnUNetTrainerMRLSeg_noFB", "nnUNetTrainerMRLSeg_noADP",
            "nnUNetTrainerMRLSeg_noPretrain", "nnUNetTrainerMRLSeg_shuffledReward",

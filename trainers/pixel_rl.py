@@ -151,6 +151,19 @@ class nnUNetTrainerPixelRL_shuffledReward(nnUNetTrainerPixelRL):
     shuffle_rewards = True
 
 
+class nnUNetTrainerPixelRL_allForeground(nnUNetTrainerPixelRL):
+    """The paper's initial state: f(0) gives every voxel its most probable foreground label (``proposal_threshold``
+    1), so that the agents, not the planned network's output layer, decide what is background (the paper's agents
+    start from the whole image as "object" and set the background to zero)."""
+    rl_overrides = {COMPONENT: {"proposal_threshold": 1.0}}
+
+
+class nnUNetTrainerPixelRL_allForeground_shuffledReward(nnUNetTrainerPixelRL_allForeground):
+    """The control of ``_allForeground`` in the learning experiment, not a method: rewards permuted across voxels as
+    in ``_shuffledReward``."""
+    shuffle_rewards = True
+
+
 class nnUNetTrainerPixelRL_pretrained(nnUNetTrainerPixelRL):
     """The RL phase from the first epoch (``backbone_fraction`` 0), for a backbone trained before the run: train with
     ``-pretrained_weights`` from ``nnunet-rl pretrained-weights`` (a stock nnUNetTrainer checkpoint converted)."""
@@ -167,5 +180,6 @@ globals().update(STEP_STUDY)
 
 SHORT_SCHEDULES = short_schedule_variants(
     (nnUNetTrainerPixelRL, nnUNetTrainerPixelRL_noSAM, nnUNetTrainerPixelRL_noDC,
-     nnUNetTrainerPixelRL_shuffledReward, nnUNetTrainerPixelRL_pretrained), __name__)
+     nnUNetTrainerPixelRL_shuffledReward, nnUNetTrainerPixelRL_allForeground,
+     nnUNetTrainerPixelRL_allForeground_shuffledReward, nnUNetTrainerPixelRL_pretrained), __name__)
 globals().update(SHORT_SCHEDULES)
