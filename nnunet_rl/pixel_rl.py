@@ -189,10 +189,10 @@ class PixelRLNetwork(nn.Module):
         """f(0) … f(t_max) under the greedy policy (:func:`~nnunet_rl.voxel_actor_critic.greedy_rollout`: the policy
         head alone, and no more of it once a step changes nothing); a voxel whose action logits are not finite keeps
         its label."""
-        attended = self.actor_critic.attend(features)
+        trunks = self.actor_critic.attend(features)
 
         def step(current: torch.Tensor) -> torch.Tensor:
-            logits = self.actor_critic.action_logits(attended, one_hot(current, self.num_classes))
+            logits = self.actor_critic.action_logits(trunks, one_hot(current, self.num_classes))
             return apply_actions(current, torch.where(torch.isfinite(logits).all(dim=1), greedy_actions(logits), KEEP))
 
         return greedy_rollout(labels, step, self.steps)
@@ -205,11 +205,11 @@ class PixelRLNetwork(nn.Module):
         losses (eqs. 13-15) over the voxels where ``valid`` (B, 1, *spatial) is true. Gradients reach whatever
         ``features`` depend on (eq. 16) unless the caller detached them. ``shuffle_rewards``: the control arm, each
         step's rewards permuted across voxels (:func:`shuffled_over_voxels`)."""
-        attended = self.actor_critic.attend(features)
+        trunks = self.actor_critic.attend(features)
         logits, values, actions, rewards, changed = [], [], [], [], []
         current = labels
         for _ in range(self.steps):
-            step_logits, value = self.actor_critic(attended, one_hot(current, self.num_classes))
+            step_logits, value = self.actor_critic(trunks, one_hot(current, self.num_classes))
             action = sample_actions(step_logits.detach(), generator, fallback=KEEP)
             following = apply_actions(current, action)
             reward = squared_error_reward(current, following, reference, self.num_classes)
@@ -223,7 +223,7 @@ class PixelRLNetwork(nn.Module):
             rewards.append(reward)
             changed.append((following != current).float().mean())
             current = following
-        bootstrap = self.actor_critic.state_value(attended, one_hot(current, self.num_classes)).detach().float()
+        bootstrap = self.actor_critic.state_value(trunks, one_hot(current, self.num_classes)).detach().float()
         returns = self.actor_critic.returns(rewards, bootstrap, gamma)
         losses = a2c_losses(logits, values, actions, returns, valid)
         mean_rewards = torch.stack([r.mean() for r in rewards]).tolist()
