@@ -37,7 +37,7 @@ History (docs/pixel_rl.md, "Evidence"), each run's set-up and thresholds fixed b
 Added after run 4's result, reported only (no threshold): the ``rewarded_ceiling``, the best held-out Dice among the
 maps whose removals eq. 12 rewards (:func:`rewarded_removal`).
 
-5. this commit: the paper's initial state, f(0) every voxel's most probable foreground label
+5. commit 6455d70: the paper's initial state, f(0) every voxel's most probable foreground label
    (``nnUNetTrainerPixelRL_allForeground``, ``proposal_threshold`` 1; control
    ``nnUNetTrainerPixelRL_allForeground_shuffledReward``), so that the agents decide what is background and eq. 12
    rewards every correct removal; 40 epochs of 25 iterations (500 backbone iterations, 500 RL episodes, twice run 4's,
@@ -45,6 +45,9 @@ maps whose removals eq. 12 rewards (:func:`rewarded_removal`).
    (``nnUNetTrainerPixelRL``, ``nnUNetTrainerPixelRL_shuffledReward``, f(0) the argmax) and schedule (20 epochs) are
    those of their commits. Expected before running: the agents learn to remove most of the background (the fourth
    threshold), and whether they beat the planned network's own argmax is open.
+6. commit 728909b's heads (the map enters at their last hidden layer; the dilated layers run once per episode), run
+   5's arms, schedule and thresholds otherwise unchanged; fixed while run 5 was running, after its first result
+   (learner, seed 0) was printed.
 
     python benchmarks/pixel_rl_learning.py --seeds 0 1 2 -o pixel_rl_learning.json
 
