@@ -40,8 +40,16 @@ adds thresholds against the matched arm:
 - learner: Dice(steps) − Dice(stock) > 0 in every seed;
 - control: Dice(steps) − Dice(stock) ≤ 0 in every seed.
 
-History: run 1 (commit 91b0832): learner and control, run-1 thresholds; run 2, this version: the stock arm, the
-run-2 thresholds and the held-out balance added, the run-1 thresholds still reported.
+Run 3 adds, fixed before it ran: a learner's pass of run 2's threshold counts as the masking's only if its greedy
+policy masks something on the held-out images (``held_out_balance``: foreground or background masked after the last
+step > 0) in every seed; otherwise its difference to stock is nnU-Net's training alone.
+
+History: run 1 (commit 91b0832): learner and control, run-1 thresholds; run 2 (commit fd693fa): the stock arm, the
+run-2 thresholds and the held-out balance added, the run-1 thresholds still reported; run 3, this version: the
+Segmentation-Net trains on the greedy policy's masks (what prediction feeds it) instead of the sampled s(T), and the
+heads are commit 728909b's (the state enters at their last hidden layer); arms, schedule, seeds and thresholds as in
+run 2, plus the one above. Expected before running: close to stock, since the greedy policy masked nothing in run 2
+and the Segmentation-Net now trains on what it masks.
 
     python benchmarks/mrl_seg_learning.py --seeds 0 1 2 -o mrl_seg_learning.json
 
@@ -174,6 +182,10 @@ def run(dataset: str, seeds: list[int], arms: list[str]) -> dict:
             result[f"{name}_learner_passes"] = min(gains["learner"]) > 0
         if "shuffled" in gains:
             result[f"{name}_control_fails"] = max(gains["shuffled"]) <= 0
+    if "run2_learner_passes" in result:
+        masks_something = [max(balance["learner"][seed]["foreground_masked"][-1],
+                               balance["learner"][seed]["background_masked"][-1]) > 0 for seed in seeds]
+        result["run3_learner_passes"] = result["run2_learner_passes"] and all(masks_something)
     return result
 
 

@@ -264,8 +264,9 @@ class MRLSegNetwork(nn.Module):
       windows as stock logits.
     - Inside :meth:`recording` (validation in the RL phase): the same greedy episode, recording the Segmentation-Net's
       map of every s(t).
-    - Inside :meth:`training` (the RL phase's training steps): a sampled episode against the batch's reference
-      (:meth:`training_episode`); the output is the Segmentation-Net's on s(T), which nnU-Net's loss trains.
+    - Inside :meth:`training_episodes` (the RL phase's training steps): a sampled episode against the batch's
+      reference (:meth:`training_episode`); the output is the Segmentation-Net's on the greedily masked input (what
+      prediction feeds it), which nnU-Net's loss trains.
     """
 
     def __init__(self, segmentation: nn.Module, reinforcement: ReinforcementNet, steps: int):
@@ -349,25 +350,22 @@ class MRLSegNetwork(nn.Module):
         (B, *spatial, labels ≥ 0; 0 where ``valid`` (B, 1, *spatial) is false), the returns of eqs. 11-12 with ADP
         (eq. 10) bootstrapped from V(s(T)), and the A2C losses (eqs. 8, 9, 13) over the valid voxels; the policy term
         of step t only over the voxels not masked before it (masks only grow, so an action there changes nothing).
-        Returns the Segmentation-Net's output on s(T) (with gradients, for nnU-Net's loss) and the :class:`Episode`.
-        The rewards come from the Segmentation-Net without gradients: the A2C losses train the Reinforcement-Net and ω
-        only."""
+        Returns the Segmentation-Net's output on the input masked by the greedy policy (with gradients, for nnU-Net's
+        loss: the Segmentation-Net trains on what prediction feeds it, not on the sampled exploration) and the
+        :class:`Episode`. The rewards come from the Segmentation-Net without gradients: the A2C losses train the
+        Reinforcement-Net and ω only."""
         masked = torch.zeros_like(x[:, :1], dtype=torch.bool)
         with torch.no_grad():
+            greedy = self.greedy_masks(x)[-1]
             previous = full_resolution(self.segmentation(x))
         logits, values, actions, rewards, fractions, acting = [], [], [], [], [], []
-        output = None
-        for step in range(self.steps):
+        for _ in range(self.steps):
             acting.append(~masked if valid is None else valid & ~masked)
             step_logits, value = self.reinforcement(masked_input(x, masked), masked)
             action = sample_actions(step_logits.detach(), generator, fallback=RETAIN)
             masked = masked | (action == MASK)[:, None]
-            if step < self.steps - 1:
-                with torch.no_grad():
-                    current = full_resolution(self.segmentation(masked_input(x, masked)))
-            else:
-                output = self.segmentation(masked_input(x, masked))
-                current = full_resolution(output).detach()
+            with torch.no_grad():
+                current = full_resolution(self.segmentation(masked_input(x, masked)))
             reward = self._reward(previous, current, masked, reference, valid, settings, generator)
             logits.append(step_logits)
             values.append(value)
@@ -381,7 +379,7 @@ class MRLSegNetwork(nn.Module):
         returns = difficulty_returns(rewards, bootstrap, adp, self.reinforcement.omega, settings.gamma)
         losses = a2c_losses(logits, values, actions, returns, valid, policy_mask=acting)
         mean_rewards = torch.stack([r.mean() for r in rewards]).tolist()
-        return output, Episode(losses, mean_rewards, torch.stack(fractions).tolist())
+        return self.segmentation(masked_input(x, greedy)), Episode(losses, mean_rewards, torch.stack(fractions).tolist())
 
     @staticmethod
     def _reward(previous: torch.Tensor, current: torch.Tensor, masked: torch.Tensor, reference: torch.Tensor,

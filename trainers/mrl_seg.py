@@ -14,7 +14,8 @@ The trainer wires the components into nnU-Net's hooks:
 - ``on_train_epoch_start``: the first ``segmentation_fraction`` of the epochs pre-train the Segmentation-Net with
   nnU-Net's loss; at the first RL epoch the Reinforcement-Net's encoder is initialised from it (Table V);
 - ``train_step``: in the RL phase every step runs a sampled episode on the batch (rewards eqs. 3-5, returns
-  eqs. 10-12), and nnU-Net's loss trains the Segmentation-Net on the masked representation s(T);
+  eqs. 10-12), and nnU-Net's loss trains the Segmentation-Net on the input masked by the greedy policy (what
+  prediction feeds it);
 - ``validation_step``: in the RL phase nnU-Net's validation (its pseudo Dice, hence ``checkpoint_best``) measures
   the Segmentation-Net on the greedily masked input, and the Dice of every step's s(t) is recorded
   (``mrl_seg_steps.json`` / ``.png``) with the masks of one validation patch (``mrl_seg_masks.png``, Fig. 9).
