@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_env)
 
     p = sub.add_parser("make-dataset", help="write a synthetic nnU-Net v2 raw dataset into $nnUNet_raw")
-    p.add_argument("--kind", choices=["multimodal", "imbalanced"], required=True)
+    p.add_argument("--kind", choices=["multimodal", "imbalanced", "stacked"], required=True,
+                   help="stacked: short-axis cardiac stacks of thick 2D slices (3D only)")
     p.add_argument("--id", type=int, required=True, help="dataset ID (the N in DatasetN_Name)")
     p.add_argument("--dim", type=int, choices=[2, 3], default=3)
     p.add_argument("--cases", type=int, default=None, help="number of training cases (default: kind-specific)")

@@ -185,3 +185,81 @@ def test_cli_make_dataset(raw, capsys):
         main(arguments)
     assert exit_info.value.code == 2
     assert "already used by" in capsys.readouterr().err
+
+
+def _stack(dataset_id, **kwargs):
+    return make_dataset("stacked", dataset_id, cases=5, size=32, **kwargs)
+
+
+def _labels_per_slice(label):
+    return [set(np.unique(s).tolist()) for s in label]
+
+
+def test_stacked_cases_are_thick_slice_stacks_that_nnunet_accepts(raw):
+    folder = _stack(12)
+    assert folder == raw / "Dataset012_SynthCineStack"
+    info = _dataset_json(folder)
+    assert info["channel_names"] == {"0": "cineMRI"}
+    assert info["labels"] == {"background": 0, "LV": 1, "myocardium": 2, "RV": 3}
+    slice_counts = set()
+    for split, cases in (("Tr", range(5)), ("Ts", range(5, 7))):
+        for case in cases:
+            label_image = sitk.ReadImage(str(folder / f"labels{split}" / f"case_{case:03d}.nii.gz"))
+            assert label_image.GetSpacing() == (1.5, 1.5, 10.0)  # SimpleITK's x, y, z: 10 mm between slices
+            label = sitk.GetArrayFromImage(label_image)
+            image = _read(folder / f"images{split}" / f"case_{case:03d}_0000.nii.gz")
+            assert 8 <= label.shape[0] <= 12 and label.shape[1:] == (32, 32) and image.shape == label.shape
+            assert image.dtype == np.float32 and set(np.unique(label)) == {0, 1, 2, 3}
+            slice_counts.add(label.shape[0])
+    assert len(slice_counts) > 1
+    verify_dataset_integrity(str(folder), num_processes=1)
+
+
+def test_stacked_classes_are_absent_towards_apex_and_base(raw):
+    folder = make_dataset("stacked", 13, cases=8, size=32, seed=2)
+    empty_end_slices = 0
+    for path in sorted((folder / "labelsTr").iterdir()):
+        present = _labels_per_slice(_read(path))
+        heart = [i for i, labels in enumerate(present) if labels != {0}]
+        assert heart == list(range(heart[0], heart[-1] + 1))  # one contiguous heart
+        assert present[heart[-1]] == {0, 2}  # the apex: myocardium only, no blood pool, no RV
+        assert {1, 3} <= present[heart[0]]  # the base: all classes
+        rv_slices = [i for i in heart if 3 in present[i]]
+        lv_slices = [i for i in heart if 1 in present[i]]
+        assert rv_slices[-1] <= lv_slices[-1] < heart[-1]  # the RV ends no later than the blood pool
+        empty_end_slices += (heart[0] > 0) + (heart[-1] < len(present) - 1)
+    assert empty_end_slices > 0
+
+
+def test_stacked_intensities_separate_blood_from_myocardium_only_on_average(raw):
+    folder = _stack(14)
+    label, image = _read(folder / "labelsTr" / "case_000.nii.gz"), _read(folder / "imagesTr" / "case_000_0000.nii.gz")
+    blood, myocardium = image[label == 1], image[label == 2]
+    assert blood.mean() - myocardium.mean() > 150
+    assert blood.min() < myocardium.max()  # noise makes single voxels ambiguous
+
+
+def test_stacked_is_reproducible_from_seed(raw):
+    first, same, other = (_stack(dataset_id, seed=seed) for dataset_id, seed in ((15, 0), (16, 0), (17, 1)))
+    for relative in ("imagesTr/case_002_0000.nii.gz", "labelsTs/case_006.nii.gz"):
+        assert np.array_equal(_read(first / relative), _read(same / relative))
+        assert not np.array_equal(_read(first / relative), _read(other / relative))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dim=2), "kind 'stacked' is a stack of 2D slices, a 3D image: use --dim 3, not 2"),
+    (dict(size=16), "size must be at least 32"),
+])
+def test_stacked_bad_arguments(raw, kwargs, message):
+    with pytest.raises(NnunetRLError, match=message):
+        make_dataset(**(dict(kind="stacked", dataset_id=5, cases=5) | kwargs))
+    assert not any(raw.iterdir())
+
+
+def test_cli_make_dataset_stacked(raw, capsys):
+    main(["make-dataset", "--kind", "stacked", "--id", "18", "--cases", "5", "--size", "32", "--seed", "3"])
+    assert f"wrote {raw / 'Dataset018_SynthCineStack'}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["make-dataset", "--kind", "stacked", "--id", "19", "--dim", "2"])
+    assert exit_info.value.code == 2
+    assert "use --dim 3" in capsys.readouterr().err

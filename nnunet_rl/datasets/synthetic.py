@@ -9,10 +9,17 @@ Kinds:
   multiplicative bias field on the MRI.
 * ``imbalanced`` -> ``Dataset<ID>_SynthLesion``: one channel ``{"0": "MRI"}``, labels background, organ, lesion: one
   organ with small lesions inside it covering 0.1-2 % of the volume.
+* ``stacked`` -> ``Dataset<ID>_SynthCineStack``: short-axis cardiac cine-MR-like stacks of thick 2D slices (3D only),
+  labels background, LV blood pool, myocardium, RV; 8-12 slices per case of ``size`` x ``size`` voxels, spacing
+  (10, 1.5, 1.5) mm. Slice 0 is the base, the last slice the apex: the heart tapers towards the apex, the LV blood
+  pool and the RV end before it (the apical slices are myocardium only), and in some cases the first slice lies
+  above the base (bright atria, no label) or the last below the apex (nothing). One channel ``{"0": "cineMRI"}``:
+  bright blood, dark myocardium, in-plane partial-volume blur, a bias field and noise. The stack the all-slice fusion
+  transformer is for (:mod:`nnunet_rl.all_slice_fusion`).
 
 Files: ``imagesTr/case_000_0000.nii.gz`` (one file per channel), ``labelsTr/case_000.nii.gz``; the held-out cases
-(about 20 %, at least 2) go to imagesTs/labelsTs and are numbered after the training cases. 3D cases are cubes with
-spacing (1.5, 1, 1) (thick axis first), or (1, 1, 1) when the MRI is rotated; 2D cases are stored as NIfTI of shape
+(about 20 %, at least 2) go to imagesTs/labelsTs and are numbered after the training cases. 3D cases of the first two
+kinds are cubes with spacing (1.5, 1, 1) (thick axis first), or (1, 1, 1) when the MRI is rotated; 2D cases are stored as NIfTI of shape
 (1, S, S) with spacing (999, 1, 1), nnU-Net's convention for 2D data in NIfTI.
 
 Rotated auxiliary channel (multimodal, ``rotate_aux`` ``fixed`` or ``random``): the MRI channel (channel "1") of a
@@ -82,6 +89,21 @@ MAX_LESION_FRACTION = 0.02
 LESION_RADIUS = (0.02, 0.045)  # in units of the image edge length; at least one voxel
 
 PARTIAL_VOLUME_SIGMA = 0.6  # voxels
+
+# Short-axis stack (kind "stacked"): slice 0 is the base, the last slice the apex. Geometry in normalised in-plane
+# coordinates ([-1, 1] across the slice) as a function of t, the position from base (0) to apex (1).
+STACK_LABELS = {"background": 0, "LV": 1, "myocardium": 2, "RV": 3}
+STACK_SPACING = (10.0, 1.5, 1.5)  # mm: the large slice gap of cine MR stacks
+STACK_SLICES = (8, 12)  # per case, both included
+STACK_DEFAULT_SIZE = {3: 48}
+STACK_MIN_SIZE = {3: 32}  # below this the myocardium ring is about a voxel thick
+STACK_EMPTY_END_PROBABILITY = 0.4  # per end of the stack: a slice outside the heart (atria above, nothing below)
+LV_CAVITY_END = (0.65, 0.8)  # t beyond which the LV blood pool is gone (myocardium only)
+RV_END = (0.45, 0.65)  # t beyond which the RV is gone
+APEX_TAPER = 0.55  # the heart's outer radius shrinks by this fraction from base to apex
+ATRIUM = 4  # appearance index of the unlabelled atria above the base
+STACK_INTENSITIES = (120, 480, 170, 450, 430)  # background, LV blood, myocardium, RV blood, atria
+STACK_NOISE = 45.0
 
 
 def _normalised_grid(shape: tuple[int, ...]) -> np.ndarray:
@@ -172,16 +194,106 @@ def _lesion_case(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.n
     return label, [_render(rng, label, LESION_INTENSITIES, LESION_NOISE)]
 
 
+def _ellipse(grid: np.ndarray, centre, radii) -> np.ndarray:
+    """An ellipse in a 2D grid; radii of zero give no voxel."""
+    return _ellipsoid(grid, centre, np.maximum(radii, 1e-6))
+
+
+class _StackGeometry(NamedTuple):
+    """One case's heart in a short-axis stack: its first and last heart slice, and its in-plane shape."""
+    base: int
+    apex: int
+    lv_centre: np.ndarray  # at the base; it drifts by ``drift`` towards the apex
+    drift: np.ndarray
+    outer_radii: np.ndarray  # of the myocardium at the base
+    wall: float  # myocardium thickness
+    cavity_end: float
+    rv_end: float
+    rv_width: float
+
+
+def _stack_geometry(rng: np.random.Generator, num_slices: int) -> _StackGeometry:
+    empty_base, empty_apex = rng.random(2) < STACK_EMPTY_END_PROBABILITY
+    return _StackGeometry(base=int(empty_base), apex=num_slices - 1 - int(empty_apex),
+                          lv_centre=np.array([0.0, 0.15]) + rng.uniform(-0.08, 0.08, 2),
+                          drift=rng.uniform(-0.08, 0.08, 2), outer_radii=rng.uniform(0.36, 0.44, 2),
+                          wall=rng.uniform(0.09, 0.12), cavity_end=rng.uniform(*LV_CAVITY_END),
+                          rv_end=rng.uniform(*RV_END), rv_width=rng.uniform(0.16, 0.22))
+
+
+def _short_axis_slice(grid: np.ndarray, heart: _StackGeometry, t: float) -> np.ndarray:
+    """The appearance map (STACK_LABELS values) of the slice at position t from base (0) to apex (1): the myocardium
+    ring around the LV blood pool, the RV a crescent beside it; past ``cavity_end`` the myocardium is a solid cap,
+    past ``rv_end`` there is no RV."""
+    centre = heart.lv_centre + heart.drift * t
+    outer = heart.outer_radii * (1 - APEX_TAPER * t ** 2)
+    myocardium = _ellipse(grid, centre, outer)
+    appearance = myocardium.astype(np.uint8) * STACK_LABELS["myocardium"]
+    if t <= heart.cavity_end:
+        appearance[_ellipse(grid, centre, outer - heart.wall)] = STACK_LABELS["LV"]
+    if t <= heart.rv_end:
+        width = heart.rv_width * np.sqrt(1 - t / heart.rv_end)
+        rv_centre = centre - np.array([0.05, outer[1] + 0.5 * width])
+        appearance[_ellipse(grid, rv_centre, (1.15 * outer[0], width + 0.5 * outer[1])) & ~myocardium] = \
+            STACK_LABELS["RV"]
+    return appearance
+
+
+def _atria_slice(grid: np.ndarray, heart: _StackGeometry) -> np.ndarray:
+    """The appearance of a slice above the base: both atria, bright as blood but not labelled."""
+    appearance = np.zeros(grid.shape[1:], dtype=np.uint8)
+    for side in (-1, 1):
+        appearance[_ellipse(grid, heart.lv_centre + np.array([-0.05, 0.25 * side - 0.1]), heart.outer_radii * 0.7)] = \
+            ATRIUM
+    return appearance
+
+
+def _stacked_case(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A short-axis stack (see the module docstring): label and one cine-MR-like channel, rendered slice by slice
+    (partial-volume blur in-plane only: the slices are 10 mm apart)."""
+    num_slices, *in_plane = shape
+    grid = _normalised_grid(tuple(in_plane))
+    heart = _stack_geometry(rng, num_slices)
+    appearance = np.zeros(shape, dtype=np.uint8)
+    for z in range(num_slices):
+        if heart.base <= z <= heart.apex:
+            appearance[z] = _short_axis_slice(grid, heart, (z - heart.base) / (heart.apex - heart.base))
+        elif z < heart.base:
+            appearance[z] = _atria_slice(grid, heart)
+    label = np.where(appearance == ATRIUM, 0, appearance).astype(np.uint8)
+    bias = _bias_field(rng, _normalised_grid(shape))
+    image = np.stack([_render(rng, slice_appearance, STACK_INTENSITIES, STACK_NOISE, bias=slice_bias)
+                      for slice_appearance, slice_bias in zip(appearance, bias)])
+    return label, [image]
+
+
+def _cube_shape(rng: np.random.Generator, dim: int, size: int) -> tuple[int, ...]:
+    return (size,) * dim
+
+
+def _stack_shape(rng: np.random.Generator, dim: int, size: int) -> tuple[int, ...]:
+    """A number of slices drawn from STACK_SLICES, each size x size."""
+    return int(rng.integers(STACK_SLICES[0], STACK_SLICES[1] + 1)), size, size
+
+
 class _Kind(NamedTuple):
     name: str
     channel_names: dict
     labels: dict
     make_case: Callable[[np.random.Generator, tuple[int, ...]], tuple[np.ndarray, list[np.ndarray]]]
+    dims: tuple[int, ...] = (2, 3)
+    default_size: dict = DEFAULT_SIZE
+    min_size: dict = MIN_SIZE
+    case_shape: Callable[[np.random.Generator, int, int], tuple[int, ...]] = _cube_shape
+    spacing: tuple[float, ...] | None = None  # None: by dimension and rotation (see _fill)
 
 
 KINDS = {
     "multimodal": _Kind("SynthHeartMM", {"0": "CT", "1": "MRI"}, HEART_LABELS, _heart_case),
     "imbalanced": _Kind("SynthLesion", {"0": "MRI"}, LESION_LABELS, _lesion_case),
+    "stacked": _Kind("SynthCineStack", {"0": "cineMRI"}, STACK_LABELS, _stacked_case, dims=(3,),
+                     default_size=STACK_DEFAULT_SIZE, min_size=STACK_MIN_SIZE, case_shape=_stack_shape,
+                     spacing=STACK_SPACING),
 }
 
 
@@ -190,6 +302,8 @@ def _check_choices(kind: str, dim: int, rotate_aux: str) -> None:
         raise NnunetRLError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
     if dim not in DEFAULT_SIZE:
         raise NnunetRLError(f"dim must be 2 or 3, not {dim}")
+    if dim not in KINDS[kind].dims:
+        raise NnunetRLError(f"kind {kind!r} is a stack of 2D slices, a 3D image: use --dim 3, not {dim}")
     if rotate_aux not in ROTATE_AUX_MODES:
         raise NnunetRLError(f"unknown rotate_aux {rotate_aux!r}; choose one of {', '.join(ROTATE_AUX_MODES)}")
     if rotate_aux != "none" and kind != "multimodal":
@@ -197,13 +311,13 @@ def _check_choices(kind: str, dim: int, rotate_aux: str) -> None:
                             f"(kind {kind!r} has one channel)")
 
 
-def _check_counts(dim: int, cases: int, size: int) -> None:
+def _check_counts(kind: str, dim: int, cases: int, size: int) -> None:
     if cases < MIN_CASES:
         raise NnunetRLError(f"cases must be at least {MIN_CASES} (one per fold of nnU-Net's 5-fold "
                             f"cross-validation), not {cases}")
-    if size < MIN_SIZE[dim]:
-        raise NnunetRLError(f"size must be at least {MIN_SIZE[dim]} in {dim}D (smaller structures vanish), "
-                            f"not {size}")
+    min_size = KINDS[kind].min_size[dim]
+    if size < min_size:
+        raise NnunetRLError(f"size must be at least {min_size} in {dim}D (smaller structures vanish), not {size}")
 
 
 def _aux_rotation_indices(mode: str, rng: np.random.Generator, num_cases: int, group_size: int) -> list[int]:
@@ -250,11 +364,12 @@ def _fill(folder: Path, kind: str, dim: int, cases: int, size: int, rotate_aux: 
     rotations = cube_rotations(dim)
     rotation_indices = (None if rotate_aux == "none" else
                         _aux_rotation_indices(rotate_aux, dataset_rng, len(names), len(rotations)))
-    spacing = SPACING_2D if dim == 2 else SPACING_3D if rotate_aux == "none" else SPACING_3D_ISOTROPIC
+    spacing = spec.spacing or (SPACING_2D if dim == 2 else SPACING_3D if rotate_aux == "none" else
+                               SPACING_3D_ISOTROPIC)
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (folder / sub).mkdir()
     for i, (case, rng) in enumerate(tqdm(list(zip(names, case_rngs)), desc=f"{kind} cases", unit="case")):
-        label, channels = spec.make_case(rng, (size,) * dim)
+        label, channels = spec.make_case(rng, spec.case_shape(rng, dim, size))
         if rotation_indices is not None:
             channels[AUX_CHANNEL] = rotate_array(channels[AUX_CHANNEL], rotations[rotation_indices[i]])
         _write_case(folder, "Tr" if i < cases else "Ts", case, label, channels, spacing)
@@ -273,12 +388,13 @@ def make_dataset(kind: str, dataset_id: int, dim: int = 3, cases: int | None = N
     """Write the synthetic dataset Dataset<ID>_<Name> into $nnUNet_raw and return its folder.
 
     cases: training cases (default 10 in 3D, 20 in 2D); about a quarter as many more go to the test set (>= 2).
-    size: edge length in voxels (default 32 in 3D, 64 in 2D). rotate_aux: none, fixed or random (multimodal only).
+    size: edge length in voxels (default 32 in 3D, 64 in 2D; for ``stacked`` the in-plane edge, default 48).
+    rotate_aux: none, fixed or random (multimodal only).
     """
     _check_choices(kind, dim, rotate_aux)
     cases = DEFAULT_CASES[dim] if cases is None else cases
-    size = DEFAULT_SIZE[dim] if size is None else size
-    _check_counts(dim, cases, size)
+    size = KINDS[kind].default_size[dim] if size is None else size
+    _check_counts(kind, dim, cases, size)
     return write_dataset_atomically(dataset_id, KINDS[kind].name,
                                     partial(_fill, kind=kind, dim=dim, cases=cases, size=size,
                                             rotate_aux=rotate_aux, seed=seed))
