@@ -19,8 +19,8 @@ Kinds:
 
 Files: ``imagesTr/case_000_0000.nii.gz`` (one file per channel), ``labelsTr/case_000.nii.gz``; the held-out cases
 (about 20 %, at least 2) go to imagesTs/labelsTs and are numbered after the training cases. 3D cases of the first two
-kinds are cubes with spacing (1.5, 1, 1) (thick axis first), or (1, 1, 1) when the MRI is rotated; 2D cases are stored as NIfTI of shape
-(1, S, S) with spacing (999, 1, 1), nnU-Net's convention for 2D data in NIfTI.
+kinds are cubes with spacing (1.5, 1, 1) (thick axis first), or (1, 1, 1) when the MRI is rotated; 2D cases are
+stored as NIfTI of shape (1, S, S) with spacing (999, 1, 1), nnU-Net's convention for 2D data in NIfTI.
 
 Rotated auxiliary channel (multimodal, ``rotate_aux`` ``fixed`` or ``random``): the MRI channel (channel "1") of a
 case is ``rotate_array(aligned_mri, matrix)``, the labels and the CT stay aligned. dataset.json records it under
