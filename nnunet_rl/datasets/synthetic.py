@@ -194,11 +194,6 @@ def _lesion_case(rng: np.random.Generator, shape: tuple[int, ...]) -> tuple[np.n
     return label, [_render(rng, label, LESION_INTENSITIES, LESION_NOISE)]
 
 
-def _ellipse(grid: np.ndarray, centre, radii) -> np.ndarray:
-    """An ellipse in a 2D grid; radii of zero give no voxel."""
-    return _ellipsoid(grid, centre, np.maximum(radii, 1e-6))
-
-
 class _StackGeometry(NamedTuple):
     """One case's heart in a short-axis stack: its first and last heart slice, and its in-plane shape."""
     base: int
@@ -227,14 +222,14 @@ def _short_axis_slice(grid: np.ndarray, heart: _StackGeometry, t: float) -> np.n
     past ``rv_end`` there is no RV."""
     centre = heart.lv_centre + heart.drift * t
     outer = heart.outer_radii * (1 - APEX_TAPER * t ** 2)
-    myocardium = _ellipse(grid, centre, outer)
+    myocardium = _ellipsoid(grid, centre, outer)
     appearance = myocardium.astype(np.uint8) * STACK_LABELS["myocardium"]
     if t <= heart.cavity_end:
-        appearance[_ellipse(grid, centre, outer - heart.wall)] = STACK_LABELS["LV"]
+        appearance[_ellipsoid(grid, centre, outer - heart.wall)] = STACK_LABELS["LV"]
     if t <= heart.rv_end:
         width = heart.rv_width * np.sqrt(1 - t / heart.rv_end)
         rv_centre = centre - np.array([0.05, outer[1] + 0.5 * width])
-        appearance[_ellipse(grid, rv_centre, (1.15 * outer[0], width + 0.5 * outer[1])) & ~myocardium] = \
+        appearance[_ellipsoid(grid, rv_centre, (1.15 * outer[0], width + 0.5 * outer[1])) & ~myocardium] = \
             STACK_LABELS["RV"]
     return appearance
 
@@ -243,8 +238,8 @@ def _atria_slice(grid: np.ndarray, heart: _StackGeometry) -> np.ndarray:
     """The appearance of a slice above the base: both atria, bright as blood but not labelled."""
     appearance = np.zeros(grid.shape[1:], dtype=np.uint8)
     for side in (-1, 1):
-        appearance[_ellipse(grid, heart.lv_centre + np.array([-0.05, 0.25 * side - 0.1]), heart.outer_radii * 0.7)] = \
-            ATRIUM
+        centre = heart.lv_centre + np.array([-0.05, 0.25 * side - 0.1])
+        appearance[_ellipsoid(grid, centre, heart.outer_radii * 0.7)] = ATRIUM
     return appearance
 
 
