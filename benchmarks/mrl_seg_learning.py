@@ -46,10 +46,10 @@ step > 0) in every seed; otherwise its difference to stock is nnU-Net's training
 
 History: run 1 (commit 91b0832): learner and control, run-1 thresholds; run 2 (commit fd693fa): the stock arm, the
 run-2 thresholds and the held-out balance added, the run-1 thresholds still reported; run 3, this version: the
-Segmentation-Net trains on the greedy policy's masks (what prediction feeds it) instead of the sampled s(T), and the
-heads are commit 728909b's (the state enters at their last hidden layer); arms, schedule, seeds and thresholds as in
-run 2, plus the one above. Expected before running: close to stock, since the greedy policy masked nothing in run 2
-and the Segmentation-Net now trains on what it masks.
+Segmentation-Net trains on the greedy policy's masks (what prediction feeds it) instead of the sampled s(T) (the
+heads as in run 2: commit 728909b's heads, first named here, were reverted before run 3 started, after PixelRL's run 6
+with them failed); arms, schedule, seeds and thresholds as in run 2, plus the one above. Expected before running:
+close to stock, since the greedy policy masked nothing in run 2 and the Segmentation-Net now trains on what it masks.
 
     python benchmarks/mrl_seg_learning.py --seeds 0 1 2 -o mrl_seg_learning.json
 
@@ -165,7 +165,8 @@ def run(dataset: str, seeds: list[int], arms: list[str]) -> dict:
                 masked.setdefault(arm, {})[seed] = masked_fractions(trainer)
                 balance.setdefault(arm, {})[seed] = held_out_balance(trainer, dataset)
             print(f"{arm}, seed {seed}: held-out Dice {dice[arm][seed]}, "
-                  f"masked fractions {masked.get(arm, {}).get(seed)}, held-out balance {balance.get(arm, {}).get(seed)} ({time.perf_counter() - start:.0f} s)",
+                  f"masked fractions {masked.get(arm, {}).get(seed)}, "
+                  f"held-out balance {balance.get(arm, {}).get(seed)} ({time.perf_counter() - start:.0f} s)",
                   flush=True)
     rl_arms = [arm for arm in arms if arm in RL_ARMS]
     result = {"configuration": CONFIGURATION, "seeds": seeds, "steps": STEPS, "held_out_dice": dice,

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_rl.pixel_rl import one_hot, shuffled_over_voxels
-from nnunet_rl.voxel_actor_critic import (A2CLosses, EpisodeTrunks, VoxelActorCritic, a2c_losses, full_resolution,
-                                          greedy_actions, greedy_rollout, sample_actions)
+from nnunet_rl.voxel_actor_critic import (A2CLosses, VoxelActorCritic, a2c_losses, full_resolution, greedy_actions,
+                                          greedy_rollout, sample_actions)
 
 MASK, RETAIN = 0, 1
 NUM_ACTIONS = 2
@@ -200,10 +200,8 @@ class ReinforcementNet(nn.Module):
         self.encoder = encoder
         self.actor_critic = actor_critic
 
-    def _state(self, representation: torch.Tensor, masked: torch.Tensor) -> tuple[EpisodeTrunks, torch.Tensor]:
-        """The heads' trunks on the encoder's features of s(t) (they change every step), and [s(t), mask(t)]."""
-        return (self.actor_critic.attend(self.encoder(representation)),
-                torch.cat((representation, masked.to(representation.dtype)), dim=1))
+    def _state(self, representation: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encoder(representation), torch.cat((representation, masked.to(representation.dtype)), dim=1)
 
     def forward(self, representation: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Action logits (B, 2, *spatial) and values (B, 1, *spatial)."""
@@ -379,7 +377,8 @@ class MRLSegNetwork(nn.Module):
         returns = difficulty_returns(rewards, bootstrap, adp, self.reinforcement.omega, settings.gamma)
         losses = a2c_losses(logits, values, actions, returns, valid, policy_mask=acting)
         mean_rewards = torch.stack([r.mean() for r in rewards]).tolist()
-        return self.segmentation(masked_input(x, greedy)), Episode(losses, mean_rewards, torch.stack(fractions).tolist())
+        episode = Episode(losses, mean_rewards, torch.stack(fractions).tolist())
+        return self.segmentation(masked_input(x, greedy)), episode
 
     @staticmethod
     def _reward(previous: torch.Tensor, current: torch.Tensor, masked: torch.Tensor, reference: torch.Tensor,

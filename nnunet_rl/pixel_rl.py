@@ -7,9 +7,9 @@ gives no DOI), §"Dynamic iterative update policy", eqs. 8 and 12-16, Algorithm 
 The planned network (the paper's feature extractor) runs once per patch; its logits give the initial label map f(0)
 (:func:`initial_map`: the argmax by default; with ``proposal_threshold`` > 0 also the voxels whose background
 probability is below it, a superset of the planned network's segmentation for agents that can only remove; with 1
-every voxel, the paper's initial state), its last decoder stage the features. Every voxel is an agent: at each of t_max steps the policy head
-sees [SAM(features), one-hot f(t)] and each voxel either sets its label to background or keeps it (multi-class: keeps
-its current label; a voxel set to background stays background). The reward of step t is eq. 12 on one-hot maps,
+every voxel, the paper's initial state), its last decoder stage the features. Every voxel is an agent: at each of
+t_max steps the policy head sees [SAM(features), one-hot f(t)] and each voxel either sets its label to background or
+keeps it (multi-class: keeps its current label; a voxel set to background stays background). The reward of step t is eq. 12 on one-hot maps,
 r = ‖f(t) − G‖² − ‖f(t+1) − G‖² per voxel: +2 where a false-positive voxel becomes background, −2 where a true
 positive does, 0 otherwise. The actor-critic machinery is :mod:`nnunet_rl.voxel_actor_critic`.
 """
@@ -189,10 +189,10 @@ class PixelRLNetwork(nn.Module):
         """f(0) … f(t_max) under the greedy policy (:func:`~nnunet_rl.voxel_actor_critic.greedy_rollout`: the policy
         head alone, and no more of it once a step changes nothing); a voxel whose action logits are not finite keeps
         its label."""
-        trunks = self.actor_critic.attend(features)
+        attended = self.actor_critic.attend(features)
 
         def step(current: torch.Tensor) -> torch.Tensor:
-            logits = self.actor_critic.action_logits(trunks, one_hot(current, self.num_classes))
+            logits = self.actor_critic.action_logits(attended, one_hot(current, self.num_classes))
             return apply_actions(current, torch.where(torch.isfinite(logits).all(dim=1), greedy_actions(logits), KEEP))
 
         return greedy_rollout(labels, step, self.steps)
@@ -205,11 +205,11 @@ class PixelRLNetwork(nn.Module):
         losses (eqs. 13-15) over the voxels where ``valid`` (B, 1, *spatial) is true. Gradients reach whatever
         ``features`` depend on (eq. 16) unless the caller detached them. ``shuffle_rewards``: the control arm, each
         step's rewards permuted across voxels (:func:`shuffled_over_voxels`)."""
-        trunks = self.actor_critic.attend(features)
+        attended = self.actor_critic.attend(features)
         logits, values, actions, rewards, changed = [], [], [], [], []
         current = labels
         for _ in range(self.steps):
-            step_logits, value = self.actor_critic(trunks, one_hot(current, self.num_classes))
+            step_logits, value = self.actor_critic(attended, one_hot(current, self.num_classes))
             action = sample_actions(step_logits.detach(), generator, fallback=KEEP)
             following = apply_actions(current, action)
             reward = squared_error_reward(current, following, reference, self.num_classes)
@@ -223,7 +223,7 @@ class PixelRLNetwork(nn.Module):
             rewards.append(reward)
             changed.append((following != current).float().mean())
             current = following
-        bootstrap = self.actor_critic.state_value(trunks, one_hot(current, self.num_classes)).detach().float()
+        bootstrap = self.actor_critic.state_value(attended, one_hot(current, self.num_classes)).detach().float()
         returns = self.actor_critic.returns(rewards, bootstrap, gamma)
         losses = a2c_losses(logits, values, actions, returns, valid)
         mean_rewards = torch.stack([r.mean() for r in rewards]).tolist()

@@ -5,8 +5,7 @@ MRL-Seg's {mask, retain} on the input). What the actions do, and the reward, bel
 what both need:
 
 - :class:`SelfAttentionModule`: PixelDRL-MG's SAM, eq. 1;
-- :class:`VoxelHead`: a stack of (dilated) convolutions on the features (the paper's DC), run once per episode, then
-  per step the state channels through one convolution and a 1×1 convolution;
+- :class:`VoxelHead`: a stack of (dilated) convolutions ending in a 1×1 convolution, the paper's DC;
 - :class:`VoxelActorCritic`: SAM on the fixed features, then a policy head (action logits per voxel) and a value head
   (V per voxel) on [features, extra state channels], with the neighbour-value convolution ω of the returns;
 - :class:`NeighbourReturns`: the learned neighbour weighting ω of eq. 8 and PixelDRL-MG's discounted returns
@@ -59,21 +58,13 @@ class SelfAttentionModule(nn.Module):
 
 
 class VoxelHead(nn.Module):
-    """A per-voxel head in two parts, at the input's resolution (padding = dilation):
+    """conv(k=3, dilation d) → norm → nonlinearity for each d in ``dilations``, then a 1×1 convolution to
+    ``out_channels``: an output per voxel at the input's resolution (padding = dilation). PixelDRL-MG puts dilated
+    convolutions (DC) in every layer of both heads; dilations of 1 give the same head without DC."""
 
-    - ``body``, on the features, which are fixed over an episode (run once per episode, :meth:`trunk`):
-      conv(k=3, dilation d) → norm → nonlinearity for each d in ``dilations``;
-    - per step (:meth:`forward`), the state channels (e.g. the current map, one-hot) through a 3^d convolution
-      ``state_conv``, added to the trunk, a nonlinearity, then the 1×1 convolution ``out`` to ``out_channels``.
-
-    PixelDRL-MG puts dilated convolutions (DC) in every layer of both heads, on the concatenated state; dilations of 1
-    give the same head without DC. Here the layers that see only the features run once per episode instead of at
-    every step, and the map enters at the last hidden layer (a 3^d neighbourhood of it): t_max steps cost t_max small
-    convolutions, not t_max whole heads (docs/pixel_rl.md, "Choices")."""
-
-    def __init__(self, in_channels: int, state_channels: int, hidden_channels: int, out_channels: int,
-                 dilations: Sequence[int], conv_op: type[nn.Module], norm_op: type[nn.Module] | None,
-                 norm_op_kwargs: dict | None, nonlin: type[nn.Module] | None, nonlin_kwargs: dict | None):
+    def __init__(self, in_channels: int, hidden_channels: int, out_channels: int, dilations: Sequence[int],
+                 conv_op: type[nn.Module], norm_op: type[nn.Module] | None, norm_op_kwargs: dict | None,
+                 nonlin: type[nn.Module] | None, nonlin_kwargs: dict | None):
         super().__init__()
         layers: list[nn.Module] = []
         channels = in_channels
@@ -85,32 +76,16 @@ class VoxelHead(nn.Module):
                 layers.append(nonlin(**(nonlin_kwargs or {})))
             channels = hidden_channels
         self.body = nn.Sequential(*layers)
-        self.state_conv = conv_op(state_channels, channels, kernel_size=3, padding=1, bias=False)
-        self.step_nonlin = nonlin(**(nonlin_kwargs or {})) if nonlin is not None else nn.Identity()
         self.out = conv_op(channels, out_channels, kernel_size=1, bias=True)
         self.hidden_channels, self.num_layers = hidden_channels, len(dilations)
 
-    def trunk(self, features: torch.Tensor) -> torch.Tensor:
-        """The part that sees only the features: once per episode."""
-        return self.body(features)
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.out(self.body(state))
 
-    def forward(self, trunk: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-        """One step's output from the episode's ``trunk`` and the step's ``state`` channels."""
-        return self.out(self.step_nonlin(trunk + self.state_conv(state.to(trunk.dtype))))
-
-    def compute_conv_feature_map_size(self, input_size, steps: int) -> int:
-        """Voxels of the feature maps a forward pass stores: conv, norm and nonlinearity per layer of the trunk once,
-        the state convolution, the sum, the nonlinearity and the output ``steps`` times."""
+    def compute_conv_feature_map_size(self, input_size) -> int:
+        """Voxels of the feature maps one forward stores: conv, norm and nonlinearity per layer, and the output."""
         voxels = int(np.prod(input_size, dtype=np.int64))
-        channels = self.out.in_channels
-        return voxels * (3 * self.hidden_channels * self.num_layers + steps * (3 * channels + self.out.out_channels))
-
-
-@dataclass
-class EpisodeTrunks:
-    """What the heads compute once per episode from the fixed features: each head's :meth:`VoxelHead.trunk`."""
-    policy: torch.Tensor
-    value: torch.Tensor
+        return voxels * (3 * self.hidden_channels * self.num_layers + self.out.out_channels)
 
 
 class NeighbourReturns(nn.Module):
@@ -145,9 +120,9 @@ class NeighbourReturns(nn.Module):
 class VoxelActorCritic(nn.Module):
     """SAM (optional) on fixed features, then policy and value heads on [SAM(features), state channels].
 
-    ``features`` come from a segmentation network and stay fixed over an episode, so SAM and the heads' trunks run
-    once per episode (:meth:`attend`); the ``state`` channels (e.g. the current label map, one-hot) change every step,
-    and only the heads' last layers run per step (:meth:`forward`).
+    ``features`` come from a segmentation network and stay fixed over an episode, so SAM runs once per episode
+    (:meth:`attend`); the ``state`` channels (e.g. the current label map, one-hot) change every step, and only the
+    heads run per step (:meth:`forward`).
     """
 
     def __init__(self, feature_channels: int, state_channels: int, num_actions: int, conv_op: type[nn.Module],
@@ -157,7 +132,7 @@ class VoxelActorCritic(nn.Module):
                  omega_kernel_size: int = 3):
         super().__init__()
         self.sam = SelfAttentionModule(feature_channels, conv_op) if use_sam else None
-        head = dict(in_channels=feature_channels, state_channels=state_channels, hidden_channels=head_channels,
+        head = dict(in_channels=feature_channels + state_channels, hidden_channels=head_channels,
                     dilations=dilations, conv_op=conv_op, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs,
                     nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
         self.policy = VoxelHead(out_channels=num_actions, **head)
@@ -174,30 +149,29 @@ class VoxelActorCritic(nn.Module):
             self.policy.out.weight.zero_()
             self.policy.out.bias.copy_(torch.log(torch.as_tensor(probabilities, dtype=torch.float32)))
 
-    def attend(self, features: torch.Tensor) -> EpisodeTrunks:
-        """SAM and both heads' trunks on the episode's features."""
-        attended = features if self.sam is None else self.sam(features)
-        return EpisodeTrunks(self.policy.trunk(attended), self.value.trunk(attended))
+    def attend(self, features: torch.Tensor) -> torch.Tensor:
+        return features if self.sam is None else self.sam(features)
 
-    def forward(self, trunks: EpisodeTrunks, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, attended: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Action logits (B, actions, *spatial) and values (B, 1, *spatial)."""
-        return self.policy(trunks.policy, state), self.value(trunks.value, state)
+        joint = torch.cat((attended, state.to(attended.dtype)), dim=1)
+        return self.policy(joint), self.value(joint)
 
-    def state_value(self, trunks: EpisodeTrunks, state: torch.Tensor) -> torch.Tensor:
+    def state_value(self, attended: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """V alone (B, 1, *spatial), e.g. to bootstrap the returns at the end of an episode."""
-        return self.value(trunks.value, state)
+        return self.value(torch.cat((attended, state.to(attended.dtype)), dim=1))
 
-    def action_logits(self, trunks: EpisodeTrunks, state: torch.Tensor) -> torch.Tensor:
+    def action_logits(self, attended: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """The policy head alone (B, actions, *spatial): all a greedy step needs."""
-        return self.policy(trunks.policy, state)
+        return self.policy(torch.cat((attended, state.to(attended.dtype)), dim=1))
 
     def compute_conv_feature_map_size(self, input_size, steps: int) -> int:
-        """Feature-map voxels of SAM and the trunks once and the heads' last layers ``steps`` times (what a training
-        episode keeps for the backward pass)."""
+        """Feature-map voxels of SAM once and both heads ``steps`` times (what a training episode keeps for the
+        backward pass)."""
         voxels = int(np.prod(input_size, dtype=np.int64))
         sam = 0 if self.sam is None else 3 * self.sam.project.in_channels * voxels
-        return sam + self.policy.compute_conv_feature_map_size(input_size, steps) + \
-            self.value.compute_conv_feature_map_size(input_size, steps)
+        return sam + steps * (self.policy.compute_conv_feature_map_size(input_size) +
+                              self.value.compute_conv_feature_map_size(input_size))
 
 
 def full_resolution(output: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
