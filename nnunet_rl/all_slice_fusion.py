@@ -129,18 +129,31 @@ class AllSliceFusionNetwork(nn.Module):
                 + self.fusion.compute_activation_size(num_slices, bottleneck))
 
 
+def require_stack_configuration(configuration_manager) -> None:
+    """Refuse a configuration that is not ``2d_allslice``-style: the network needs a 2D architecture (2D strides) and
+    patches of stacks (Z, Y, X); nnU-Net's 2d configuration would hand it one slice at a time."""
+    strides = [list(stride) for stride in configuration_manager.pool_op_kernel_sizes]
+    patch_size = list(configuration_manager.patch_size)
+    if len(strides[0]) != 2:
+        problem = f"wraps a 2D U-Net, not the {len(strides[0])}D one of a configuration with strides {strides}"
+    elif len(patch_size) != 3:
+        problem = f"takes stacks of slices, not the single slices of a configuration with patch {patch_size}"
+    else:
+        return
+    raise NnunetRLError(f"the all-slice fusion network {problem}: use the 2d_allslice configuration "
+                        f"(nnunet-rl plan DATASET -c 2d_allslice, then nnUNetv2_train DATASET 2d_allslice FOLD ...)")
+
+
 def build_all_slice_fusion_network(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True,
                                    layers: int = DEFAULT_LAYERS, heads: int = DEFAULT_HEADS,
                                    mlp_ratio: int = DEFAULT_MLP_RATIO, dropout: float = 0.0) -> AllSliceFusionNetwork:
-    """The :class:`AllSliceFusionNetwork` around the 2D network nnU-Net's trainer builds for these plans and
-    configuration (``nnUNetTrainer.build_network_architecture``), the transformer as wide as its bottleneck."""
+    """The :class:`AllSliceFusionNetwork` around the 2D network nnU-Net's trainer builds for these plans and a
+    ``2d_allslice`` configuration (``nnUNetTrainer.build_network_architecture``), the transformer as wide as its
+    bottleneck."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    patch_size = configuration_manager.patch_size
-    if len(patch_size) != 2:
-        raise NnunetRLError(f"the all-slice fusion network wraps a 2D U-Net, not the {len(patch_size)}D one of a "
-                            f"configuration with patch {list(patch_size)}: use the 2d configuration")
+    require_stack_configuration(configuration_manager)
     planned = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
                                                        num_output_channels, enable_deep_supervision)
     fusion = AllSliceFusionTransformer(planned.encoder.output_channels[-1], layers, heads, mlp_ratio, dropout)

@@ -13,6 +13,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from nnunet_rl.dual_branch import NETWORK_HYPERPARAMETERS, DualBranchUNet
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.nnunet_folders import dataset_name as nnunet_dataset_name, require_nnunet_folders
+from nnunet_rl.plans.all_slice_fusion import ALL_SLICE_CONFIGURATION, PARENT_CONFIGURATION, all_slice_configuration
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS, RL_BLOCK_KEY, derive_rl_block
 
 RL_U2NET_PLANS = "nnUNetPlans_RLU2Net"
@@ -89,6 +90,8 @@ def plan_rl(dataset: str | int, configurations: list[str] | None = None, plans_n
             num_processes: int = 1, rl_u2net: bool = False) -> list[Path]:
     """Plan (where needed) and write the ``rl`` block into each requested configuration of the plans.
 
+    ``2d_allslice`` among ``configurations``: nnU-Net plans and preprocesses ``2d`` where needed, then the
+    ``2d_allslice`` configuration (:mod:`nnunet_rl.plans.all_slice_fusion`) is (re)written into the plans.
     ``rl_u2net``: plan ``nnUNetPlans_RLU2Net`` instead with :class:`nnUNetPlannerRLU2Net`, nnU-Net's planner fitting
     the two-branch RL-U2Net (not one U-Net) into nnU-Net's GPU memory target; train with
     ``nnUNetv2_train ... -tr nnUNetTrainerRLU2Net -p nnUNetPlans_RLU2Net``.
@@ -101,9 +104,16 @@ def plan_rl(dataset: str | int, configurations: list[str] | None = None, plans_n
         if len(channels) < 2:
             raise NnunetRLError(f"--rl-u2net plans a two-branch network, which needs two or more input channels; "
                                 f"{dataset_name} has {list(channels.values())}")
-    plans_file = run_nnunet_planning_where_missing(dataset_name, configurations, plans_name, num_processes)
+    all_slice = ALL_SLICE_CONFIGURATION in (configurations or [])
+    nnunet_configurations = None if configurations is None else list(dict.fromkeys(
+        PARENT_CONFIGURATION if configuration == ALL_SLICE_CONFIGURATION else configuration
+        for configuration in configurations))
+    plans_file = run_nnunet_planning_where_missing(dataset_name, nnunet_configurations, plans_name, num_processes)
     plans = load_json(str(plans_file))
     folder = plans_file.parent
+    if all_slice:
+        plans["configurations"][ALL_SLICE_CONFIGURATION] = all_slice_configuration(
+            plans, load_json(str(folder / "dataset_fingerprint.json")))
     block = derive_rl_block(load_json(str(folder / "dataset.json")), folder / "gt_segmentations")
     for configuration in configurations or plans["configurations"]:
         plans["configurations"][configuration][RL_BLOCK_KEY] = block

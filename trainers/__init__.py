@@ -3,6 +3,8 @@
 Class names are part of every saved model (``checkpoint['trainer_name']``): never rename one.
 """
 from nnunet_rl.trainers.pam import nnUNetTrainerPAM
+from nnunet_rl.trainers.all_slice_fusion import (SHORT_SCHEDULES as _ALL_SLICE_FUSION_SHORT_SCHEDULES,
+                                                 nnUNetTrainerAllSliceFusion)
 from nnunet_rl.trainers.mrl_seg import (SHORT_SCHEDULES as _MRL_SEG_SHORT_SCHEDULES, nnUNetTrainerMRLSeg,
                                         nnUNetTrainerMRLSeg_noADP, nnUNetTrainerMRLSeg_noFB,
                                         nnUNetTrainerMRLSeg_noPretrain, nnUNetTrainerMRLSeg_pretrained,
@@ -46,6 +48,7 @@ globals().update(_RL_U2NET_SHORT_SCHEDULES)
 globals().update(_PIXEL_RL_SHORT_SCHEDULES)
 globals().update(_PIXEL_RL_STEP_STUDY)
 globals().update(_MRL_SEG_SHORT_SCHEDULES)
+globals().update(_ALL_SLICE_FUSION_SHORT_SCHEDULES)
 
 __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10epochs_20iters",
            "nnUNetTrainerPAM_3epochs_2iters", "nnUNetTrainerPAM_10epochs_20iters",
@@ -71,4 +74,5 @@ __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10
            *_PIXEL_RL_SHORT_SCHEDULES, *_PIXEL_RL_STEP_STUDY,
            "nnUNetTrainerMRLSeg", "nnUNetTrainerMRLSeg_noFB", "nnUNetTrainerMRLSeg_noADP",
            "nnUNetTrainerMRLSeg_noPretrain", "nnUNetTrainerMRLSeg_shuffledReward",
-           "nnUNetTrainerMRLSeg_pretrained", *_MRL_SEG_SHORT_SCHEDULES]
+           "nnUNetTrainerMRLSeg_pretrained", *_MRL_SEG_SHORT_SCHEDULES,
+           "nnUNetTrainerAllSliceFusion", *_ALL_SLICE_FUSION_SHORT_SCHEDULES]
