@@ -37,7 +37,7 @@ from nnunet_rl.trainers import (nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_r
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
 from nnunet_rl.trainers.rl_deep_supervision import COMPONENT
 from nnunet_rl.trainers.schedules import ShortSchedule
-from phantom_experiments import planned_phantoms, report, trainer_for
+from phantom_experiments import planned_phantoms, report, source_commit, trainer_for
 
 NOISY_OUTPUT = 1
 THRESHOLD = 0.6
@@ -164,9 +164,10 @@ def main() -> None:
                         help="lookAhead: nnUNetTrainerRLDeepSup; shortHorizon: nnUNetTrainerRLDeepSup_shortHorizon")
     parser.add_argument("-o", "--output", type=Path)
     args = parser.parse_args()
+    commit = source_commit()
     with tempfile.TemporaryDirectory() as base:
         result = run(planned_dataset(Path(base)), args.configuration, args.seeds, args.arms, args.mode)
-    report(result, args.output)
+    report(result, args.output, commit)
 
 
 if __name__ == "__main__":

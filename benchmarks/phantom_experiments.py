@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import random
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -69,10 +70,11 @@ def experiment_main(description: str, arms: dict, run, dataset_id: int, configur
     parser.add_argument("--arms", nargs="+", default=list(arms), choices=list(arms))
     parser.add_argument("-o", "--output", type=Path)
     args = parser.parse_args()
+    commit = source_commit()
     with tempfile.TemporaryDirectory() as base:
         result = run(planned_phantoms(Path(base), "imbalanced", dataset_id, [configuration], dim=2), args.seeds,
                      args.arms)
-    report(result, args.output)
+    report(result, args.output, commit)
 
 
 def held_out_cases(dataset: str) -> tuple[dict, dict]:
@@ -109,8 +111,21 @@ def mean_dice(segmentation: np.ndarray, reference: np.ndarray, labels) -> float:
                           for label in labels]))
 
 
-def report(result: dict, output: Path | None) -> None:
-    """The result as JSON on stdout, and in ``output`` when given."""
+def source_commit() -> str:
+    """The repository's commit, with "+dirty" when tracked files differ from it ("unknown" outside a checkout): taken
+    when an experiment starts, so that its result names the code it ran."""
+    def git(*arguments: str) -> str:
+        return subprocess.run(["git", *arguments], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def report(result: dict, output: Path | None, commit: str) -> None:
+    """The result, with the ``commit`` it ran at, as JSON on stdout, and in ``output`` when given."""
+    result = {**result, "commit": commit}
     print(json.dumps(result, indent=2))
     if output:
         output.write_text(json.dumps(result, indent=2))

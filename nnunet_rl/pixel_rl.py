@@ -7,7 +7,7 @@ gives no DOI), §"Dynamic iterative update policy", eqs. 8 and 12-16, Algorithm 
 The planned network (the paper's feature extractor) runs once per patch; its logits give the initial label map f(0)
 (:func:`initial_map`: the argmax by default; with ``proposal_threshold`` > 0 also the voxels whose background
 probability is below it, a superset of the planned network's segmentation for agents that can only remove; with 1
-every voxel, the paper's initial state), its last decoder stage the features. Every voxel is an agent: at each of
+every voxel, our reading of the paper's initial state), its last decoder stage the features. Every voxel is an agent: at each of
 t_max steps the policy head sees [SAM(features), one-hot f(t)] and each voxel either sets its label to background or
 keeps it (multi-class: keeps its current label; a voxel set to background stays background). The reward of step t is eq. 12 on one-hot maps,
 r = ‖f(t) − G‖² − ‖f(t+1) − G‖² per voxel: +2 where a false-positive voxel becomes background, −2 where a true
@@ -41,8 +41,8 @@ def initial_map(logits: torch.Tensor, proposal_threshold: float) -> torch.Tensor
     """f(0), (B, *spatial): the argmax of ``logits``, except that a voxel whose background probability is below
     ``proposal_threshold`` gets its most probable foreground label. 0 gives the argmax; above 0.5 the map is a
     superset of the argmax's foreground (a high-recall proposal for agents that can only remove); 1 (or more) gives
-    every voxel its most probable foreground label, the paper's initial state: its agents start from the whole image
-    as "object" and set the background to zero (§"Dynamic iterative update policy", Fig. 4)."""
+    every voxel its most probable foreground label, our reading of the paper's initial state: its state starts from
+    the image (s(0) = I), its agents set pixels to zero (§"Dynamic iterative update policy", Fig. 4)."""
     labels = logits.argmax(dim=1)
     if proposal_threshold <= 0:
         return labels

@@ -152,9 +152,9 @@ class nnUNetTrainerPixelRL_shuffledReward(nnUNetTrainerPixelRL):
 
 
 class nnUNetTrainerPixelRL_allForeground(nnUNetTrainerPixelRL):
-    """The paper's initial state: f(0) gives every voxel its most probable foreground label (``proposal_threshold``
-    1), so that the agents, not the planned network's output layer, decide what is background (the paper's agents
-    start from the whole image as "object" and set the background to zero)."""
+    """Our reading of the paper's initial state: f(0) gives every voxel its most probable foreground label
+    (``proposal_threshold`` 1), so that the agents, not the planned network's output layer, decide what is background
+    (the paper's state starts from the image, s(0) = I, and its agents set pixels to zero)."""
     rl_overrides = {COMPONENT: {"proposal_threshold": 1.0}}
 
 
