@@ -92,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="run nnU-Net planning where needed and write the rl block into the plans")
     p.add_argument("dataset", help="dataset name or ID")
-    p.add_argument("-c", nargs="+", default=None, help="configurations (default: all in the plans)")
+    p.add_argument("-c", nargs="+", default=None,
+                   help="configurations (default: all in the plans); 2d_allslice adds the 2d configuration on stacks "
+                        "of slices for nnUNetTrainerAllSliceFusion")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     p.add_argument("-np", type=int, default=1, help="processes for nnU-Net's preprocessing when it has to run")
     p.add_argument("--rl-u2net", action="store_true",

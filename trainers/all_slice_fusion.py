@@ -64,8 +64,8 @@ class nnUNetTrainerAllSliceFusion(nnUNetTrainer):
         rotation, _, initial_in_plane, in_plane_axes = in_plane
         mirror_axes = tuple(axis + 1 for axis in in_plane_axes)
         self.inference_allowed_mirroring_axes = mirror_axes
-        self.print_to_log_file(f"2d_allslice: in-plane augmentation of whole stacks (do_dummy_2d_data_aug: True), "
-                               f"mirror axes {mirror_axes}")
+        self.print_to_log_file(f"{self.configuration_name}: the 2d settings above applied to every slice of a stack "
+                               f"(do_dummy_2d_data_aug: True), mirror axes {mirror_axes}")
         return rotation, True, [self.configuration_manager.patch_size[0], *initial_in_plane], mirror_axes
 
 
