@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.planned_network import AroundPlannedNetwork
 
 DEFAULT_LAYERS = 2  # per transformer
 DEFAULT_HEADS = 8
@@ -78,7 +79,7 @@ class AllSliceFusionTransformer(nn.Module):
         return self.layers * (inter + intra)
 
 
-class AllSliceFusionNetwork(nn.Module):
+class AllSliceFusionNetwork(AroundPlannedNetwork):
     """nnU-Net's planned 2D U-Net with an :class:`AllSliceFusionTransformer` on its bottleneck skip.
 
     Input (B, C, Z, Y, X), B stacks of Z slices; output (B, K, Z, Y, X), or with deep supervision on a list of such,
@@ -95,13 +96,8 @@ class AllSliceFusionNetwork(nn.Module):
         self.fusion = fusion
 
     @property
-    def decoder(self) -> nn.Module:
-        """The planned decoder, where nnU-Net's ``set_deep_supervision_enabled`` switches deep supervision."""
-        return self.backbone.decoder
-
-    @property
     def planned_network(self) -> nn.Module:
-        """nnU-Net's planned 2D network (the backbone), where a stock 2d checkpoint's weights belong."""
+        """The planned 2D network run on every slice."""
         return self.backbone
 
     def forward(self, x: torch.Tensor):

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_rl.pixel_rl import one_hot, shuffled_over_voxels
+from nnunet_rl.planned_network import AroundPlannedNetwork
 from nnunet_rl.voxel_actor_critic import (A2CLosses, VoxelActorCritic, a2c_losses, full_resolution, greedy_actions,
                                           greedy_rollout, sample_actions)
 
@@ -251,7 +252,7 @@ class GreedyEpisode:
     maps: list[torch.Tensor]
 
 
-class MRLSegNetwork(nn.Module):
+class MRLSegNetwork(AroundPlannedNetwork):
     """Reinforcement-Net, masked representation and Segmentation-Net (MRL-Seg's Fig. 2) around nnU-Net's planned
     network.
 
@@ -276,13 +277,8 @@ class MRLSegNetwork(nn.Module):
         self._training: dict | None = None
 
     @property
-    def decoder(self) -> nn.Module:
-        """The planned decoder, where nnU-Net's ``set_deep_supervision_enabled`` switches deep supervision."""
-        return self.segmentation.decoder
-
-    @property
     def planned_network(self) -> nn.Module:
-        """nnU-Net's planned network (the Segmentation-Net), where a stock checkpoint's weights belong."""
+        """The Segmentation-Net."""
         return self.segmentation
 
     def warm_start_from_planned(self) -> None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_rl.planned_network import AroundPlannedNetwork
 from nnunet_rl.voxel_actor_critic import (A2CLosses, VoxelActorCritic, a2c_losses, greedy_actions,
                                           greedy_rollout, sample_actions)
 
@@ -115,7 +116,7 @@ class Episode:
     changed_fractions: list[float]
 
 
-class PixelRLNetwork(nn.Module):
+class PixelRLNetwork(AroundPlannedNetwork):
     """nnU-Net's planned network plus a :class:`VoxelActorCritic` on its last decoder stage.
 
     With deep supervision on (nnU-Net's training step) it returns the planned network's outputs unchanged. With deep
@@ -140,13 +141,8 @@ class PixelRLNetwork(nn.Module):
         self.features = output
 
     @property
-    def decoder(self) -> nn.Module:
-        """The planned decoder, where nnU-Net's ``set_deep_supervision_enabled`` switches deep supervision."""
-        return self.backbone.decoder
-
-    @property
     def planned_network(self) -> nn.Module:
-        """nnU-Net's planned network (the backbone), where a stock checkpoint's weights belong."""
+        """The backbone (the paper's feature extractor)."""
         return self.backbone
 
     def warm_start_from_planned(self) -> None:
