@@ -48,6 +48,9 @@ maps whose removals eq. 12 rewards (:func:`rewarded_removal`).
 6. commit 728909b's heads (the map enters at their last hidden layer; the dilated layers run once per episode), run
    5's arms, schedule and thresholds otherwise unchanged; fixed while run 5 was running, after its first result
    (learner, seed 0) was printed.
+7. a replication of run 5 (its code, arms, schedule and thresholds; the late-entry heads of run 6 reverted) with new
+   seeds 3, 4, 5, fixed after runs 5 and 6 had finished: ``--seeds 3 4 5 --arms learner`` first, the control after
+   it if time allows. It passes the "learns" threshold only if it does so in every one of the three new seeds.
 
     python benchmarks/pixel_rl_learning.py --seeds 0 1 2 -o pixel_rl_learning.json
 
