@@ -6,12 +6,12 @@ gives no DOI), §"Dynamic iterative update policy", eqs. 8 and 12-16, Algorithm 
 
 The planned network (the paper's feature extractor) runs once per patch; its logits give the initial label map f(0)
 (:func:`initial_map`: the argmax by default; with ``proposal_threshold`` > 0 also the voxels whose background
-probability is below it, a superset of the planned network's segmentation for agents that can only remove; with 1
-every voxel, our reading of the paper's initial state), its last decoder stage the features. Every voxel is an agent: at each of
-t_max steps the policy head sees [SAM(features), one-hot f(t)] and each voxel either sets its label to background or
-keeps it (multi-class: keeps its current label; a voxel set to background stays background). The reward of step t is eq. 12 on one-hot maps,
-r = ‖f(t) − G‖² − ‖f(t+1) − G‖² per voxel: +2 where a false-positive voxel becomes background, −2 where a true
-positive does, 0 otherwise. The actor-critic machinery is :mod:`nnunet_rl.voxel_actor_critic`.
+probability is below it, a superset of the planned network's segmentation for agents that can only remove; with 1 every
+voxel, our reading of the paper's initial state), its last decoder stage the features. Every voxel is an agent: at each
+of t_max steps the policy head sees [SAM(features), one-hot f(t)] and each voxel either sets its label to background or
+keeps it (multi-class: keeps its current label; a voxel set to background stays background). The reward of step t is
+eq. 12 on one-hot maps, r = ‖f(t) − G‖² − ‖f(t+1) − G‖² per voxel: +2 where a false-positive voxel becomes background,
+−2 where a true positive does, 0 otherwise. The actor-critic machinery is :mod:`nnunet_rl.voxel_actor_critic`.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass
