@@ -27,7 +27,8 @@ def _convert_mmwhs(args):
 
 def _plan(args):
     from nnunet_rl.plans.planner import plan_rl
-    for path in plan_rl(args.dataset, args.c, plans_name=args.p, num_processes=args.np, rl_u2net=args.rl_u2net):
+    for path in plan_rl(args.dataset, args.c, plans_name=args.p, num_processes=args.np, rl_u2net=args.rl_u2net,
+                        previous_stage_trainer=args.previous_stage_trainer):
         print(f"wrote the rl block into {path}")
 
 
@@ -94,13 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="dataset name or ID")
     p.add_argument("-c", nargs="+", default=None,
                    help="configurations (default: all in the plans); 2d_allslice adds the 2d configuration on stacks "
-                        "of slices for nnUNetTrainerAllSliceFusion")
+                        "of slices for nnUNetTrainerAllSliceFusion; <X>_refine (2d_refine, 3d_fullres_refine, "
+                        "2d_allslice_refine) adds a second stage chained to X for nnUNetTrainerClassifierGuided")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     p.add_argument("-np", type=int, default=1, help="processes for nnU-Net's preprocessing when it has to run")
     p.add_argument("--rl-u2net", action="store_true",
                    help="plan nnUNetPlans_RLU2Net with nnUNetPlannerRLU2Net: nnU-Net's planner fitting the memory "
                         "estimate of the two-branch RL-U2Net to nnU-Net's GPU memory target (train with -p "
                         "nnUNetPlans_RLU2Net)")
+    p.add_argument("--previous-stage-trainer", default="nnUNetTrainer",
+                   help="the trainer of the first stage that <X>_refine refines (default: nnUNetTrainer)")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("plan-unpaired", help="plan two single-modality datasets (MM-WHS CT and MRI) for "
@@ -120,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dataset", help="dataset name or ID")
     p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
     p.add_argument("-tr", nargs="+", required=True,
-                   help="trainers, each TRAINER (plans -p) or TRAINER@PLANS; the first is the reference (stock "
+                   help="trainers, each TRAINER (plans -p, configuration -c), TRAINER@PLANS or a results folder "
+                        "TRAINER__PLANS__CONFIGURATION (e.g. a refinement stage); the first is the reference (stock "
                         "nnUNetTrainer)")
     p.add_argument("-f", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="folds (default: 0 1 2 3 4)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier of trainers given without @PLANS (default: "

@@ -33,18 +33,28 @@ MetricTable = dict[str, dict[str, dict[int, dict[str, float]]]]
 
 
 class ModelFolder(NamedTuple):
-    """One compared model: its trainer and plans identifier (results folder ``<trainer>__<plans>__<configuration>``)."""
+    """One compared model: its results folder ``<trainer>__<plans>__<configuration>``."""
     trainer: str
     plans: str
+    configuration: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.trainer}__{self.plans}__{self.configuration}"
 
 
-def model_folder(trainer: str, default_plans: str) -> ModelFolder:
-    """``TRAINER`` (with ``default_plans``) or ``TRAINER@PLANS``, as ``nnunet-rl compare -tr`` takes them: e.g. stock
-    nnU-Net on a dataset's own ``nnUNetPlans`` beside models trained with other plans of the same dataset."""
+def model_folder(trainer: str, default_plans: str, default_configuration: str) -> ModelFolder:
+    """``TRAINER`` (with ``default_plans`` and ``default_configuration``), ``TRAINER@PLANS``, or a results folder's
+    name ``TRAINER__PLANS__CONFIGURATION``, as ``nnunet-rl compare -tr`` takes them: e.g. stock nnU-Net on a dataset's
+    own ``nnUNetPlans`` beside models trained with other plans, or a refinement stage (``..._refine``) beside its
+    first stage. Folds of every configuration split the same cases (nnU-Net's ``splits_final.json``)."""
+    parts = trainer.split("__")
+    if len(parts) == 3 and all(parts):
+        return ModelFolder(*parts)
     name, _, plans = trainer.partition("@")
-    if not name or "@" in plans:
-        raise NnunetRLError(f"{trainer!r} is not TRAINER or TRAINER@PLANS")
-    return ModelFolder(name, plans or default_plans)
+    if len(parts) != 1 or not name or "@" in plans:
+        raise NnunetRLError(f"{trainer!r} is not TRAINER, TRAINER@PLANS or TRAINER__PLANS__CONFIGURATION")
+    return ModelFolder(name, plans or default_plans, default_configuration)
 
 
 def compare_trainers(dataset: Union[int, str], configuration: str, trainers: list[str], folds: list[int],
@@ -56,12 +66,12 @@ def compare_trainers(dataset: Union[int, str], configuration: str, trainers: lis
     results, preprocessed = require_nnunet_folders("nnUNet_results", "nnUNet_preprocessed")
     dataset_name = nnunet_dataset_name(dataset)
     _check_trainers(trainers)
-    models = {trainer: model_folder(trainer, plans) for trainer in trainers}
+    models = {trainer: model_folder(trainer, plans, configuration) for trainer in trainers}
     dataset_json = _load_dataset_json(preprocessed / dataset_name / "dataset.json")
     file_ending = dataset_json["file_ending"]
-    fold_folders = {(trainer, fold): results / dataset_name / f"{model.trainer}__{model.plans}__{configuration}" /
-                    f"fold_{fold}" for trainer, model in models.items() for fold in folds}
-    _require_validation(fold_folders, models, dataset_name, configuration, file_ending)
+    fold_folders = {(trainer, fold): results / dataset_name / model.name / f"fold_{fold}"
+                    for trainer, model in models.items() for fold in folds}
+    _require_validation(fold_folders, models, dataset_name, file_ending)
     prediction_files = {trainer: _pooled_cases([fold_folders[trainer, fold] / "validation" for fold in folds],
                                                file_ending) for trainer in trainers}
     if output_dir is None:
@@ -111,12 +121,12 @@ def _load_dataset_json(file: Path) -> dict:
 
 
 def _require_validation(fold_folders: dict[tuple[str, int], Path], models: dict[str, ModelFolder],
-                        dataset_name: str, configuration: str, file_ending: str) -> None:
+                        dataset_name: str, file_ending: str) -> None:
     """One error listing every (trainer, fold) without validation predictions and the nnU-Net command for each."""
     missing = []
     for (trainer, fold), folder in fold_folders.items():
         model = models[trainer]
-        train = f"nnUNetv2_train {dataset_name} {configuration} {fold} -tr {model.trainer} -p {model.plans}"
+        train = f"nnUNetv2_train {dataset_name} {model.configuration} {fold} -tr {model.trainer} -p {model.plans}"
         if not folder.is_dir():
             missing.append(f"{folder} does not exist; train it with: {train}")
         elif _cases_in(folder / "validation", file_ending):

@@ -14,6 +14,8 @@ from nnunet_rl.dual_branch import NETWORK_HYPERPARAMETERS, DualBranchUNet
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.nnunet_folders import dataset_name as nnunet_dataset_name, require_nnunet_folders
 from nnunet_rl.plans.all_slice_fusion import ALL_SLICE_CONFIGURATION, PARENT_CONFIGURATION, all_slice_configuration
+from nnunet_rl.plans.classifier_guided import (DEFAULT_PREVIOUS_STAGE_TRAINER, add_refine_configuration,
+                                               first_stage_of, is_refine_configuration)
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS, RL_BLOCK_KEY, derive_rl_block
 
 RL_U2NET_PLANS = "nnUNetPlans_RLU2Net"
@@ -86,12 +88,28 @@ def run_nnunet_planning_where_missing(dataset_name: str, configurations: list[st
     return plans_file
 
 
+def configurations_needed(configurations: list[str]) -> list[str]:
+    """``configurations`` and those ours are built from (a refinement's first stage, ``2d`` for ``2d_allslice``),
+    each after what it needs."""
+    needed = []
+    for configuration in configurations:
+        if is_refine_configuration(configuration):
+            needed += configurations_needed([first_stage_of(configuration)])
+        elif configuration == ALL_SLICE_CONFIGURATION:
+            needed.append(PARENT_CONFIGURATION)
+        needed.append(configuration)
+    return list(dict.fromkeys(needed))
+
+
 def plan_rl(dataset: str | int, configurations: list[str] | None = None, plans_name: str = "nnUNetPlans",
-            num_processes: int = 1, rl_u2net: bool = False) -> list[Path]:
+            num_processes: int = 1, rl_u2net: bool = False,
+            previous_stage_trainer: str = DEFAULT_PREVIOUS_STAGE_TRAINER) -> list[Path]:
     """Plan (where needed) and write the ``rl`` block into each requested configuration of the plans.
 
-    ``2d_allslice`` among ``configurations``: nnU-Net plans and preprocesses ``2d`` where needed, then the
-    ``2d_allslice`` configuration (:mod:`nnunet_rl.plans.all_slice_fusion`) is (re)written into the plans.
+    Our configurations among ``configurations`` are (re)written into the plans after nnU-Net has planned and
+    preprocessed the configurations they are built from: ``2d_allslice`` (:mod:`nnunet_rl.plans.all_slice_fusion`)
+    from ``2d``; ``<X>_refine`` (:mod:`nnunet_rl.plans.classifier_guided`) chained to X, whose model
+    ``previous_stage_trainer`` trains.
     ``rl_u2net``: plan ``nnUNetPlans_RLU2Net`` instead with :class:`nnUNetPlannerRLU2Net`, nnU-Net's planner fitting
     the two-branch RL-U2Net (not one U-Net) into nnU-Net's GPU memory target; train with
     ``nnUNetv2_train ... -tr nnUNetTrainerRLU2Net -p nnUNetPlans_RLU2Net``.
@@ -104,16 +122,18 @@ def plan_rl(dataset: str | int, configurations: list[str] | None = None, plans_n
         if len(channels) < 2:
             raise NnunetRLError(f"--rl-u2net plans a two-branch network, which needs two or more input channels; "
                                 f"{dataset_name} has {list(channels.values())}")
-    all_slice = ALL_SLICE_CONFIGURATION in (configurations or [])
-    nnunet_configurations = None if configurations is None else list(dict.fromkeys(
-        PARENT_CONFIGURATION if configuration == ALL_SLICE_CONFIGURATION else configuration
-        for configuration in configurations))
+    needed = None if configurations is None else configurations_needed(configurations)
+    ours = [c for c in needed or [] if c == ALL_SLICE_CONFIGURATION or is_refine_configuration(c)]
+    nnunet_configurations = None if needed is None else [c for c in needed if c not in ours]
     plans_file = run_nnunet_planning_where_missing(dataset_name, nnunet_configurations, plans_name, num_processes)
     plans = load_json(str(plans_file))
     folder = plans_file.parent
-    if all_slice:
-        plans["configurations"][ALL_SLICE_CONFIGURATION] = all_slice_configuration(
-            plans, load_json(str(folder / "dataset_fingerprint.json")))
+    for configuration in ours:
+        if is_refine_configuration(configuration):
+            add_refine_configuration(plans, configuration, previous_stage_trainer)
+        else:
+            plans["configurations"][configuration] = all_slice_configuration(
+                plans, load_json(str(folder / "dataset_fingerprint.json")))
     block = derive_rl_block(load_json(str(folder / "dataset.json")), folder / "gt_segmentations")
     for configuration in configurations or plans["configurations"]:
         plans["configurations"][configuration][RL_BLOCK_KEY] = block

@@ -222,5 +222,16 @@ def test_each_trainer_can_name_its_own_plans(nnunet_tree, capsys):
     with pytest.raises(SystemExit):
         main(["compare", DATASET, "-c", "3d_fullres", "-p", "nnUNetPlans_from041", "-tr", STOCK, OURS, "-f", "0"])
     assert f"-tr {STOCK} -p nnUNetPlans_from041" in capsys.readouterr().err
-    with pytest.raises(NnunetRLError, match="is not TRAINER or TRAINER@PLANS"):
+    with pytest.raises(NnunetRLError, match="is not TRAINER, TRAINER@PLANS or TRAINER__PLANS__CONFIGURATION"):
         compare_trainers(DATASET, "3d_fullres", [STOCK, "@nnUNetPlans"], [0])
+
+
+def test_a_trainer_can_be_named_by_its_results_folder(nnunet_tree):
+    """``TRAINER__PLANS__CONFIGURATION`` (nnU-Net's results folder) compares a model of another configuration, e.g. a
+    refinement stage beside its first stage, on the same folds' validation cases."""
+    refine = f"{OURS}__nnUNetPlans__3d_fullres_refine"
+    trainer_folder(nnunet_tree, OURS).rename(nnunet_tree / "results" / DATASET / refine)
+    output_dir = nnunet_tree / "refine"
+    main(["compare", DATASET, "-c", "3d_fullres", "-tr", STOCK, refine, "-f", "0", "1", "-o", str(output_dir)])
+    assert json.loads((output_dir / "summary.json").read_text())["trainers"] == [STOCK, refine]
+    assert float(read_metrics_csv(output_dir)[refine, "case_000", 1]["Dice"]) == 1.0

@@ -5,6 +5,9 @@ Class names are part of every saved model (``checkpoint['trainer_name']``): neve
 from nnunet_rl.trainers.pam import nnUNetTrainerPAM
 from nnunet_rl.trainers.all_slice_fusion import (SHORT_SCHEDULES as _ALL_SLICE_FUSION_SHORT_SCHEDULES,
                                                  nnUNetTrainerAllSliceFusion)
+from nnunet_rl.trainers.classifier_guided import (SHORT_SCHEDULES as _CLASSIFIER_GUIDED_SHORT_SCHEDULES,
+                                                  nnUNetTrainerClassifierGuided, nnUNetTrainerClassifierGuided_imageInput,
+                                                  nnUNetTrainerClassifierGuided_noGate)
 from nnunet_rl.trainers.mrl_seg import (SHORT_SCHEDULES as _MRL_SEG_SHORT_SCHEDULES, nnUNetTrainerMRLSeg,
                                         nnUNetTrainerMRLSeg_noADP, nnUNetTrainerMRLSeg_noFB,
                                         nnUNetTrainerMRLSeg_noPretrain, nnUNetTrainerMRLSeg_pretrained,
@@ -49,6 +52,7 @@ globals().update(_PIXEL_RL_SHORT_SCHEDULES)
 globals().update(_PIXEL_RL_STEP_STUDY)
 globals().update(_MRL_SEG_SHORT_SCHEDULES)
 globals().update(_ALL_SLICE_FUSION_SHORT_SCHEDULES)
+globals().update(_CLASSIFIER_GUIDED_SHORT_SCHEDULES)
 
 __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10epochs_20iters",
            "nnUNetTrainerPAM_3epochs_2iters", "nnUNetTrainerPAM_10epochs_20iters",
@@ -75,4 +79,6 @@ __all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10
            "nnUNetTrainerMRLSeg", "nnUNetTrainerMRLSeg_noFB", "nnUNetTrainerMRLSeg_noADP",
            "nnUNetTrainerMRLSeg_noPretrain", "nnUNetTrainerMRLSeg_shuffledReward",
            "nnUNetTrainerMRLSeg_pretrained", *_MRL_SEG_SHORT_SCHEDULES,
-           "nnUNetTrainerAllSliceFusion", *_ALL_SLICE_FUSION_SHORT_SCHEDULES]
+           "nnUNetTrainerAllSliceFusion", *_ALL_SLICE_FUSION_SHORT_SCHEDULES,
+           "nnUNetTrainerClassifierGuided", "nnUNetTrainerClassifierGuided_noGate",
+           "nnUNetTrainerClassifierGuided_imageInput", *_CLASSIFIER_GUIDED_SHORT_SCHEDULES]

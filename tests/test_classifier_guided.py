@@ -1,0 +1,154 @@
+"""The classifier-guided refinement stage (nnunet_rl.classifier_guided): gating of targets and logits, eq. 1's loss
+on nnU-Net's own, the network's input channels and head; the <X>_refine configurations
+(nnunet_rl.plans.classifier_guided) chained with nnU-Net's cascade keys; nnUNetTrainerClassifierGuided's refusals."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch.nn import functional as F
+
+from nnunet_rl.classifier_guided import (PRESENCE_LOSS_WEIGHT, ClassifierGuidedNetwork, PresenceGatedLoss,
+                                         gated_logits, gated_target, presence_labels)
+from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.plans.all_slice_fusion import all_slice_configuration
+from nnunet_rl.plans.classifier_guided import add_refine_configuration, first_stage_of
+from nnunet_rl.trainers.classifier_guided import (nnUNetTrainerClassifierGuided,
+                                                  nnUNetTrainerClassifierGuided_imageInput,
+                                                  nnUNetTrainerClassifierGuided_noGate, previous_stage_predictions)
+
+FOREGROUND = [1, 2, 3]
+GATE = 4
+
+
+def test_gated_target_marks_only_the_absent_classes_voxels():
+    target = torch.tensor([[0, 1, 2, 3], [3, 3, 1, 0]]).view(2, 1, 4)
+    present = torch.tensor([[True, False, True], [False, True, True]])
+    assert gated_target(target, present, FOREGROUND, GATE).view(2, 4).tolist() == [[0, 1, GATE, 3], [3, 3, GATE, 0]]
+    assert presence_labels(target, FOREGROUND).tolist() == [[1, 1, 1], [1, 0, 1]]
+
+
+def test_gated_logits_never_output_an_absent_class_and_keep_the_rest():
+    logits = torch.randn(3, 4, 5, 6, generator=torch.Generator().manual_seed(0)) * 10
+    logits[:, 2] += 50  # class 2 would win everywhere
+    presence = torch.tensor([[-1.0, -2.0, 3.0], [4.0, 0.5, 1.0], [-0.1, -0.1, -0.1]])
+    gated = gated_logits(logits, presence)
+    assert torch.isfinite(gated).all()
+    winners = gated.argmax(dim=1)
+    for sample, calls in enumerate(presence > 0):
+        for index, present in enumerate(calls):
+            if present:
+                assert torch.equal(gated[sample, index + 1], logits[sample, index + 1])
+            else:
+                assert not (winners[sample] == index + 1).any()
+    assert torch.equal(gated[:, 0], logits[:, 0])
+    assert (winners[2] == 0).all()  # every foreground class absent: background
+
+
+def dice_and_ce(ignore_label: int) -> DC_and_CE_loss:
+    """nnU-Net's loss as its trainer builds it for labels without regions."""
+    return DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
+                          weight_dice=1, ignore_label=ignore_label, dice_class=MemoryEfficientSoftDiceLoss)
+
+
+def test_the_loss_is_equation_1_on_nnunets_loss():
+    """½[sign(p_i − 0.5) + 1]·CE_seg,i: the voxels of a class called absent leave nnU-Net's CE and Dice; λ = 0.1
+    times the head's cross-entropy is added; only the head's parameters get the classification gradient."""
+    generator = torch.Generator().manual_seed(1)
+    output = torch.randn(2, 4, 8, 8, generator=generator, requires_grad=True)
+    target = torch.randint(0, 4, (2, 1, 8, 8), generator=generator)
+    presence = torch.tensor([[2.0, -1.0, 0.5], [-3.0, 1.0, 1.0]], requires_grad=True)
+    loss = PresenceGatedLoss(dice_and_ce(GATE), lambda: presence, FOREGROUND, GATE)(output, target)
+    present = presence.detach() > 0
+    expected = dice_and_ce(GATE)(output, gated_target(target, present, FOREGROUND, GATE)) + PRESENCE_LOSS_WEIGHT * \
+        F.binary_cross_entropy_with_logits(presence, presence_labels(target, FOREGROUND))
+    assert torch.allclose(loss, expected)
+    assert not torch.allclose(loss, dice_and_ce(GATE)(output, target) + PRESENCE_LOSS_WEIGHT *
+                              F.binary_cross_entropy_with_logits(presence, presence_labels(target, FOREGROUND)))
+    loss.backward()
+    assert presence.grad.abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def refine_plans(planned_dataset) -> PlansManager:
+    """The session's nnU-Net plans with 2d_allslice and what nnunet-rl plan -c 2d_refine 2d_allslice_refine
+    3d_fullres_refine adds (in memory: the session's plans files stay as other modules expect them)."""
+    folder = Path(os.environ["nnUNet_preprocessed"]) / planned_dataset
+    plans = load_json(str(folder / "nnUNetPlans.json"))
+    plans["configurations"]["2d_allslice"] = all_slice_configuration(
+        plans, load_json(str(folder / "dataset_fingerprint.json")))
+    for name in ("2d_refine", "2d_allslice_refine", "3d_fullres_refine"):
+        add_refine_configuration(plans, name, "nnUNetTrainerAllSliceFusion" if "allslice" in name else "nnUNetTrainer")
+    return PlansManager(plans)
+
+
+def test_refine_configurations_chain_to_their_first_stage_the_cascade_way(refine_plans):
+    get = refine_plans.get_configuration
+    assert first_stage_of("2d_allslice_refine") == "2d_allslice"
+    for refine, first, architecture in [("2d_refine", "2d", "2d"), ("2d_allslice_refine", "2d_allslice", "2d"),
+                                        ("3d_fullres_refine", "3d_fullres", "3d_fullres")]:
+        assert get(refine).previous_stage_name == first and get(first).next_stage_names == [refine]
+        assert get(refine).next_stage_names is None
+        for key in ("data_identifier", "patch_size", "architecture", "spacing"):
+            assert get(refine).configuration[key] == get(architecture).configuration[key]
+    assert get("2d_allslice").configuration["inherits_from"] == "2d"  # and does not inherit 2d's next stage
+    assert refine_plans.plans["configurations"]["2d_allslice_refine"]["previous_stage_trainer"] == \
+        "nnUNetTrainerAllSliceFusion"
+    with pytest.raises(NnunetRLError, match="not a refinement configuration"):
+        first_stage_of("2d")
+    with pytest.raises(NnunetRLError, match="no 3d_lowres configuration to refine"):
+        add_refine_configuration({**refine_plans.plans, "configurations": {}}, "3d_lowres_refine", "nnUNetTrainer")
+
+
+def build(trainer_class, refine_plans, deep_supervision: bool = True) -> ClassifierGuidedNetwork:
+    torch.manual_seed(0)
+    return trainer_class.build_network_architecture(refine_plans, refine_plans.get_configuration("2d_refine"),
+                                                    1 + len(FOREGROUND), 1 + len(FOREGROUND), deep_supervision)
+
+
+def test_the_network_sees_the_first_stage_or_the_image_and_gates_in_eval_mode(refine_plans):
+    """nnU-Net's cascade input is [image, one-hot of the first stage]: the refinement sees only the one-hot channels,
+    _imageInput only the image; in eval mode (prediction) a class the head calls absent is not output, unless
+    _noGate; in training mode the planned network's deep-supervision outputs come back ungated."""
+    patch = refine_plans.get_configuration("2d_refine").patch_size
+    x = torch.randn(2, 1 + len(FOREGROUND), *patch, generator=torch.Generator().manual_seed(2))
+    changed_image, changed_segmentation = x.clone(), x.clone()
+    changed_image[:, 0] += 5
+    changed_segmentation[:, 1:] = 1 - changed_segmentation[:, 1:]
+    ours, image_input = build(nnUNetTrainerClassifierGuided, refine_plans, False).eval(), \
+        build(nnUNetTrainerClassifierGuided_imageInput, refine_plans, False).eval()
+    with torch.no_grad():
+        assert torch.equal(ours(x), ours(changed_image)) and not torch.equal(ours(x), ours(changed_segmentation))
+        assert torch.equal(image_input(x), image_input(changed_segmentation))
+        assert not torch.equal(image_input(x), image_input(changed_image))
+        ours.presence_head.mlp[-1].bias.fill_(-100.0)  # every class absent
+        assert (ours(x).argmax(dim=1) == 0).all()
+        no_gate = build(nnUNetTrainerClassifierGuided_noGate, refine_plans, False).eval()
+        no_gate.load_state_dict(ours.state_dict())
+        assert (no_gate(x).argmax(dim=1) != 0).any()
+    training = build(nnUNetTrainerClassifierGuided, refine_plans, True).train()
+    outputs = training(x)
+    assert isinstance(outputs, (list, tuple)) and outputs[0].shape == (2, 1 + len(FOREGROUND), *patch)
+    assert training.presence_logits.shape == (2, len(FOREGROUND))
+    sum(output.sum() for output in outputs).add(training.presence_logits.sum()).backward()
+    assert training.presence_head.mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_the_trainer_refuses_a_configuration_without_a_first_stage(refine_plans, planned_dataset):
+    dataset_json = load_json(str(Path(os.environ["nnUNet_preprocessed"]) / planned_dataset / "dataset.json"))
+    with pytest.raises(NnunetRLError, match="nnunet-rl plan DATASET -c 2d_refine"):
+        nnUNetTrainerClassifierGuided({**refine_plans.plans, "continue_training": False}, "2d", 0, dataset_json,
+                                      torch.device("cpu"))
+    trainer = nnUNetTrainerClassifierGuided({**refine_plans.plans, "continue_training": False}, "2d_allslice_refine",
+                                            0, dataset_json, torch.device("cpu"))
+    assert Path(trainer.folder_with_segs_from_previous_stage) == previous_stage_predictions(
+        refine_plans, refine_plans.get_configuration("2d_allslice_refine"), "2d_allslice_refine")
+    assert Path(trainer.folder_with_segs_from_previous_stage).parts[-4:] == (
+        planned_dataset, "nnUNetTrainerAllSliceFusion__nnUNetPlans__2d_allslice", "predicted_next_stage",
+        "2d_allslice_refine")
+    with pytest.raises(NnunetRLError, match="lacks the first stage's prediction"):
+        trainer.require_previous_stage_predictions()
