@@ -30,13 +30,13 @@ def planned_phantoms(base: Path, kind: str, dataset_id: int, configurations: lis
     return folder.name
 
 
-def trainer_for(dataset: str, trainer_class: type, configuration: str):
-    """A CPU trainer of fold 0 for a planned dataset, constructed as nnUNetv2_train constructs it."""
+def trainer_for(dataset: str, trainer_class: type, configuration: str, fold: int = 0):
+    """A CPU trainer of ``fold`` for a planned dataset, constructed as nnUNetv2_train constructs it."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
     folder = Path(os.environ["nnUNet_preprocessed"]) / dataset
     plans = load_json(str(folder / "nnUNetPlans.json"))
     plans["continue_training"] = False
-    return trainer_class(plans, configuration, 0, load_json(str(folder / "dataset.json")), torch.device("cpu"))
+    return trainer_class(plans, configuration, fold, load_json(str(folder / "dataset.json")), torch.device("cpu"))
 
 
 def seeded_arm(arm: str, arms: dict, schedule: type, component: str, seed: int) -> type:
@@ -50,12 +50,12 @@ def seeded_arm(arm: str, arms: dict, schedule: type, component: str, seed: int) 
                 {"rl_overrides": {component: {**overrides.get(component, {}), "seed": seed}}})
 
 
-def trained(dataset: str, trainer_class: type, configuration: str, seed: int):
-    """``trainer_class`` trained on the CPU (fold 0) with torch, numpy and random seeded by ``seed``."""
+def trained(dataset: str, trainer_class: type, configuration: str, seed: int, fold: int = 0):
+    """``trainer_class`` trained on the CPU (``fold``) with torch, numpy and random seeded by ``seed``."""
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    trainer = trainer_for(dataset, trainer_class, configuration)
+    trainer = trainer_for(dataset, trainer_class, configuration, fold)
     trainer.run_training()
     return trainer
 

@@ -1,0 +1,243 @@
+"""Does the classifier-guided refinement's presence head work, does gating remove absent classes, and does the
+all-slice first stage beat stock nnU-Net's 2d configuration on the apical and basal slices?
+
+Set-up, fixed before the first run (docs/classifier_guided.md, "Evidence"): ``make-dataset --kind stacked`` (30
+training cases of 48² slices, 8-12 slices each; the generator's held-out cases in imagesTs/labelsTs, never trained or
+validated on), planned by ``nnunet-rl plan -c 2d_allslice_refine`` (nnU-Net's 2d, our 2d_allslice and its
+refinement), two folds (a ``splits_final.json``: cases alternate between them) instead of nnU-Net's five to halve the
+first stage's cost. Per seed (torch, numpy and random seeded), nnU-Net's own training (augmentation, patch sampling,
+SGD, poly schedule) with ``Schedule`` (40 epochs of 25 iterations) of:
+
+- ``nnUNetTrainerAllSliceFusion`` on 2d_allslice, folds 0 and 1 (each fold's validation writes the cross-validated
+  predictions the refinement trains on: nnU-Net's cascade);
+- stock ``nnUNetTrainer`` on 2d, fold 0;
+- ``nnUNetTrainerClassifierGuided`` and ``nnUNetTrainerClassifierGuided_imageInput`` on 2d_allslice_refine, fold 0.
+
+Held-out evaluation, all through nnU-Net's predictor (Gaussian sliding window, mirroring) from the final weights; the
+refinement stages get the all-slice fold-0 model's prediction as their previous stage. "Apical/basal slices" of a case:
+the first and the last slice of its reference that contain a foreground label; their Dice: per class over the voxels
+of those two slices together (classes empty in both reference and prediction there left out), mean over classes,
+then over cases. Thresholds:
+
+1. presence head: accuracy of ``nnUNetTrainerClassifierGuided``'s head (p_i > 0.5 against "class i is in the
+   slice's reference"), over every (held-out slice, foreground class), ≥ 0.9 in every seed; and above the control,
+   the majority call per class learned from the training slices' references, in every seed;
+2. gating: over the held-out cases, the connected components (2D, per slice) of classes absent from the slice's
+   reference, in the same model's prediction with its output gated and with it not gated (``_noGate``'s behaviour):
+   fewer when gated, in every seed;
+3. all-slice vs stock 2d on the apical/basal slices: reported whatever happens (mean ± sd of the difference over
+   seeds); "beats" is claimed only if the difference is > 0 in every seed.
+
+Reported without a threshold: whole-case mean Dice of every model, the ``_imageInput`` head's accuracy (the paper's
+finding: a classifier on image features is worse), and the accuracy of reading presence off the first stage's own
+segmentation (what the head could learn to copy).
+
+Run 1 (fixed before it ran, with everything above): seeds 0, 1, 2.
+
+    python benchmarks/classifier_guided_experiment.py --seeds 0 1 2 -o classifier_guided.json
+
+It works in a temporary folder of its own (nnU-Net's folder variables are set for this process only).
+"""
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_rl.classifier_guided import ClassifierGuidedNetwork
+from nnunet_rl.trainers import (nnUNetTrainerAllSliceFusion, nnUNetTrainerClassifierGuided,
+                                nnUNetTrainerClassifierGuided_imageInput)
+from nnunet_rl.trainers.schedules import ShortSchedule
+from phantom_experiments import cpu_predictor, held_out_cases, report, source_commit, trained
+
+DATASET_ID = 965
+CASES, SIZE = 30, 48
+FIRST_STAGE, REFINE, STOCK = "2d_allslice", "2d_allslice_refine", "2d"
+FOLDS = (0, 1)
+
+
+class Schedule(ShortSchedule):
+    """1000 iterations of nnU-Net's training."""
+    epochs, iterations, val_iterations = 40, 25, 5
+
+
+def on_schedule(trainer: type) -> type:
+    return type(f"{trainer.__name__}_Schedule", (Schedule, trainer), {})
+
+
+ALL_SLICE, STOCK_2D = on_schedule(nnUNetTrainerAllSliceFusion), on_schedule(nnUNetTrainer)
+GUIDED, IMAGE_INPUT = on_schedule(nnUNetTrainerClassifierGuided), on_schedule(nnUNetTrainerClassifierGuided_imageInput)
+
+
+def planned_stacks(base: Path) -> str:
+    """The stacked phantoms in nnU-Net folders under ``base``, planned with the refinement chained to the all-slice
+    trainer above, split into two folds."""
+    from nnunet_rl.datasets.synthetic import make_dataset
+    from nnunet_rl.nnunet_folders import NNUNET_FOLDER_VARIABLES
+    from nnunet_rl.plans.planner import plan_rl
+    for name in NNUNET_FOLDER_VARIABLES:
+        (base / name).mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(base / name)
+    dataset = make_dataset("stacked", DATASET_ID, cases=CASES, size=SIZE).name
+    plan_rl(dataset, [REFINE], previous_stage_trainer=ALL_SLICE.__name__)
+    preprocessed = Path(os.environ["nnUNet_preprocessed"]) / dataset
+    cases = sorted(path.name[:-len(".pkl")] for path in (preprocessed / "nnUNetPlans_2d").glob("*.pkl"))
+    (preprocessed / "splits_final.json").write_text(json.dumps(
+        [{"train": cases[1::2], "val": cases[::2]}, {"train": cases[::2], "val": cases[1::2]}]))
+    return dataset
+
+
+def foreground_slices(reference: np.ndarray) -> list[int]:
+    """The first and the last slice (axis 0) with a foreground label."""
+    labelled = np.flatnonzero(reference.reshape(reference.shape[0], -1).any(axis=1))
+    return sorted({int(labelled[0]), int(labelled[-1])})
+
+
+def pooled_dice(segmentation: np.ndarray, reference: np.ndarray, labels) -> float:
+    """Mean over ``labels`` of the Dice over all voxels given, classes empty in both left out (NaN if all are)."""
+    scores = []
+    for label in labels:
+        predicted, actual = segmentation == label, reference == label
+        total = predicted.sum() + actual.sum()
+        if total:
+            scores.append(2 * (predicted & actual).sum() / total)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def absent_class_components(segmentation: np.ndarray, reference: np.ndarray, labels) -> int:
+    """Connected components (2D, per slice) of the classes a slice's reference does not contain."""
+    return sum(ndimage.label(segmentation[index] == label)[1]
+               for index in range(reference.shape[0]) for label in labels if not (reference[index] == label).any())
+
+
+def presence_calls(trainer, images: dict, previous: dict, references: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The head's calls (p_i > 0.5) and the references' presence, one row per held-out slice: the refinement network
+    (eval mode) on each whole preprocessed slice of [image, one-hot of the previous stage], as nnU-Net's cascade feeds
+    it."""
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
+    preprocessor, foreground = DefaultPreprocessor(verbose=False), trainer.label_manager.foreground_labels
+    calls, truth = [], []
+    network = trainer.network.eval()
+    for case, (image, properties) in images.items():
+        arguments = (properties, trainer.plans_manager, trainer.configuration_manager, trainer.dataset_json)
+        data, stage1, _ = preprocessor.run_case_npy(image, previous[case][None].astype(np.int16), *arguments)
+        _, reference, _ = preprocessor.run_case_npy(image, references[case][None].astype(np.int16), *arguments)
+        x = torch.from_numpy(np.vstack([data, convert_labelmap_to_one_hot(stage1[0], foreground, data.dtype)]))
+        with torch.no_grad():
+            network(x.transpose(0, 1).float())  # the slices as a batch of 2D samples
+        calls.append((network.presence_logits > 0).numpy())
+        truth.append(np.stack([(reference[0] == label).reshape(reference.shape[1], -1).any(axis=1)
+                               for label in foreground], axis=1))
+    return np.concatenate(calls), np.concatenate(truth)
+
+
+def training_presence(trainer) -> np.ndarray:
+    """Per foreground class, the fraction of the training cases' slices (preprocessed references) containing it."""
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+    folder = trainer.preprocessed_dataset_folder
+    training, _ = trainer.do_split()
+    dataset = infer_dataset_class(folder)(folder, training)
+    rows = []
+    for case in training:
+        seg = np.asarray(dataset.load_case(case)[1][:])[0]
+        rows.append(np.stack([(seg == label).reshape(seg.shape[0], -1).any(axis=1)
+                              for label in trainer.label_manager.foreground_labels], axis=1))
+    return np.concatenate(rows).mean(axis=0)
+
+
+def predictions(trainer, images: dict, previous: dict | None = None, gate: bool = True) -> dict:
+    """Held-out segmentations by ``trainer``'s final network through nnU-Net's predictor (for a refinement: on
+    ``previous``, its output gated or not)."""
+    network = trainer.network
+    if isinstance(network, ClassifierGuidedNetwork):
+        network.gate_output = gate
+    predictor = cpu_predictor(trainer, network)
+    return {case: predictor.predict_single_npy_array(image, properties,
+                                                     None if previous is None else previous[case][None].astype(np.int16))
+            for case, (image, properties) in images.items()}
+
+
+def dice_table(segmentations: dict, references: dict, labels) -> dict:
+    whole = [pooled_dice(segmentations[case], reference, labels) for case, reference in references.items()]
+    ends = [pooled_dice(segmentations[case][foreground_slices(reference)], reference[foreground_slices(reference)],
+                        labels) for case, reference in references.items()]
+    return {"whole": float(np.nanmean(whole)), "apical_basal": float(np.nanmean(ends))}
+
+
+def first_stage_of_every_fold(dataset: str, seed: int):
+    """The all-slice trainer of every fold, trained and validated as ``nnUNetv2_train`` does (the validation writes
+    the refinement's training inputs); fold 0's."""
+    trainers = [trained(dataset, ALL_SLICE, FIRST_STAGE, seed, fold) for fold in FOLDS]
+    for trainer in trainers:
+        trainer.perform_actual_validation()
+    return trainers[0]
+
+
+def run_seed(dataset: str, seed: int) -> dict:
+    first_stage = first_stage_of_every_fold(dataset, seed)
+    stock = trained(dataset, STOCK_2D, STOCK, seed)
+    guided, image_input = trained(dataset, GUIDED, REFINE, seed), trained(dataset, IMAGE_INPUT, REFINE, seed)
+    images, references = held_out_cases(dataset)
+    labels = first_stage.label_manager.foreground_labels
+    stage1 = predictions(first_stage, images)
+    segmentations = {"all_slice": stage1, "stock_2d": predictions(stock, images),
+                     "guided": predictions(guided, images, stage1), "guided_not_gated":
+                     predictions(guided, images, stage1, gate=False),
+                     "image_input": predictions(image_input, images, stage1)}
+    calls, truth = presence_calls(guided, images, stage1, references)
+    image_calls, _ = presence_calls(image_input, images, stage1, references)
+    majority = training_presence(guided) > 0.5
+    copied = np.concatenate([np.stack([(segmentation == label).reshape(segmentation.shape[0], -1).any(axis=1)
+                                       for label in labels], axis=1) for segmentation in stage1.values()])
+    dice = {name: dice_table(segmentation, references, labels) for name, segmentation in segmentations.items()}
+    return {"seed": seed, "held_out_cases": len(images), "held_out_slices": int(truth.shape[0]),
+            "presence_accuracy": {"head": float((calls == truth).mean()),
+                                  "majority_control": float((majority[None] == truth).mean()),
+                                  "image_input_head": float((image_calls == truth).mean()),
+                                  "first_stage_segmentation": float((copied == truth).mean())},
+            "absent_class_components": {name: int(sum(absent_class_components(segmentations[name][case], reference,
+                                                                              labels)
+                                                      for case, reference in references.items()))
+                                        for name in ("guided", "guided_not_gated", "image_input", "all_slice",
+                                                     "stock_2d")},
+            "dice": dice}
+
+
+def verdict(seeds: list[dict]) -> dict:
+    differences = [seed["dice"]["all_slice"]["apical_basal"] - seed["dice"]["stock_2d"]["apical_basal"]
+                   for seed in seeds]
+    return {"presence_head_at_least_0.9": all(s["presence_accuracy"]["head"] >= 0.9 for s in seeds),
+            "presence_head_above_control": all(s["presence_accuracy"]["head"] > s["presence_accuracy"]
+                                               ["majority_control"] for s in seeds),
+            "gating_fewer_absent_components": all(s["absent_class_components"]["guided"] <
+                                                  s["absent_class_components"]["guided_not_gated"] for s in seeds),
+            "all_slice_minus_stock_apical_basal": {"mean": float(np.mean(differences)),
+                                                   "sd": float(np.std(differences, ddof=1)) if len(seeds) > 1
+                                                   else float("nan"), "per_seed": differences},
+            "all_slice_beats_stock_apical_basal": all(d > 0 for d in differences)}
+
+
+def main() -> None:
+    os.environ.setdefault("nnUNet_compile", "f")
+    os.environ.setdefault("nnUNet_n_proc_DA", "1")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("-o", "--output", type=Path)
+    args = parser.parse_args()
+    commit = source_commit()
+    with tempfile.TemporaryDirectory() as base:
+        dataset = planned_stacks(Path(base))
+        seeds = [run_seed(dataset, seed) for seed in args.seeds]
+    report({"schedule": {"epochs": Schedule.epochs, "iterations": Schedule.iterations}, "seeds": seeds,
+            "verdict": verdict(seeds)}, args.output, commit)
+
+
+if __name__ == "__main__":
+    main()
