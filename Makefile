@@ -24,6 +24,7 @@ demo-quick: install
 	$(BIN)/nnunet-rl demo --quick
 
 test: install
+	$(BIN)/ruff check .  # rules in pyproject.toml
 	$(CPU_ENV) $(BIN)/python -m pytest -ra --durations=25  # the slowest tests, to keep the suite within 30 min
 
 test-fast: install

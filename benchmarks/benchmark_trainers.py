@@ -111,7 +111,8 @@ def _time_das_rounds(trainer, batches: list, sync) -> dict:
     for batch in batches:
         sync()
         t0 = time.perf_counter()
-        trainer.rl_round(lambda betas: trainer.look_ahead_dice(batch, next(trainer.dataloader_reward), betas))
+        trainer.rl_round(lambda betas, batch=batch: trainer.look_ahead_dice(batch, next(trainer.dataloader_reward),
+                                                                            betas))
         sync()
         rounds.append(time.perf_counter() - t0)
     return _summary(rounds)

@@ -159,9 +159,9 @@ def predictions(trainer, images: dict, previous: dict | None = None, gate: bool 
     if isinstance(network, ClassifierGuidedNetwork):
         network.gate_output = gate
     predictor = cpu_predictor(trainer, network)
-    return {case: predictor.predict_single_npy_array(image, properties,
-                                                     None if previous is None else previous[case][None].astype(np.int16))
-            for case, (image, properties) in images.items()}
+    return {case: predictor.predict_single_npy_array(
+        image, properties, None if previous is None else previous[case][None].astype(np.int16))
+        for case, (image, properties) in images.items()}
 
 
 def dice_table(segmentations: dict, references: dict, labels) -> dict:

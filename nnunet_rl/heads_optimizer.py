@@ -6,8 +6,8 @@ Adam (F. Yang et al., IEEE JBHI 28(2), 2024, DOI 10.1109/jbhi.2023.3336726, §IV
 ``nnunet_rl.trainers.voxel_agents``. nnU-Net's ``train_step`` knows one optimiser: it zeroes, unscales (mixed
 precision), clips (norm 12 over all parameters) and steps ``self.optimizer``, and its ``PolyLRScheduler`` writes the
 poly learning rate into every parameter group. :class:`SGDWithAdamHeads` is that one optimiser: its parameter groups
-are those of nnU-Net's SGD and of an Adam over the heads, so every one of those steps reaches both, and the heads' Adam runs at ``lr_scale`` times the scheduled rate
-(the poly decay applies to both).
+are those of nnU-Net's SGD and of an Adam over the heads, so every one of those steps reaches both, and the heads'
+Adam runs at ``lr_scale`` times the scheduled rate (the poly decay applies to both).
 """
 import torch
 

@@ -1,9 +1,9 @@
 """DAS's controllers follow their reward at the plans' defaults under nnU-Net's own training; shuffled rewards do not
 get there (random search, whose frozen controllers cannot move π, is run by the benchmark; its frozen θ is checked in
-tests/test_rl_deep_supervision_trainer.py). ``benchmarks/das_learning.py`` (set-up and threshold, fixed before the first run,
-in its docstring) on the 2d configuration of the session's dataset; docs/rl_deep_supervision.md has the 3d_fullres
-run and the clean-labels arm, which shows that this reward lowers output 1 on clean labels too: the test shows that
-REINFORCE learns from the look-ahead's reward, not that the reward detects a useless output."""
+tests/test_rl_deep_supervision_trainer.py). ``benchmarks/das_learning.py`` (set-up and threshold, fixed before the
+first run, in its docstring) on the 2d configuration of the session's dataset; docs/rl_deep_supervision.md has the
+3d_fullres run and the clean-labels arm, which shows that this reward lowers output 1 on clean labels too: the test
+shows that REINFORCE learns from the look-ahead's reward, not that the reward detects a useless output."""
 import sys
 
 import pytest

@@ -64,8 +64,8 @@ def predict(env: dict, trainer: str, output: Path) -> None:
 def train_until_second_epoch_then_kill(env: dict, trainer: str) -> None:
     """Start nnUNetv2_train, wait until epoch 1 has started (epoch 0's checkpoint is written), kill -9 it."""
     process = subprocess.Popen([str(BIN / "nnUNetv2_train"), DATASET_ID, CONFIGURATION, "0", "-tr", trainer,
-                                "-device", "cpu", "--npz"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+                                "-device", "cpu", "--npz"], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     try:
         while time.time() < deadline and process.poll() is None:

@@ -33,8 +33,13 @@ def test_gate_is_the_additive_attention_gate_of_the_paper():
     torch.manual_seed(0)
     gate = instance_norm_gate(4, 3).eval()
     skip, upsampled = torch.randn(2, 4, 5, 6, 7), torch.randn(2, 4, 5, 6, 7)
-    norm = lambda x: torch.nn.functional.instance_norm(x, eps=1e-5)  # affine weights start at 1 and 0
-    conv = lambda layer, x: torch.nn.functional.conv3d(x, layer.weight, layer.bias)
+
+    def norm(x):  # affine weights start at 1 and 0
+        return torch.nn.functional.instance_norm(x, eps=1e-5)
+
+    def conv(layer, x):
+        return torch.nn.functional.conv3d(x, layer.weight, layer.bias)
+
     joint = torch.relu(norm(conv(gate.project_skip[0], skip)) + norm(conv(gate.project_upsampled[0], upsampled)))
     expected = skip * torch.sigmoid(norm(conv(gate.project[0], joint)))
     torch.testing.assert_close(gate(skip, upsampled), expected)

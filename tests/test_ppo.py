@@ -245,8 +245,8 @@ def ddp_rank(rank: int, folder: str) -> None:
     with torch.no_grad():
         log_prob = policy.log_prob(actions)
     own_reward = torch.rand(8, generator=generator) + rank  # the ranks' rewards differ
-    buffer.add(Transition(torch.rand(8, 3, generator=generator), torch.rand(8, 3, generator=generator), actions, log_prob,
-               mean_across_ranks(own_reward)))
+    buffer.add(Transition(torch.rand(8, 3, generator=generator), torch.rand(8, 3, generator=generator), actions,
+                          log_prob, mean_across_ranks(own_reward)))
     agent.update(buffer)
     torch.save({"reward": own_reward, "theta": policy.theta.detach(), "critic": agent.critic.state_dict()},
                os.path.join(folder, f"rank{rank}.pt"))

@@ -1,5 +1,5 @@
-"""nnUNetTrainerRLDeepSup[_faithful, _shortHorizon] and AWSnet on a tiny planned dataset: reward cases held out of training and apart
-from validation, α valid, exact resume, datasets with an ignore label, regions and empty classes."""
+"""nnUNetTrainerRLDeepSup[_faithful, _shortHorizon] and AWSnet on a tiny planned dataset: reward cases held out of
+training and apart from validation, α valid, exact resume, datasets with an ignore label, regions and empty classes."""
 import copy
 import json
 import os
@@ -280,8 +280,8 @@ def test_the_look_ahead_scores_region_targets_with_an_ignore_channel(planned_dat
     trainer = loss_of(CleanDeepSup, planned_dataset, {"background": 0, "whole": [1, 2], "b": 2, "ignore": 3},
                       regions_class_order=[1, 2])
     assert trainer.label_manager.has_regions and trainer.label_manager.has_ignore_label
-    regions = lambda: {**synthetic_batch(trainer, labels=2, channels=3)}
-    dice = trainer.look_ahead_dice(regions(), regions(), candidate_betas(trainer))
+    dice = trainer.look_ahead_dice(synthetic_batch(trainer, labels=2, channels=3),
+                                   synthetic_batch(trainer, labels=2, channels=3), candidate_betas(trainer))
     assert np.all(np.isfinite(dice)) and np.all((0 <= dice) & (dice <= 1))
 
 

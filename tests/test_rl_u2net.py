@@ -253,7 +253,7 @@ def test_policy_file_lists_every_rotation_with_its_matrix(trained_short_rl):
     policy = json.load(open(os.path.join(trained_short_rl.output_folder, POLICY_FILE)))
     rotations = [np.array(m) for m in map(lambda r: r["matrix"], next(iter(policy["modules"].values()))["rotations"])]
     assert len(policy["modules"]) == len(trained_short_rl.bare_network.xalign)
-    for key, module in policy["modules"].items():
+    for module in policy["modules"].values():
         assert sum(r["probability"] for r in module["rotations"]) == pytest.approx(1.0, abs=1e-5)
         assert module["greedy_index"] == module["rotations"][0]["index"]
         assert all(np.array_equal(cube_rotations(3)[r["index"]], r["matrix"]) for r in module["rotations"])

@@ -1,4 +1,5 @@
-"""RL-XAlign (paper 000): CMA against a per-window loop, rotations against rotate_array, the policy, S_similarity, eq. 7."""
+"""RL-XAlign (Qu and Zhao, RL-U2Net): CMA against a per-window loop, rotations against rotate_array, the policy,
+S_similarity, eq. 7."""
 import itertools
 import math
 

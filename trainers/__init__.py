@@ -6,7 +6,8 @@ from nnunet_rl.trainers.pam import nnUNetTrainerPAM
 from nnunet_rl.trainers.all_slice_fusion import (SHORT_SCHEDULES as _ALL_SLICE_FUSION_SHORT_SCHEDULES,
                                                  nnUNetTrainerAllSliceFusion)
 from nnunet_rl.trainers.classifier_guided import (SHORT_SCHEDULES as _CLASSIFIER_GUIDED_SHORT_SCHEDULES,
-                                                  nnUNetTrainerClassifierGuided, nnUNetTrainerClassifierGuided_imageInput,
+                                                  nnUNetTrainerClassifierGuided,
+                                                  nnUNetTrainerClassifierGuided_imageInput,
                                                   nnUNetTrainerClassifierGuided_noGate)
 from nnunet_rl.trainers.mrl_seg import (SHORT_SCHEDULES as _MRL_SEG_SHORT_SCHEDULES, nnUNetTrainerMRLSeg,
                                         nnUNetTrainerMRLSeg_noADP, nnUNetTrainerMRLSeg_noFB,

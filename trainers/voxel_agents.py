@@ -168,8 +168,9 @@ class VoxelAgentsTrainer(RLTrainerBase):
         self.log_telemetry(f"{self.component}/skipped_updates", skipped)
         self.log_telemetry(f"{self.component}/omega_sum", float(omega.weight.detach().sum()))
         if finite:
-            self.log_telemetry(f"{self.component}/policy_loss", np.mean([float(l.policy.detach()) for l in finite]))
-            self.log_telemetry(f"{self.component}/value_loss", np.mean([float(l.value.detach()) for l in finite]))
+            for name in ("policy", "value"):
+                self.log_telemetry(f"{self.component}/{name}_loss",
+                                   np.mean([float(getattr(losses, name).detach()) for losses in finite]))
         if skipped:
             self.print_to_log_file(f"{self.component}: {skipped} of {len(episodes)} updates skipped for non-finite "
                                    f"rewards, returns, values or advantages")

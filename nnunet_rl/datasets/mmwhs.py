@@ -89,7 +89,7 @@ def _mapped_labels(label: np.ndarray, path: Path) -> np.ndarray:
     if unknown:
         raise NnunetRLError(f"{path}: unknown label values {unknown} (MM-WHS has {sorted(FULL_LABEL_MAP)})")
     for value in STRAY_LABEL_MAP.keys() & set(values.tolist()):
-        warnings.warn(f"{path}: stray label value {value} converted to {STRAY_LABEL_MAP[value]} (LA)")
+        warnings.warn(f"{path}: stray label value {value} converted to {STRAY_LABEL_MAP[value]} (LA)", stacklevel=2)
     lookup = np.array([FULL_LABEL_MAP[v] for v in values.tolist()], dtype=np.uint8)
     return lookup[inverse].reshape(label.shape)
 
