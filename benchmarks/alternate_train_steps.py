@@ -25,15 +25,13 @@ import time
 from benchmark_trainers import random_volume, sliding_window_predictor, synthetic_batches
 
 
-def build_trainer(spec: str, folder: str, configuration: str, plans_name: str, device):
-    from batchgenerators.utilities.file_and_folder_operations import load_json
+def build_trainer(spec: str, dataset: str, configuration: str, plans_name: str, device):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunet_rl.trainer_from_plans import trainer_from_plans
     name, _, epoch = spec.partition("@")
-    plans = load_json(os.path.join(folder, f"{plans_name}.json"))
-    plans["continue_training"] = False  # as run_training.py sets it
-    trainer = recursive_find_trainer_class_by_name(name)(
-        plans=plans, configuration=configuration, fold=0, dataset_json=load_json(os.path.join(folder, "dataset.json")),
-        device=device)
+    trainer = trainer_from_plans(dataset, recursive_find_trainer_class_by_name(name), configuration, 0, plans_name,
+                                 device)
     trainer.initialize()
     trainer.set_deep_supervision_enabled(trainer.enable_deep_supervision)
     trainer.current_epoch = int(epoch or 0)
@@ -65,11 +63,10 @@ def main() -> None:
 def run(args) -> None:
     import torch
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    from nnunetv2.paths import nnUNet_preprocessed
     torch.set_num_threads(args.threads or os.cpu_count())
     device = torch.device(args.device)
-    folder = os.path.join(nnUNet_preprocessed, maybe_convert_to_dataset_name(args.d))
-    trainers = {spec: build_trainer(spec, folder, args.c, args.p, device) for spec in args.tr}
+    dataset = maybe_convert_to_dataset_name(args.d)
+    trainers = {spec: build_trainer(spec, dataset, args.c, args.p, device) for spec in args.tr}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     first = trainers[args.tr[0]]
     print(f"{args.d} {args.p} {args.c}: patch {list(first.configuration_manager.patch_size)}, batch "

@@ -213,9 +213,9 @@ def run_worker(args) -> dict:
 
     import numpy as np
     import torch
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from nnunet_rl.trainer_from_plans import trainer_from_plans
 
     device = torch.device(args.device)
     # thread settings of nnUNetv2_train (run_training.py)
@@ -235,17 +235,12 @@ def run_worker(args) -> dict:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
-    folder = Path(nnUNet_preprocessed) / args.dataset
-    plans = load_json(str(folder / f"{args.p}.json"))
-    dataset_json = load_json(str(folder / "dataset.json"))
-    plans["continue_training"] = False  # as run_training.py sets it
     name, _, epoch = args.trainer.partition("@")
     trainer_class = recursive_find_trainer_class_by_name(name)
     result["trainer_class"] = f"{trainer_class.__module__}.{trainer_class.__qualname__}"
 
     t0 = time.perf_counter()
-    trainer = trainer_class(plans=plans, configuration=args.c, fold=args.f,
-                            dataset_json=dataset_json, device=device)
+    trainer = trainer_from_plans(args.dataset, trainer_class, args.c, args.f, args.p, device)
     trainer.initialize()
     if args.synthetic_batches:
         args.no_loop = True

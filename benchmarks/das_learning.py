@@ -37,7 +37,8 @@ from nnunet_rl.trainers import (nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_r
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
 from nnunet_rl.trainers.rl_deep_supervision import COMPONENT
 from nnunet_rl.trainers.schedules import ShortSchedule
-from phantom_experiments import planned_phantoms, report, source_commit, trainer_for
+from nnunet_rl.trainer_from_plans import trainer_from_plans
+from phantom_experiments import planned_phantoms, report, source_commit
 
 NOISY_OUTPUT = 1
 THRESHOLD = 0.6
@@ -127,7 +128,7 @@ def probability_of_lowering_output_1(dataset: str, arm: str, seed: int, configur
     """π(Δβ = −0.15) of output 1's controller after the run, and the fraction of rounds whose scores favoured
     lowering output 1."""
     torch.manual_seed(seed)
-    trainer = trainer_for(dataset, trainer_class(arm, seed, mode), configuration)
+    trainer = trainer_from_plans(dataset, trainer_class(arm, seed, mode), configuration)
     trainer.run_training()
     return (trainer.controllers.probabilities()[NOISY_OUTPUT, ACTIONS.index(-0.15)].item(),
             float(np.mean(np.array(trainer.preferences) > 0)))

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nnunet_rl.trainer_from_plans import trainer_from_plans
+
 
 def planned_phantoms(base: Path, kind: str, dataset_id: int, configurations: list[str], **make_options) -> str:
     """nnU-Net's folder variables set to folders under ``base`` (for this process), a ``make-dataset`` phantom dataset
@@ -28,15 +30,6 @@ def planned_phantoms(base: Path, kind: str, dataset_id: int, configurations: lis
     folder = make_dataset(kind, dataset_id, **make_options)
     plan_rl(folder.name, configurations)
     return folder.name
-
-
-def trainer_for(dataset: str, trainer_class: type, configuration: str, fold: int = 0):
-    """A CPU trainer of ``fold`` for a planned dataset, constructed as nnUNetv2_train constructs it."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json
-    folder = Path(os.environ["nnUNet_preprocessed"]) / dataset
-    plans = load_json(str(folder / "nnUNetPlans.json"))
-    plans["continue_training"] = False
-    return trainer_class(plans, configuration, fold, load_json(str(folder / "dataset.json")), torch.device("cpu"))
 
 
 def seeded_arm(arm: str, arms: dict, schedule: type, component: str, seed: int) -> type:
@@ -55,7 +48,7 @@ def trained(dataset: str, trainer_class: type, configuration: str, seed: int, fo
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
-    trainer = trainer_for(dataset, trainer_class, configuration, fold)
+    trainer = trainer_from_plans(dataset, trainer_class, configuration, fold)
     trainer.run_training()
     return trainer
 

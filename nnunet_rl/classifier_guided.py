@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from nnunet_rl.planned_network import AroundPlannedNetwork
 
 PRESENCE_LOSS_WEIGHT = 0.1  # λ, the paper's
-PRESENCE_THRESHOLD = 0.5  # on p_i; a logit above 0
+GATE_MARGIN = 1000.0  # a gated class's logit is this far below the voxel's lowest (finite, safe in float16 sums)
 
 
 def presence_labels(target: torch.Tensor, foreground_labels: Sequence[int]) -> torch.Tensor:
@@ -49,11 +49,12 @@ def gated_target(target: torch.Tensor, present: torch.Tensor, foreground_labels:
 
 def gated_logits(logits: torch.Tensor, presence_logits: torch.Tensor) -> torch.Tensor:
     """Logits (B, C, *spatial) in which foreground class i cannot win where the head calls it absent (p_i ≤ 0.5):
-    its logit becomes one below the voxel's lowest. Kept finite and on the scale of the others, so that where
-    windows overlap nnU-Net's Gaussian aggregation weighs a gated window against an ungated one as it weighs any
-    two windows (the one whose centre is nearer counts more)."""
+    its logit becomes :data:`GATE_MARGIN` below the voxel's lowest. nnU-Net's predictor averages logits over mirrored
+    passes and overlapping windows (Gaussian-weighted): a pass or window that gates class i outweighs any ungated one
+    unless its weight at the voxel is below about 1/100 of theirs, so a class is output only where the head called
+    it present in (practically) every pass and window covering the voxel."""
     absent = (presence_logits <= 0).view(*presence_logits.shape, *[1] * (logits.ndim - 2))
-    floor = logits.min(dim=1, keepdim=True).values - 1
+    floor = logits.min(dim=1, keepdim=True).values - GATE_MARGIN
     foreground = torch.where(absent, floor, logits[:, 1:])
     return torch.cat([logits[:, :1], foreground], dim=1)
 

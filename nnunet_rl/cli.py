@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="plan nnUNetPlans_RLU2Net with nnUNetPlannerRLU2Net: nnU-Net's planner fitting the memory "
                         "estimate of the two-branch RL-U2Net to nnU-Net's GPU memory target (train with -p "
                         "nnUNetPlans_RLU2Net)")
-    p.add_argument("--previous-stage-trainer", default="nnUNetTrainer",
-                   help="the trainer of the first stage that <X>_refine refines (default: nnUNetTrainer)")
+    p.add_argument("--previous-stage-trainer", default=None,
+                   help="the trainer of the first stage that <X>_refine refines (default: the one the plans name "
+                        "already, else nnUNetTrainer)")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("plan-unpaired", help="plan two single-modality datasets (MM-WHS CT and MRI) for "

@@ -60,7 +60,8 @@ def model_folder(trainer: str, default_plans: str, default_configuration: str) -
 def compare_trainers(dataset: Union[int, str], configuration: str, trainers: list[str], folds: list[int],
                      output_dir: Optional[Union[str, Path]] = None, plans: str = "nnUNetPlans") -> Path:
     """Compare the validation predictions of ``trainers`` over ``folds`` (cases pooled across folds) in nnU-Net's
-    folder layout. Each trainer is ``TRAINER`` (plans ``plans``) or ``TRAINER@PLANS`` and is reported under that
+    folder layout. Each trainer is ``TRAINER`` (plans ``plans``), ``TRAINER@PLANS`` or
+    ``TRAINER__PLANS__CONFIGURATION`` (:func:`model_folder`) and is reported under that
     name; the first is the reference. Default ``output_dir``:
     ``$nnUNet_results/<DatasetName>/comparison__<plans>__<configuration>``."""
     results, preprocessed = require_nnunet_folders("nnUNet_results", "nnUNet_preprocessed")

@@ -64,8 +64,11 @@ def chain_next_stages(plans: dict) -> None:
                 changed = True
 
 
-def add_refine_configuration(plans: dict, refine_configuration_name: str, first_stage_trainer: str) -> None:
-    """Write ``refine_configuration_name`` (``<first stage>_refine``) into ``plans`` and chain it to its first stage."""
+def add_refine_configuration(plans: dict, refine_configuration_name: str, first_stage_trainer: str | None) -> None:
+    """Write ``refine_configuration_name`` (``<first stage>_refine``) into ``plans`` and chain it to its first stage.
+    ``first_stage_trainer`` None keeps the one the plans name already (a new entry: ``nnUNetTrainer``)."""
     first_stage = first_stage_of(refine_configuration_name)
-    plans["configurations"][refine_configuration_name] = refine_configuration(plans, first_stage, first_stage_trainer)
+    existing = plans["configurations"].get(refine_configuration_name, {})
+    trainer = first_stage_trainer or existing.get(PREVIOUS_STAGE_TRAINER_KEY, DEFAULT_PREVIOUS_STAGE_TRAINER)
+    plans["configurations"][refine_configuration_name] = refine_configuration(plans, first_stage, trainer)
     chain_next_stages(plans)

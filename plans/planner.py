@@ -14,8 +14,8 @@ from nnunet_rl.dual_branch import NETWORK_HYPERPARAMETERS, DualBranchUNet
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.nnunet_folders import dataset_name as nnunet_dataset_name, require_nnunet_folders
 from nnunet_rl.plans.all_slice_fusion import ALL_SLICE_CONFIGURATION, PARENT_CONFIGURATION, all_slice_configuration
-from nnunet_rl.plans.classifier_guided import (DEFAULT_PREVIOUS_STAGE_TRAINER, add_refine_configuration,
-                                               first_stage_of, is_refine_configuration)
+from nnunet_rl.plans.classifier_guided import (add_refine_configuration, chain_next_stages, first_stage_of,
+                                               is_refine_configuration)
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS, RL_BLOCK_KEY, derive_rl_block
 
 RL_U2NET_PLANS = "nnUNetPlans_RLU2Net"
@@ -103,13 +103,14 @@ def configurations_needed(configurations: list[str]) -> list[str]:
 
 def plan_rl(dataset: str | int, configurations: list[str] | None = None, plans_name: str = "nnUNetPlans",
             num_processes: int = 1, rl_u2net: bool = False,
-            previous_stage_trainer: str = DEFAULT_PREVIOUS_STAGE_TRAINER) -> list[Path]:
+            previous_stage_trainer: str | None = None) -> list[Path]:
     """Plan (where needed) and write the ``rl`` block into each requested configuration of the plans.
 
     Our configurations among ``configurations`` are (re)written into the plans after nnU-Net has planned and
     preprocessed the configurations they are built from: ``2d_allslice`` (:mod:`nnunet_rl.plans.all_slice_fusion`)
     from ``2d``; ``<X>_refine`` (:mod:`nnunet_rl.plans.classifier_guided`) chained to X, whose model
-    ``previous_stage_trainer`` trains.
+    ``previous_stage_trainer`` trains (None: the one the plans name already, else ``nnUNetTrainer``). Every
+    configuration's ``next_stage`` is then made to list the stages chained to it, also when X was rewritten.
     ``rl_u2net``: plan ``nnUNetPlans_RLU2Net`` instead with :class:`nnUNetPlannerRLU2Net`, nnU-Net's planner fitting
     the two-branch RL-U2Net (not one U-Net) into nnU-Net's GPU memory target; train with
     ``nnUNetv2_train ... -tr nnUNetTrainerRLU2Net -p nnUNetPlans_RLU2Net``.
@@ -134,6 +135,7 @@ def plan_rl(dataset: str | int, configurations: list[str] | None = None, plans_n
         else:
             plans["configurations"][configuration] = all_slice_configuration(
                 plans, load_json(str(folder / "dataset_fingerprint.json")))
+    chain_next_stages(plans)
     block = derive_rl_block(load_json(str(folder / "dataset.json")), folder / "gt_segmentations")
     for configuration in configurations or plans["configurations"]:
         plans["configurations"][configuration][RL_BLOCK_KEY] = block

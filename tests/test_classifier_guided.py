@@ -152,3 +152,78 @@ def test_the_trainer_refuses_a_configuration_without_a_first_stage(refine_plans,
         "2d_allslice_refine")
     with pytest.raises(NnunetRLError, match="lacks the first stage's prediction"):
         trainer.require_previous_stage_predictions()
+
+
+def test_a_gated_pass_outweighs_an_ungated_one_in_nnunets_averaging():
+    """nnU-Net averages logits over mirrored passes and Gaussian-weighted windows: a pass or window that gates a class
+    keeps it out even beside a confident ungated one."""
+    logits = torch.zeros(1, 4, 2, 2)
+    logits[:, 2] = 15.0
+    gated = gated_logits(logits, torch.tensor([[1.0, -1.0, 1.0]]))
+    assert ((3 * gated + logits) / 4).argmax(dim=1).ne(2).all()  # 3 of 4 mirrored passes gate class 2
+    assert (0.7 * gated + 0.3 * logits).argmax(dim=1).ne(2).all()  # the nearer window gates, the farther does not
+    assert torch.isfinite((gated.half() * 8).float()).all()  # eight overlapping windows summed in float16
+
+
+@pytest.fixture(scope="module")
+def initialized(refine_plans, planned_dataset) -> nnUNetTrainerClassifierGuided:
+    """nnUNetTrainerClassifierGuided on 2d_refine, initialised (network, optimiser, loss) as nnUNetv2_train does."""
+    dataset_json = load_json(str(Path(os.environ["nnUNet_preprocessed"]) / planned_dataset / "dataset.json"))
+    trainer = nnUNetTrainerClassifierGuided({**refine_plans.plans, "continue_training": False}, "2d_refine", 0,
+                                            dataset_json, torch.device("cpu"))
+    trainer.initialize()
+    return trainer
+
+
+def call_absent(network: ClassifierGuidedNetwork, absent_index: int) -> None:
+    """Make the head call foreground class ``absent_index`` absent and every other present, whatever the input."""
+    last = network.presence_head.mlp[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(5.0)
+        last.bias[absent_index] = -5.0
+
+
+def test_the_trainers_loss_drops_gated_voxels_at_every_deep_supervision_scale(initialized):
+    """The loss nnUNetTrainerClassifierGuided builds (nnU-Net's Dice + CE with deep supervision, the gate label as its
+    ignore label): no gradient reaches the outputs at voxels of a class the head calls absent, at any scale."""
+    network, labels = initialized.network.train(), initialized.label_manager.foreground_labels
+    call_absent(network, 0)
+    patch = initialized.configuration_manager.patch_size
+    x = torch.randn(2, network.input_channels.stop, *patch, generator=torch.Generator().manual_seed(3))
+    outputs = network(x)
+    for output in outputs:
+        output.retain_grad()
+    generator = torch.Generator().manual_seed(4)
+    targets = [torch.randint(0, len(labels) + 1, (2, 1, *output.shape[2:]), generator=generator).float()
+               for output in outputs]
+    initialized.loss(outputs, targets).backward()
+    for output, target in zip(outputs, targets):  # nnU-Net gives the lowest scale weight 0: no gradient at all
+        gated = (target == labels[0]).expand_as(output)
+        assert gated.any() and (output.grad is None or output.grad[gated].abs().max() == 0)
+    assert outputs[0].grad[~(targets[0] == labels[0]).expand_as(outputs[0])].abs().sum() > 0
+
+
+def test_nnunets_predictor_never_outputs_a_class_the_head_calls_absent(initialized):
+    """Through nnU-Net's predictor (sliding window, mirroring): a class the network would predict everywhere is gone
+    when the head calls it absent, and back with the same weights in _noGate."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    network, labels = initialized.network, initialized.label_manager.foreground_labels
+    call_absent(network, 0)
+    with torch.no_grad():
+        network.decoder.seg_layers[-1].bias[labels[0]] = 50.0  # the first foreground class wins everywhere
+    network.decoder.deep_supervision = False  # as nnUNetv2_predict builds it
+    no_gate = nnUNetTrainerClassifierGuided_noGate.build_network_architecture(
+        initialized.plans_manager, initialized.configuration_manager, initialized.num_input_channels,
+        initialized.label_manager.num_segmentation_heads, False)
+    no_gate.load_state_dict(network.state_dict())
+    data = torch.randn(network.input_channels.stop, 3, *initialized.configuration_manager.patch_size)
+    winners = {}
+    for name, model in (("gated", network.eval()), ("not gated", no_gate.eval())):
+        predictor = nnUNetPredictor(perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
+                                    allow_tqdm=False)
+        predictor.manual_initialization(model, initialized.plans_manager, initialized.configuration_manager,
+                                        [model.state_dict()], initialized.dataset_json, "nnUNetTrainerClassifierGuided",
+                                        (0, 1))
+        winners[name] = predictor.predict_sliding_window_return_logits(data).argmax(dim=0)
+    assert not (winners["gated"] == labels[0]).any() and (winners["not gated"] == labels[0]).all()

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from das_learning import THRESHOLD, probability_of_lowering_output_1  # noqa: E402

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import on_two_gloo_ranks
+from helpers import on_two_gloo_ranks
 
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
 

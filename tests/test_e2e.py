@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import NNUNET_FOLDERS, SHARED
+from helpers import NNUNET_FOLDERS, SHARED
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from conftest import cloned_state, make_trainer, started_trainer
+from helpers import cloned_state, started_trainer
 from nnunet_rl import mrl_seg
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.mrl_seg import (MASK, RETAIN, RewardSettings, build_mrl_seg_network, cross_entropy_reward,
@@ -17,6 +17,7 @@ from nnunet_rl.mrl_seg import (MASK, RETAIN, RewardSettings, build_mrl_seg_netwo
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
 from nnunet_rl.trainers.mrl_seg import plot_masks
 from nnunet_rl.voxel_actor_critic import NeighbourReturns, sample_actions
+from nnunet_rl.trainer_from_plans import trainer_from_plans
 
 CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
 NORMS = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
@@ -504,7 +505,7 @@ def test_checkpoint_round_trip_restores_the_reinforcement_net_adam_and_sampler(t
     trainer.train_step(next(trainer.dataloader_train))
     path = str(tmp_path / "checkpoint.pth")
     trainer.save_checkpoint(path)
-    resumed = make_trainer(planned_dataset, nnUNetTrainerMRLSeg_3epochs_2iters, "2d")
+    resumed = trainer_from_plans(planned_dataset, nnUNetTrainerMRLSeg_3epochs_2iters, "2d")
     resumed.load_checkpoint(path)
     for key, value in trainer.bare_network.state_dict().items():
         assert torch.equal(value, resumed.bare_network.state_dict()[key]), key

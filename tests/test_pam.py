@@ -7,10 +7,10 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from conftest import make_trainer
 
 from nnunet_rl.pam import GatedDecoderStage, PixelAttentionGate, add_pixel_attention
 from nnunet_rl.trainers import nnUNetTrainerPAM
+from nnunet_rl.trainer_from_plans import trainer_from_plans
 
 
 def unet_kwargs(dim: int) -> dict:
@@ -97,7 +97,7 @@ def test_trainer_builds_the_planned_network_with_pam(planned_dataset, configurat
 def test_nnunet_train_step_fits_a_fixed_batch(planned_dataset, configuration):
     """nnU-Net's own train_step (deep supervision, loss, optimiser) runs on the PAM network and its loss falls."""
     torch.manual_seed(0)
-    trainer = make_trainer(planned_dataset, nnUNetTrainerPAM, configuration)
+    trainer = trainer_from_plans(planned_dataset, nnUNetTrainerPAM, configuration)
     trainer.initialize()
     patch = trainer.configuration_manager.patch_size
     data = torch.randn(2, 2, *patch)

@@ -7,12 +7,13 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from conftest import cloned_state, make_trainer, started_trainer
+from helpers import cloned_state, started_trainer
 from nnunet_rl import agent_figures, pixel_rl
 from nnunet_rl.pixel_rl import KEEP, SET_TO_BACKGROUND, build_pixel_rl_network, squared_error_reward
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
 from nnunet_rl.voxel_actor_critic import (NeighbourReturns, VoxelActorCritic, a2c_losses, greedy_rollout,
                                           sample_actions)
+from nnunet_rl.trainer_from_plans import trainer_from_plans
 
 HP = {**PAPER_DEFAULTS["pixel_rl"], "t_max": 3}
 HP_TRAINER_STEPS = PAPER_DEFAULTS["pixel_rl"]["t_max"]
@@ -462,7 +463,7 @@ def test_checkpoint_round_trip_restores_heads_omega_and_sampler(trainer, tmp_pat
     trainer.train_step(next(trainer.dataloader_train))
     path = str(tmp_path / "checkpoint.pth")
     trainer.save_checkpoint(path)
-    resumed = make_trainer(planned_dataset, nnUNetTrainerPixelRL_3epochs_2iters, "2d")
+    resumed = trainer_from_plans(planned_dataset, nnUNetTrainerPixelRL_3epochs_2iters, "2d")
     resumed.load_checkpoint(path)
     for key, value in trainer.bare_network.actor_critic.state_dict().items():
         assert torch.equal(value, resumed.bare_network.actor_critic.state_dict()[key]), key

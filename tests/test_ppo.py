@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import on_two_gloo_ranks
+from helpers import on_two_gloo_ranks
 
 from nnunet_rl.distributed import mean_across_ranks
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS

@@ -11,11 +11,11 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from conftest import make_trainer
 from nnunet_rl.cli import main
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.pretrained import NOT_TRANSFERRED, build_network, convert_stock_checkpoint
 from nnunet_rl.trainers import nnUNetTrainerMRLSeg_pretrained, nnUNetTrainerPixelRL_pretrained
+from nnunet_rl.trainer_from_plans import trainer_from_plans
 
 CONFIGURATION = "2d"
 
@@ -58,7 +58,7 @@ def converted(dataset: str, trainer, stock_path: Path, out: Path) -> tuple[dict,
 
 def loaded_into_trainer(dataset: str, trainer_class, out: Path):
     """A trainer initialised as nnUNetv2_train does, then nnU-Net's own load_pretrained_weights of ``out``."""
-    trainer = make_trainer(dataset, trainer_class, CONFIGURATION)
+    trainer = trainer_from_plans(dataset, trainer_class, CONFIGURATION)
     trainer.initialize()
     load_pretrained_weights(trainer.network, str(out))
     return trainer

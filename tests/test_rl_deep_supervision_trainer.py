@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_trainer
 
 from nnunet_rl.deep_supervision_rl import DeepSupervisionWeights
 from nnunet_rl.errors import NnunetRLError
@@ -19,6 +18,7 @@ from nnunet_rl.trainers.reward_cases import REWARD_CASES_FILE, carve_reward_case
 from nnunet_rl.trainers.rl_deep_supervision import (COMPONENT, WEIGHTS_FILE, hard_foreground_dice,
                                                     soft_foreground_dice)
 from nnunet_rl.trainers.schedules import ShortSchedule
+from nnunet_rl.trainer_from_plans import trainer_from_plans
 
 
 
@@ -68,7 +68,7 @@ class ShortHorizonThreeCandidates(ShortHorizonTiny):
 
 def trained(dataset: str, trainer_class, configuration: str = "3d_fullres"):
     torch.manual_seed(0)
-    trainer = make_trainer(dataset, trainer_class, configuration)
+    trainer = trainer_from_plans(dataset, trainer_class, configuration)
     trainer.run_training()
     return trainer
 
@@ -99,7 +99,7 @@ def test_clean_data_keeps_a_valid_distribution_and_loss_decreases(planned_datase
 
 def test_random_search_keeps_the_best_candidate_with_frozen_controllers(planned_dataset):
     torch.manual_seed(0)
-    initial = make_trainer(planned_dataset, RandomSearchTiny)
+    initial = trainer_from_plans(planned_dataset, RandomSearchTiny)
     initial.initialize()
     trainer = trained(planned_dataset, RandomSearchTiny)
     torch.testing.assert_close(trainer.controllers.theta, initial.controllers.theta, rtol=0, atol=0)
@@ -108,7 +108,7 @@ def test_random_search_keeps_the_best_candidate_with_frozen_controllers(planned_
 
 def test_resume_restores_controllers_weights_and_baseline(planned_dataset):
     trainer = trained(planned_dataset, CleanDeepSup)
-    resumed = make_trainer(planned_dataset, CleanDeepSup)
+    resumed = trainer_from_plans(planned_dataset, CleanDeepSup)
     resumed.load_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
     torch.testing.assert_close(resumed.controllers.theta, trainer.controllers.theta)
     np.testing.assert_array_equal(resumed.das_weights.beta, trainer.das_weights.beta)
@@ -129,7 +129,7 @@ def test_faithful_mode_trains_candidates_and_continues_from_the_best(planned_dat
 def test_a_candidate_trains_from_the_start_state_without_changing_it(planned_dataset):
     """Regression: torch's optimizer adopted the start state's momentum tensors and updated them in place, so each
     faithful candidate started where the previous one's momentum had left off (later candidates scored higher)."""
-    trainer = make_trainer(planned_dataset, FaithfulTwoCandidates)
+    trainer = trainer_from_plans(planned_dataset, FaithfulTwoCandidates)
     trainer.on_train_start()
     trainer.train_step(next(trainer.dataloader_train))
     start = trainer._training_state()
@@ -146,7 +146,7 @@ def test_a_candidate_trains_from_the_start_state_without_changing_it(planned_dat
 
 def test_identical_short_horizon_candidates_score_alike(planned_dataset):
     """End to end: K copies of one weighting, trained from the same start on the same batches, score the same."""
-    trainer = make_trainer(planned_dataset, ShortHorizonThreeCandidates)
+    trainer = trainer_from_plans(planned_dataset, ShortHorizonThreeCandidates)
     trainer.on_train_start()
     for _ in range(20):  # past an all-background start, where every candidate would score alike anyway
         trainer.train_step(next(trainer.dataloader_train))
@@ -254,7 +254,7 @@ class AWSnetTiny(TinySchedule, nnUNetTrainerAWSnet):
 
 def loss_of(trainer_class, planned_dataset: str, labels: dict, **dataset_keys):
     """The deep-supervision loss ``trainer_class`` builds for the planned dataset with other labels."""
-    trainer = make_trainer(planned_dataset, trainer_class)
+    trainer = trainer_from_plans(planned_dataset, trainer_class)
     trainer.dataset_json = {**trainer.dataset_json, "labels": labels, **dataset_keys}
     trainer.label_manager = trainer.plans_manager.get_label_manager(trainer.dataset_json)
     trainer.initialize()
@@ -312,7 +312,7 @@ class PredictsBackground(torch.nn.Module):
 
 def test_the_faithful_reward_of_a_batch_without_foreground_is_one(planned_dataset):
     """Nothing to find and nothing found: every class is empty, where a plain mean Dice is NaN."""
-    trainer = make_trainer(planned_dataset, FaithfulTwoCandidates)
+    trainer = trainer_from_plans(planned_dataset, FaithfulTwoCandidates)
     trainer.initialize()
     batch = synthetic_batch(trainer, labels=1)
     trainer.network = PredictsBackground(trainer.label_manager.num_segmentation_heads,

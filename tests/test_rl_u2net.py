@@ -7,7 +7,6 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
-from conftest import make_trainer
 from test_pam import unet_kwargs
 from test_rl_xalign import feature_similarity
 
@@ -20,6 +19,7 @@ from nnunet_rl.trainers import (nnUNetTrainerRLU2Net, nnUNetTrainerRLU2Net_noCMA
 from nnunet_rl.trainers.rl_u2net import COMPONENT, POLICY_FILE
 from nnunet_rl.trainers.schedules import ShortSchedule
 from nnunet_rl.u2net_losses import AGWD, alignment_loss
+from nnunet_rl.trainer_from_plans import trainer_from_plans
 
 
 def branch_kwargs(architecture, dim: int) -> dict:
@@ -93,7 +93,7 @@ def test_loss_without_deep_supervision_is_both_branches_dice_and_ce(planned_data
     """nnU-Net's loss is a bare DC_and_CE_loss when deep supervision is off; the branches then give one map each."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunet_rl.dual_branch_loss import DualBranchLoss
-    trainer = make_trainer(planned_dataset, nnUNetTrainerRLU2Net)
+    trainer = trainer_from_plans(planned_dataset, nnUNetTrainerRLU2Net)
     trainer.enable_deep_supervision = False
     stock = nnUNetTrainer._build_loss(trainer)
     network = dual_branch()
@@ -199,11 +199,11 @@ def test_single_channel_dataset_is_refused_before_any_work(planned_dataset):
 
 
 def test_variants_pin_their_hyperparameters(planned_dataset):
-    assert not make_trainer(planned_dataset, nnUNetTrainerRLU2Net_noRLXAlign).rl_hyperparameters(COMPONENT)[
+    assert not trainer_from_plans(planned_dataset, nnUNetTrainerRLU2Net_noRLXAlign).rl_hyperparameters(COMPONENT)[
         "aligned_stages"]
-    assert make_trainer(planned_dataset, nnUNetTrainerRLU2Net_lambda0p1).rl_hyperparameters(COMPONENT)[
+    assert trainer_from_plans(planned_dataset, nnUNetTrainerRLU2Net_lambda0p1).rl_hyperparameters(COMPONENT)[
         "fusion_weight"] == 0.1
-    trainer = make_trainer(planned_dataset, nnUNetTrainerRLU2Net_noCMA)
+    trainer = trainer_from_plans(planned_dataset, nnUNetTrainerRLU2Net_noCMA)
     trainer.initialize()
     assert all(m.cma is None for m in trainer.bare_network.xalign.values())
 
@@ -211,7 +211,7 @@ def test_variants_pin_their_hyperparameters(planned_dataset):
 def test_no_ppo_variant_keeps_rl_xalign_at_the_identity_without_an_agent(planned_dataset):
     import nnunet_rl.trainers as trainers
     from nnunet_rl.ablation import ablation_trainers
-    trainer = make_trainer(planned_dataset, nnUNetTrainerRLU2Net_noPPO)
+    trainer = trainer_from_plans(planned_dataset, nnUNetTrainerRLU2Net_noPPO)
     trainer.initialize()
     assert trainer.bare_network.xalign and not trainer.agents and not trainer.buffers and not trainer.in_rl_phase()
     assert all(int(m.pose.greedy_action()) == 0 for m in trainer.bare_network.xalign.values())
@@ -232,7 +232,7 @@ class ShortRL(ShortSchedule, nnUNetTrainerRLU2Net):
 @pytest.fixture(scope="module")
 def trained_short_rl(planned_dataset):
     torch.manual_seed(0)
-    trainer = make_trainer(planned_dataset, ShortRL)
+    trainer = trainer_from_plans(planned_dataset, ShortRL)
     trainer.run_training()
     return trainer
 
@@ -297,7 +297,7 @@ def test_a_mirrored_batch_keeps_data_and_every_target_scale_together(trained_sho
 
 def test_resume_restores_the_rl_state_exactly(trained_short_rl, planned_dataset):
     checkpoint = os.path.join(trained_short_rl.output_folder, "checkpoint_final.pth")
-    resumed = make_trainer(planned_dataset, ShortRL)
+    resumed = trainer_from_plans(planned_dataset, ShortRL)
     resumed.load_checkpoint(checkpoint)
     for key, agent in trained_short_rl.agents.items():
         for name, value in agent.critic.state_dict().items():
@@ -347,7 +347,7 @@ def test_planner_fits_the_dual_branch_estimate_not_one_unet_to_the_memory_target
 
 
 def test_rl_u2net_trains_on_2d_configurations(planned_dataset):
-    trainer = make_trainer(planned_dataset, ShortRL, "2d")
+    trainer = trainer_from_plans(planned_dataset, ShortRL, "2d")
     trainer.run_training()
     policy = json.load(open(os.path.join(trainer.output_folder, POLICY_FILE)))
     assert all(len(m["rotations"]) == 4 for m in policy["modules"].values())

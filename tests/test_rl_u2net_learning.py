@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_trainer
 
 from nnunet_rl.trainers import nnUNetTrainerRLU2Net
 from nnunet_rl.trainers.rl_u2net import COMPONENT
 from nnunet_rl.trainers.schedules import ShortSchedule
+from nnunet_rl.trainer_from_plans import trainer_from_plans
 
 pytestmark = pytest.mark.e2e
 DATASET_ID = 952
@@ -51,7 +51,7 @@ def rotated_dataset(planned_dataset) -> str:
 def test_pose_align_learns_the_rotation_that_undoes_the_known_one(rotated_dataset):
     torch.manual_seed(0)
     np.random.seed(0)
-    trainer = make_trainer(rotated_dataset, RotationLearner)
+    trainer = trainer_from_plans(rotated_dataset, RotationLearner)
     trainer.run_training()
     dataset_json = json.load(open(os.path.join(os.environ["nnUNet_raw"], rotated_dataset, "dataset.json")))
     undo = dataset_json["nnunet_rl"]["aux_rotation"]["inverse_index"]

@@ -8,12 +8,12 @@ import pytest
 import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from conftest import make_trainer
 
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.plans.rl_block import channel_split, label_fractions, read_rl_block
 from nnunet_rl.telemetry import RLLocalLogger
 from nnunet_rl.trainers.base import CHECKPOINT_KEY, RLTrainerBase
+from nnunet_rl.trainer_from_plans import trainer_from_plans
 
 
 class CountingTrainer(RLTrainerBase):
@@ -37,7 +37,7 @@ class CountingTrainer(RLTrainerBase):
 
 
 def test_rl_state_round_trips_through_nnunet_checkpoint(planned_dataset, tmp_path):
-    trainer = make_trainer(planned_dataset, CountingTrainer)
+    trainer = trainer_from_plans(planned_dataset, CountingTrainer)
     trainer.initialize()
     torch.nn.init.constant_(trainer.agent.weight, 0.25)
     trainer.agent(torch.ones(1, 3)).sum().backward()
@@ -50,7 +50,7 @@ def test_rl_state_round_trips_through_nnunet_checkpoint(planned_dataset, tmp_pat
     assert saved[CHECKPOINT_KEY]["updates"] == 7 and saved["trainer_name"] == "CountingTrainer"
     assert not (tmp_path / "checkpoint_latest.pth.partial").exists()
 
-    resumed = make_trainer(planned_dataset, CountingTrainer)
+    resumed = trainer_from_plans(planned_dataset, CountingTrainer)
     resumed.load_checkpoint(checkpoint_file)
     assert resumed.updates == 7
     torch.testing.assert_close(resumed.agent.weight, trainer.agent.weight)
@@ -58,14 +58,14 @@ def test_rl_state_round_trips_through_nnunet_checkpoint(planned_dataset, tmp_pat
 
 
 def test_checkpoint_without_rl_state_loads_and_says_so(planned_dataset, tmp_path):
-    trainer = make_trainer(planned_dataset, CountingTrainer)
+    trainer = trainer_from_plans(planned_dataset, CountingTrainer)
     trainer.initialize()
     trainer.updates = 5
     file = str(tmp_path / "checkpoint.pth")
     trainer.save_checkpoint(file)
     checkpoint = torch.load(file, weights_only=False)
     del checkpoint[CHECKPOINT_KEY]
-    fresh = make_trainer(planned_dataset, CountingTrainer)
+    fresh = trainer_from_plans(planned_dataset, CountingTrainer)
     fresh.load_checkpoint(checkpoint)  # a dict, which nnU-Net's own load_checkpoint cannot take
     assert fresh.current_epoch == 1
     assert fresh.updates == 0  # the RL state starts afresh instead of failing on the missing entry
@@ -74,7 +74,7 @@ def test_checkpoint_without_rl_state_loads_and_says_so(planned_dataset, tmp_path
 
 
 def test_telemetry_reaches_the_log_and_the_progress_plot(planned_dataset, tmp_path):
-    trainer = make_trainer(planned_dataset, CountingTrainer)
+    trainer = trainer_from_plans(planned_dataset, CountingTrainer)
     trainer.initialize()
     logger = trainer.logger
     for epoch in range(2):
@@ -108,7 +108,7 @@ def test_logger_checkpoint_without_extra_keys_is_padded():
 
 
 def test_rl_block_is_read_from_plans_and_derived_when_absent(planned_dataset):
-    trainer = make_trainer(planned_dataset, CountingTrainer)
+    trainer = trainer_from_plans(planned_dataset, CountingTrainer)
     planned = trainer.configuration_manager.configuration["rl"]
     assert trainer.rl_block == planned
     assert planned["dataset"]["primary_channels"] == ["CT"]
@@ -121,7 +121,7 @@ def test_rl_block_is_read_from_plans_and_derived_when_absent(planned_dataset):
 def test_component_sections_take_paper_defaults_and_plans_overrides(planned_dataset, monkeypatch):
     from nnunet_rl.plans import rl_block
     monkeypatch.setitem(rl_block.PAPER_DEFAULTS, "toy_agent", {"lr": 5e-5, "clip": 0.2})
-    trainer = make_trainer(planned_dataset, CountingTrainer)
+    trainer = trainer_from_plans(planned_dataset, CountingTrainer)
     trainer.configuration_manager.configuration["rl"]["toy_agent"] = {"clip": 0.1}
     assert trainer.rl_hyperparameters("toy_agent") == {"lr": 5e-5, "clip": 0.1}
     assert rl_block.derive_rl_block(trainer.dataset_json, None)["toy_agent"] == {"lr": 5e-5, "clip": 0.2}
@@ -131,7 +131,7 @@ def test_component_sections_take_paper_defaults_and_plans_overrides(planned_data
 
 
 def test_rl_block_with_names_and_indices_that_disagree_is_refused(planned_dataset):
-    trainer = make_trainer(planned_dataset, CountingTrainer)
+    trainer = trainer_from_plans(planned_dataset, CountingTrainer)
     split = trainer.configuration_manager.configuration["rl"]["dataset"]
     split.update(primary_channels=["MRI"], auxiliary_channels=["CT"])  # names swapped, indices not
     with pytest.raises(NnunetRLError, match=r"for these names they are \[0\]"):
@@ -139,7 +139,7 @@ def test_rl_block_with_names_and_indices_that_disagree_is_refused(planned_datase
 
 
 def test_rl_block_of_another_version_is_refused(planned_dataset):
-    trainer = make_trainer(planned_dataset, CountingTrainer)
+    trainer = trainer_from_plans(planned_dataset, CountingTrainer)
     trainer.configuration_manager.configuration["rl"]["version"] = 99
     with pytest.raises(NnunetRLError, match="version 99"):
         _ = trainer.rl_block

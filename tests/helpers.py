@@ -1,0 +1,62 @@
+"""What the tests share besides fixtures (conftest.py holds those): nnU-Net folders, two-process gloo runs, started
+trainers, state snapshots."""
+import os
+from pathlib import Path
+
+from nnunet_rl.nnunet_folders import NNUNET_FOLDER_VARIABLES as NNUNET_FOLDERS
+from nnunet_rl.trainer_from_plans import trainer_from_plans
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+PLANNED_DATASET_ID = 951
+
+
+def set_nnunet_folders(base: Path) -> dict[str, str]:
+    """Point nnU-Net's three folder variables at subfolders of ``base`` (in this process); returns them."""
+    folders = {name: str(base / name) for name in NNUNET_FOLDERS}
+    for name, folder in folders.items():
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        os.environ[name] = folder
+    return folders
+
+
+def free_port() -> int:
+    """A free local TCP port for a gloo process group."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        return sock.getsockname()[1]
+
+
+def _gloo_rank(rank: int, port: int, work, folder: str) -> None:
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="localhost", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        work(rank, folder)
+    finally:
+        dist.destroy_process_group()
+
+
+def on_two_gloo_ranks(work, folder: Path) -> list[dict]:
+    """Run ``work(rank, folder)`` (a module-level function) in two CPU processes joined by a gloo process group;
+    each rank saves its results to ``folder/rank<r>.pt``, which are returned in rank order."""
+    import torch
+    import torch.multiprocessing as mp
+    mp.spawn(_gloo_rank, args=(free_port(), work, str(folder)), nprocs=2)
+    return [torch.load(folder / f"rank{rank}.pt") for rank in (0, 1)]
+
+
+def started_trainer(dataset: str, trainer_class, configuration: str):
+    """For a module-scoped fixture: a :func:`trainer_from_plans` trainer, initialised and started as nnU-Net's
+    ``run_training`` starts it, ended after the module."""
+    trainer = trainer_from_plans(dataset, trainer_class, configuration)
+    trainer.initialize()
+    trainer.on_train_start()
+    yield trainer
+    trainer.on_train_end()
+
+
+def cloned_state(module) -> dict:
+    """A copy of ``module``'s state dict, to compare with after a step."""
+    return {key: value.clone() for key, value in module.state_dict().items()}
