@@ -167,10 +167,16 @@ def sliding_window_predictor(trainer, device):
     return predictor
 
 
+RANDOM_VOLUME_SLICES = 8  # slices of the random volume for a 2D patch (nnU-Net predicts 2D patches slice by slice)
+
+
 def random_volume(trainer):
-    """A random input of 1.5 patches per axis (seeded): 2^d tiles at tile step 0.5."""
+    """A random input of 1.5 patches per axis (seeded): 2^d tiles at tile step 0.5; for a 2D patch, a stack of
+    RANDOM_VOLUME_SLICES such slices, as nnU-Net's predictor takes 3D data for 2d configurations."""
     import torch
     shape = [int(1.5 * p) for p in trainer.configuration_manager.patch_size]
+    if len(shape) == 2:
+        shape = [RANDOM_VOLUME_SLICES, *shape]
     return torch.randn(trainer.num_input_channels, *shape, generator=torch.Generator().manual_seed(0))
 
 
