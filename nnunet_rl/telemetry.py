@@ -4,6 +4,9 @@ nnU-Net's ``LocalLogger`` only accepts keys it already holds and plots up to the
 extra key is registered before training and gets exactly one value per epoch (NaN where a component had
 nothing to report, e.g. an RL agent after its RL phase). Values go through ``MetaLogger.log`` so W&B
 (``nnUNet_wandb_enabled=1``) receives them under the same names.
+
+In ``progress.png`` the extra keys are drawn on one axis per order of magnitude (:func:`scale_groups`), so that a
+loss near 10 does not flatten a probability or a reward near 0.1 into a line.
 """
 import math
 
@@ -14,7 +17,23 @@ from nnunetv2.training.logging.nnunet_logger import LocalLogger
 
 matplotlib.use("agg")
 
-RL_PANEL_HEIGHT_INCHES = 18  # nnU-Net's progress figure is 30 x 54 inches for its three panels
+RL_AXIS_HEIGHT_INCHES = 12  # per axis; nnU-Net's progress figure is 30 x 54 inches for its three panels
+
+
+def magnitude(values) -> int:
+    """The power of ten bounding the largest finite |value| (0 for values within [-1, 1] or none finite)."""
+    finite = np.abs(np.asarray(values, dtype=float))
+    finite = finite[np.isfinite(finite)]
+    largest = finite.max() if finite.size else 0.0
+    return max(0, math.ceil(math.log10(largest))) if largest > 0 else 0
+
+
+def scale_groups(series: dict[str, list[float]]) -> dict[int, list[str]]:
+    """The keys of ``series`` grouped by :func:`magnitude` of their values, smallest first."""
+    groups: dict[int, list[str]] = {}
+    for key, values in series.items():
+        groups.setdefault(magnitude(values), []).append(key)
+    return dict(sorted(groups.items()))
 
 
 class RLLocalLogger(LocalLogger):
@@ -49,14 +68,16 @@ class RLLocalLogger(LocalLogger):
             append_panel(f"{output_folder}/progress.png", self._rl_panel())
 
     def _rl_panel(self) -> np.ndarray:
-        """The extra panel as an RGBA image of the same width as nnU-Net's figure."""
+        """The extra panel, one axis per :func:`scale_groups` group, as an RGBA image as wide as nnU-Net's figure."""
         epochs = min(len(v) for v in self.my_fantastic_logging.values())
-        fig, ax = plt.subplots(1, 1, figsize=(30, RL_PANEL_HEIGHT_INCHES))
-        for key in self.extra_keys:
-            ax.plot(range(epochs), self.my_fantastic_logging[key][:epochs], label=key, linewidth=4)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("RL telemetry")
-        ax.legend(loc=(0, 1), ncol=3)
+        groups = scale_groups({key: self.my_fantastic_logging[key][:epochs] for key in self.extra_keys})
+        fig, axes = plt.subplots(len(groups), 1, figsize=(30, RL_AXIS_HEIGHT_INCHES * len(groups)), squeeze=False)
+        for ax, (power, keys) in zip(axes[:, 0], groups.items()):
+            for key in keys:
+                ax.plot(range(epochs), self.my_fantastic_logging[key][:epochs], label=key, linewidth=4)
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(f"RL telemetry, |value| ≤ {10 ** power:g}")
+            ax.legend(loc=(0, 1), ncol=3)
         fig.tight_layout()
         fig.canvas.draw()
         image = np.asarray(fig.canvas.buffer_rgba()).astype(np.float32) / 255

@@ -11,7 +11,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.plans.rl_block import channel_split, label_fractions, read_rl_block
-from nnunet_rl.telemetry import RLLocalLogger
+from nnunet_rl.telemetry import RLLocalLogger, magnitude, scale_groups
 from nnunet_rl.trainers.base import CHECKPOINT_KEY, RLTrainerBase
 from nnunet_rl.trainer_from_plans import trainer_from_plans
 
@@ -96,6 +96,16 @@ def test_telemetry_reaches_the_log_and_the_progress_plot(planned_dataset, tmp_pa
     plain.extra_keys = []
     plain.plot_progress_png(str(tmp_path))
     assert with_panel[0] > plt.imread(str(tmp_path / "progress.png")).shape[0]
+
+
+def test_telemetry_of_different_scales_gets_its_own_axis():
+    """A loss falling from 12 to 7 does not share an axis with a probability rising from 0.04 to 1 or a reward."""
+    groups = scale_groups({"rl_u2net/alignment_loss": [12.0, 7.0], "rl_u2net/m/top_probability": [0.04, 1.0],
+                           "rl_u2net/reward": [math.nan, -0.3], "agent/skipped_updates": [0.0, 40.0],
+                           "agent/not_logged": [math.nan, math.nan]})
+    assert groups == {0: ["rl_u2net/m/top_probability", "rl_u2net/reward", "agent/not_logged"],
+                      2: ["rl_u2net/alignment_loss", "agent/skipped_updates"]}
+    assert magnitude([0.5]) == 0 and magnitude([1.0]) == 0 and magnitude([1.5]) == 1 and magnitude([-250.0]) == 3
 
 
 def test_logger_checkpoint_without_extra_keys_is_padded():
