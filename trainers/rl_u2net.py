@@ -38,6 +38,7 @@ from nnunet_rl.u2net_losses import AGWD
 COMPONENT = "rl_u2net"
 POLICY_FILE = "rl_policy.json"
 SINGLE_CHANNEL_TRAINERS = ("nnUNetTrainer", "nnUNetTrainerPAM", "nnUNetTrainerRLDeepSup")
+PPO_STATISTICS = ("value_loss", "policy_loss", "entropy", "approx_kl", "clip_fraction")  # per PPO update, as SB3
 
 
 def channel_indices(block: dict, num_input_channels: int) -> tuple[list[int], list[int]]:
@@ -116,8 +117,8 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
         self.training_mirror_axes: tuple[int, ...] | None = None  # set with the training transforms
         self.register_telemetry("rl_u2net/agwd_w_dice", "rl_u2net/agwd_w_ce", "rl_u2net/alignment_loss")
         if modules:
-            self.register_telemetry("rl_u2net/reward", "rl_u2net/value_loss", "rl_u2net/policy_loss",
-                                    "rl_u2net/entropy", *(f"rl_u2net/{key}/top_probability" for key in modules))
+            self.register_telemetry("rl_u2net/reward", *(f"rl_u2net/{name}" for name in PPO_STATISTICS),
+                                    *(f"rl_u2net/{key}/top_probability" for key in modules))
         self._epoch_records: dict[str, list[float]] = {}
 
     def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
@@ -223,7 +224,7 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
                 with trainable(pose.theta):
                     stats = self.agents[key].update(buffer)
                 buffer.clear()
-                for name in ("value_loss", "policy_loss", "entropy"):
+                for name in PPO_STATISTICS:
                     self._record(f"rl_u2net/{name}", stats[name])
 
     def on_train_epoch_end(self, train_outputs: list[dict]) -> None:
