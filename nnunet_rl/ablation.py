@@ -1,4 +1,4 @@
-"""``nnunet-rl ablation``: RL-U2Net's ablation (paper 000, Table 2) and λ sweep (Fig. 9) with nnU-Net's own tools.
+"""``nnunet-rl ablation``: RL-U2Net's ablation (Qu and Zhao, Table 2) and λ sweep (Fig. 9) with nnU-Net's own tools.
 
 Each variant is trained by ``nnUNetv2_train`` unless its fold already holds a finished training (checkpoint_final.pth
 and nnU-Net's validation predictions), then all are compared on the fold's validation cases by

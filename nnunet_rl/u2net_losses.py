@@ -1,4 +1,4 @@
-"""RL-U2Net's losses beyond Dice + CE (paper 000): AGWD (eqs. 18-19), the alignment loss (eq. 17), soft voting.
+"""RL-U2Net's losses beyond Dice + CE (Qu and Zhao): AGWD (eqs. 18-19), the alignment loss (eq. 17), soft voting.
 
 The final loss (eq. 20) is ``AGWD.balance("dice", ...) + AGWD.balance("ce", ...) + λ₁·Σᵢ alignment_loss(...)``
 over the aligned stages i; the ensemble decision averages the two branches' probabilities (``soft_vote``).
@@ -35,17 +35,12 @@ class AGWD:
     def __init__(self, gamma: float = 1.0, delta: float = 0.0, momentum: float = 0.9):
         self.gamma, self.delta, self.momentum = gamma, delta, momentum
         self.running: dict[str, torch.Tensor] = {}  # kind -> (2,) running losses of branches a, b
-        self._last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # kind -> (w, a_is_slow) of the last call
+        self._last: dict[str, torch.Tensor] = {}  # kind -> w of the last call
 
     @property
     def last_weight(self) -> dict[str, float]:
         """Telemetry: kind -> w of the last call (read after the step: converting waits for the device)."""
-        return {kind: float(weight) for kind, (weight, _) in self._last.items()}
-
-    @property
-    def last_slow(self) -> dict[str, int]:
-        """Telemetry: kind -> 0 if branch a was the slow one in the last call, 1 if b."""
-        return {kind: int(not a_is_slow) for kind, (_, a_is_slow) in self._last.items()}
+        return {kind: float(weight) for kind, weight in self._last.items()}
 
     def balance(self, kind: str, loss_a: torch.Tensor, loss_b: torch.Tensor) -> torch.Tensor:
         """Update the running losses of ``kind`` and return the balanced loss of eq. 19 (differentiable)."""
@@ -57,7 +52,7 @@ class AGWD:
         a_is_slow = running[0] >= running[1]
         slow, fast = torch.where(a_is_slow, loss_a, loss_b), torch.where(a_is_slow, loss_b, loss_a)
         weight = agwd_weight(running.max(), running.min(), self.gamma, self.delta)
-        self._last[kind] = (weight.detach(), a_is_slow)
+        self._last[kind] = weight.detach()
         return fast * (1 - weight) + slow * (1 + weight)
 
     def state_dict(self) -> dict:

@@ -32,7 +32,7 @@ MAX_CASES_FOR_LABEL_FRACTIONS = 50  # enough for a stable mean; keeps planning f
 # One section per RL component: {component: {hyperparameter: paper default}}. Each component adds its own entry
 # (with the paper's equation or table in a comment) when it lands; `nnunet-rl plan` writes them all.
 PAPER_DEFAULTS: dict[str, dict] = {
-    # RL-U2Net (paper 000); choices where the paper is silent are ours and explained in docs/rl_u2net.md.
+    # RL-U2Net (Qu and Zhao); choices where the paper is silent are ours and explained in docs/rl_u2net.md.
     "rl_u2net": {
         "aligned_stages": None,            # encoder stages followed by RL-XAlign; None: the deepest 4 at ≤ 1/4
                                            # resolution
@@ -68,7 +68,7 @@ PAPER_DEFAULTS: dict[str, dict] = {
         "unpaired": None,                  # ours: the two datasets of nnUNetTrainerRLU2Net_unpaired (MM-WHS as
                                            # distributed), written by `nnunet-rl plan-unpaired`; null: paired channels
     },
-    # AWSnet's DAS (paper 003); see docs/rl_deep_supervision.md.
+    # AWSnet's DAS (Wang et al.); see docs/rl_deep_supervision.md.
     "rl_deep_supervision": {
         "candidates": 10,                  # K weightings sampled per round
         "lr": 0.05,                        # Adam on the controllers' θ; ours (the paper's 1e-3 moves θ by at most
@@ -83,7 +83,7 @@ PAPER_DEFAULTS: dict[str, dict] = {
         "trial_reward_batches": 5,         # _shortHorizon: reward batches scoring each candidate
         "seed": 0,                         # controller initialisation and sampling
     },
-    # PixelDRL-MG (paper 001); see docs/pixel_rl.md.
+    # PixelDRL-MG (Liu et al.); see docs/pixel_rl.md.
     "pixel_rl": {
         "t_max": 10,                       # steps per episode (the paper's setting, Fig. 7)
         "gamma": 0.95,                     # γ of eq. 8
@@ -102,7 +102,7 @@ PAPER_DEFAULTS: dict[str, dict] = {
                                                   # episode with this probability (0.95 per step at t_max = 10)
         "seed": 0,                         # action sampling
     },
-    # MRL-Seg (paper 002); see docs/mrl_seg.md.
+    # MRL-Seg (Yang et al.); see docs/mrl_seg.md.
     "mrl_seg": {
         "steps": 4,                        # actions per episode ("4 actions were performed on each slice", §IV.B)
         "gamma": 0.95,                     # γ of eqs. 6, 11-12 (§IV.B)

@@ -7,7 +7,8 @@ from nnunet_rl.trainers.base import RLTrainerBase
 
 
 class nnUNetTrainerPAM(RLTrainerBase):
-    """nnU-Net's planned network (PlainConvUNet or a ResEnc U-Net) with a PAM gate on each skip (AWSnet, paper 003)."""
+    """nnU-Net's planned network (PlainConvUNet or a ResEnc U-Net) with a PAM gate on each skip (AWSnet, Wang et
+    al.)."""
 
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager,

@@ -60,7 +60,7 @@ def trainable(parameter: nn.Parameter):
 
 
 class nnUNetTrainerRLU2Net(RLTrainerBase):
-    """Dual-branch U-Net with RL-XAlign (CMA + PoseAlign + PPO), AGWD and the alignment loss (paper 000)."""
+    """Dual-branch U-Net with RL-XAlign (CMA + PoseAlign + PPO), AGWD and the alignment loss (Qu and Zhao)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
