@@ -59,6 +59,17 @@ class nnUNetPlannerRLU2Net(ExperimentPlanner):
                                     arch_class_name, arch_kwargs, arch_kwargs_req_import)
 
 
+def verified_dataset(dataset_name: str, num_processes: int) -> None:
+    """nnU-Net's dataset integrity check (files, labels, geometry, readability), its failure as one line."""
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    try:
+        verify_dataset_integrity(str(Path(str(nnUNet_raw)) / dataset_name), num_processes)
+    except (RuntimeError, AssertionError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        problem = lines[-1].split("ERROR: ")[-1] if lines else type(error).__name__
+        raise NnunetRLError(f"{dataset_name} fails nnU-Net's dataset integrity check: {problem}") from error
+
+
 def run_nnunet_planning_where_missing(dataset_name: str, configurations: list[str] | None, plans_name: str,
                                       num_processes: int, auxiliary_input_channels: int = 0) -> Path:
     """Run nnU-Net's own fingerprinting, planning and preprocessing for whatever is not there yet
@@ -66,7 +77,8 @@ def run_nnunet_planning_where_missing(dataset_name: str, configurations: list[st
     dataset_id = convert_dataset_name_to_id(dataset_name)
     folder = Path(str(nnUNet_preprocessed)) / dataset_name
     if not (folder / "dataset_fingerprint.json").is_file():
-        extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=True)
+        verified_dataset(dataset_name, num_processes)
+        extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=False)
     plans_file = folder / f"{plans_name}.json"
     if not plans_file.is_file():
         if plans_name not in ("nnUNetPlans", RL_U2NET_PLANS):

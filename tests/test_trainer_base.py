@@ -190,3 +190,23 @@ def test_plan_refuses_unknown_configuration(planned_dataset):
     from nnunet_rl.plans.planner import plan_rl
     with pytest.raises(NnunetRLError, match="3d_huge"):
         plan_rl(planned_dataset, ["3d_huge"])
+
+
+@pytest.mark.parametrize("damage", ["unreadable image", "missing label"])
+def test_plan_reports_a_bad_dataset_in_one_line_before_any_work(planned_dataset, damage):
+    """nnU-Net's integrity check runs first and its failure names the first bad file (not a pool's traceback)."""
+    from pathlib import Path
+
+    from nnunet_rl.datasets.synthetic import make_dataset
+    from nnunet_rl.plans.planner import plan_rl
+    dataset_id = {"unreadable image": 967, "missing label": 968}[damage]
+    folder = make_dataset("stacked", dataset_id, cases=5, size=32)
+    if damage == "unreadable image":
+        (folder / "imagesTr" / "case_002_0000.nii.gz").write_text("not an image")
+        expected = "case_002_0000.nii.gz"
+    else:
+        (folder / "labelsTr" / "case_001.nii.gz").unlink()
+        expected = "case_001"
+    with pytest.raises(NnunetRLError, match=f"{folder.name} fails nnU-Net's dataset integrity check: .*{expected}"):
+        plan_rl(folder.name, ["2d"])
+    assert not (Path(os.environ["nnUNet_preprocessed"]) / folder.name / "dataset_fingerprint.json").exists()
