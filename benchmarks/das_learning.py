@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnunet_rl.deep_supervision_rl import ACTIONS
+from nnunet_rl.rl_deep_supervision import ACTIONS
 from nnunet_rl.trainers import (nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_randomSearch,
                                 nnUNetTrainerRLDeepSup_shortHorizon)
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS

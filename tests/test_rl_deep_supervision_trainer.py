@@ -9,7 +9,7 @@ import pytest
 import torch
 
 
-from nnunet_rl.deep_supervision_rl import DeepSupervisionWeights
+from nnunet_rl.rl_deep_supervision import DeepSupervisionWeights
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.pam import PixelAttentionGate
 from nnunet_rl.trainers import (nnUNetTrainerAWSnet, nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_faithful,

@@ -7,7 +7,7 @@ doi:10.1016/j.media.2022.102362, the DAS section and Fig. 4. The loss stays nnU-
 supervises (its zero-weight lowest output stays at its stock value). After a warm-up with nnU-Net's fixed weights,
 each RL round samples K weightings from the controllers, rewards each with a cubed Dice on held-out *reward cases*,
 updates the controllers by REINFORCE against a baseline and keeps the best weighting
-(:mod:`nnunet_rl.deep_supervision_rl`).
+(:mod:`nnunet_rl.rl_deep_supervision`).
 
 Reward cases are carved out of the fold's training cases (:class:`HeldOutRewardCases`): the fold's validation cases,
 which nnU-Net and ``nnunet-rl compare`` report as unseen, never reach the RL. The trainers differ in how a
@@ -33,7 +33,7 @@ import torch
 from nnunetv2.training.loss.compound_losses import DC_and_BCE_loss
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
-from nnunet_rl.deep_supervision_rl import (DASControllers, DeepSupervisionWeights, MovingBaseline, cubed_reward,
+from nnunet_rl.rl_deep_supervision import (DASControllers, DeepSupervisionWeights, MovingBaseline, cubed_reward,
                                            num_controlled)
 from nnunet_rl.distributed import mean_across_ranks
 from nnunet_rl.errors import NnunetRLError
@@ -72,7 +72,7 @@ def hard_foreground_dice(tp: torch.Tensor, fp: torch.Tensor, fn: torch.Tensor) -
     return float(per_class.mean())
 
 
-class DeepSupervisionRLTrainer(HeldOutRewardCases, RLTrainerBase):
+class RLDeepSupervisionTrainer(HeldOutRewardCases, RLTrainerBase):
     """What the DAS trainers share: weights, controllers, baseline, reward cases, telemetry, state; subclasses score
     candidates. ``controllers_learn = False`` freezes the controllers (random search over the same candidates)."""
     controllers_learn = True
@@ -154,7 +154,7 @@ class DeepSupervisionRLTrainer(HeldOutRewardCases, RLTrainerBase):
         self._apply_weights()
 
 
-class nnUNetTrainerRLDeepSup(DeepSupervisionRLTrainer):
+class nnUNetTrainerRLDeepSup(RLDeepSupervisionTrainer):
     """DAS with candidates scored by a first-order look-ahead: ``rl_steps_per_epoch`` rounds per RL epoch."""
 
     def train_step(self, batch: dict) -> dict:
@@ -200,7 +200,7 @@ class nnUNetTrainerRLDeepSup_randomSearch(nnUNetTrainerRLDeepSup):
     controllers_learn = False
 
 
-class nnUNetTrainerRLDeepSup_faithful(DeepSupervisionRLTrainer):
+class nnUNetTrainerRLDeepSup_faithful(RLDeepSupervisionTrainer):
     """The paper's bilevel DAS: per RL epoch, each of the K weightings trains a copy of the network for one epoch
     from the same start (weights, optimizer state with nnU-Net's momentum, grad scaler) with nnU-Net's own
     ``train_step``, each copy on batches of its own; every copy is scored on the same

@@ -11,7 +11,7 @@ from helpers import on_two_gloo_ranks
 
 from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
 
-from nnunet_rl.deep_supervision_rl import (ACTIONS, DASControllers, DeepSupervisionWeights, MovingBaseline,
+from nnunet_rl.rl_deep_supervision import (ACTIONS, DASControllers, DeepSupervisionWeights, MovingBaseline,
                                            alpha_from_beta, beta_from_alpha, cubed_reward,
                                            expand_to_all_outputs, num_controlled, stock_weights)
 
