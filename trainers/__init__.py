@@ -31,23 +31,9 @@ from nnunet_rl.trainers.rl_u2net_variants import (SHORT_SCHEDULES as _RL_U2NET_S
                                                   nnUNetTrainerRLU2Net_lambda0p5, nnUNetTrainerRLU2Net_noAGWD,
                                                   nnUNetTrainerRLU2Net_noAuxLoss, nnUNetTrainerRLU2Net_noCMA,
                                                   nnUNetTrainerRLU2Net_noRLXAlign, nnUNetTrainerRLU2Net_noPPO)
-from nnunet_rl.trainers.schedules import (nnUNetTrainer_3epochs_2iters, nnUNetTrainer_10epochs_20iters,
-                                          nnUNetTrainerPAM_3epochs_2iters, nnUNetTrainerPAM_10epochs_20iters,
-                                          nnUNetTrainerRLDeepSup_3epochs_2iters,
-                                          nnUNetTrainerRLDeepSup_10epochs_20iters,
-                                          nnUNetTrainerRLDeepSup_faithful_3epochs_2iters,
-                                          nnUNetTrainerRLDeepSup_faithful_10epochs_20iters,
-                                          nnUNetTrainerRLDeepSup_randomSearch_3epochs_2iters,
-                                          nnUNetTrainerRLDeepSup_randomSearch_10epochs_20iters,
-                                          nnUNetTrainerAWSnet_3epochs_2iters, nnUNetTrainerAWSnet_10epochs_20iters,
-                                          nnUNetTrainer_30epochs_50iters, nnUNetTrainerPAM_30epochs_50iters,
-                                          nnUNetTrainerRLDeepSup_30epochs_50iters,
-                                          nnUNetTrainerRLDeepSup_randomSearch_30epochs_50iters,
-                                          nnUNetTrainerAWSnet_30epochs_50iters,
-                                          nnUNetTrainerRLDeepSup_shortHorizon_3epochs_2iters,
-                                          nnUNetTrainerRLDeepSup_shortHorizon_10epochs_20iters,
-                                          nnUNetTrainerRLDeepSup_shortHorizon_30epochs_50iters)
+from nnunet_rl.trainers.schedules import SHORT_SCHEDULES as _SHORT_SCHEDULES
 
+globals().update(_SHORT_SCHEDULES)
 globals().update(_RL_U2NET_SHORT_SCHEDULES)
 globals().update(_PIXEL_RL_SHORT_SCHEDULES)
 globals().update(_PIXEL_RL_STEP_STUDY)
@@ -55,19 +41,10 @@ globals().update(_MRL_SEG_SHORT_SCHEDULES)
 globals().update(_ALL_SLICE_FUSION_SHORT_SCHEDULES)
 globals().update(_CLASSIFIER_GUIDED_SHORT_SCHEDULES)
 
-__all__ = ["nnUNetTrainerPAM", "nnUNetTrainer_3epochs_2iters", "nnUNetTrainer_10epochs_20iters",
-           "nnUNetTrainerPAM_3epochs_2iters", "nnUNetTrainerPAM_10epochs_20iters",
-           "nnUNetTrainerRLDeepSup", "nnUNetTrainerRLDeepSup_faithful", "nnUNetTrainerRLDeepSup_3epochs_2iters",
-           "nnUNetTrainerRLDeepSup_10epochs_20iters", "nnUNetTrainerRLDeepSup_faithful_3epochs_2iters",
-           "nnUNetTrainerRLDeepSup_faithful_10epochs_20iters", "nnUNetTrainerRLDeepSup_randomSearch",
-           "nnUNetTrainerRLDeepSup_randomSearch_3epochs_2iters", "nnUNetTrainerRLDeepSup_randomSearch_10epochs_20iters",
-           "nnUNetTrainerAWSnet", "nnUNetTrainerAWSnet_3epochs_2iters", "nnUNetTrainerAWSnet_10epochs_20iters",
-           "nnUNetTrainer_30epochs_50iters", "nnUNetTrainerPAM_30epochs_50iters",
-           "nnUNetTrainerRLDeepSup_30epochs_50iters",
-           "nnUNetTrainerRLDeepSup_randomSearch_30epochs_50iters", "nnUNetTrainerAWSnet_30epochs_50iters",
-           "nnUNetTrainerRLDeepSup_shortHorizon", "nnUNetTrainerRLDeepSup_shortHorizon_3epochs_2iters",
-           "nnUNetTrainerRLDeepSup_shortHorizon_10epochs_20iters",
-           "nnUNetTrainerRLDeepSup_shortHorizon_30epochs_50iters",
+__all__ = [*_SHORT_SCHEDULES, "nnUNetTrainerPAM",
+           "nnUNetTrainerRLDeepSup", "nnUNetTrainerRLDeepSup_faithful", "nnUNetTrainerRLDeepSup_randomSearch",
+           "nnUNetTrainerAWSnet",
+           "nnUNetTrainerRLDeepSup_shortHorizon",
            "nnUNetTrainerRLU2Net", "nnUNetTrainerRLU2Net_noCMA", "nnUNetTrainerRLU2Net_noRLXAlign",
            "nnUNetTrainerRLU2Net_noAuxLoss", "nnUNetTrainerRLU2Net_noAGWD", "nnUNetTrainerRLU2Net_lambda0p1",
            "nnUNetTrainerRLU2Net_lambda0p2", "nnUNetTrainerRLU2Net_lambda0p3", "nnUNetTrainerRLU2Net_lambda0p4",
