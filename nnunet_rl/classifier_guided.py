@@ -60,8 +60,10 @@ def gated_logits(logits: torch.Tensor, presence_logits: torch.Tensor) -> torch.T
 
 
 class PresenceHead(nn.Module):
-    """Per foreground class, the logit of "present in this slice / patch": the bottleneck averaged over the patch, a
-    hidden layer as wide as the bottleneck, ReLU, a linear layer (the paper's MLP; it gives no width)."""
+    """Per foreground class, the logit of "present in this slice / patch": the bottleneck's maximum over the patch,
+    a hidden layer as wide as the bottleneck, ReLU, a linear layer (the paper's MLP; it gives neither the width nor
+    the pooling). Maximum, not average: the planned network instance-normalises every stage, so each channel's mean
+    over a patch is nearly the same for every patch, whether a class is in it or not."""
 
     def __init__(self, bottleneck_channels: int, num_foreground_classes: int):
         super().__init__()
@@ -69,7 +71,7 @@ class PresenceHead(nn.Module):
                                  nn.Linear(bottleneck_channels, num_foreground_classes))
 
     def forward(self, bottleneck: torch.Tensor) -> torch.Tensor:
-        return self.mlp(bottleneck.flatten(2).mean(dim=2))
+        return self.mlp(bottleneck.flatten(2).amax(dim=2))
 
 
 class ClassifierGuidedNetwork(AroundPlannedNetwork):

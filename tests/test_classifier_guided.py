@@ -13,7 +13,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch.nn import functional as F
 
 from nnunet_rl.classifier_guided import (PRESENCE_LOSS_WEIGHT, ClassifierGuidedNetwork, PresenceGatedLoss,
-                                         gated_logits, gated_target, presence_labels)
+                                         PresenceHead, gated_logits, gated_target, presence_labels)
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.plans.all_slice_fusion import all_slice_configuration
 from nnunet_rl.plans.classifier_guided import add_refine_configuration, first_stage_of
@@ -47,6 +47,20 @@ def test_gated_logits_never_output_an_absent_class_and_keep_the_rest():
                 assert not (winners[sample] == index + 1).any()
     assert torch.equal(gated[:, 0], logits[:, 0])
     assert (winners[2] == 0).all()  # every foreground class absent: background
+
+
+def test_the_head_pools_what_instance_normalisation_leaves():
+    """After instance normalisation a channel's mean over the patch is the same with and without a small structure;
+    its maximum is not, so the head sees the difference."""
+    empty = torch.randn(1, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    structure = empty.clone()
+    structure[..., 6:9, 6:9] += 8.0
+    normalised = [F.leaky_relu(F.instance_norm(x)) for x in (empty, structure)]
+    assert abs(float(normalised[0].mean() - normalised[1].mean())) < 0.1
+    head = PresenceHead(1, 1)
+    with torch.no_grad():
+        head.mlp[0].weight.fill_(1.0), head.mlp[0].bias.zero_(), head.mlp[2].weight.fill_(1.0), head.mlp[2].bias.zero_()
+        assert head(normalised[1]) > head(normalised[0]) + 1.0
 
 
 def dice_and_ce(ignore_label: int) -> DC_and_CE_loss:
