@@ -9,7 +9,7 @@ Two-Stage Network and All-Slice Information Fusion Transformer", arXiv:2309.0080
 p_i the head's probability that foreground class i is in the slice (patch). In prediction class i is output only
 where p_i > 0.5.
 
-- :class:`PresenceHead`: the paper's classification MLP, on the bottleneck features averaged over the patch.
+- :class:`PresenceHead`: the paper's classification MLP, on the bottleneck's maximum over the patch.
 - :class:`ClassifierGuidedNetwork`: the planned network on a slice of the input channels (the first stage's one-hot
   segmentation, or the image for the paper's worse variant), the head beside its decoder; in eval mode (prediction,
   nnU-Net's validation) it returns :func:`gated_logits`.
