@@ -23,6 +23,11 @@ PREVIOUS_STAGE_TRAINER_KEY = "previous_stage_trainer"
 DEFAULT_PREVIOUS_STAGE_TRAINER = "nnUNetTrainer"
 
 
+def previous_stage_trainer(configuration: dict) -> str:
+    """The first stage's trainer a refinement configuration (its plans entry) names."""
+    return configuration.get(PREVIOUS_STAGE_TRAINER_KEY, DEFAULT_PREVIOUS_STAGE_TRAINER)
+
+
 def is_refine_configuration(configuration: str) -> bool:
     return configuration.endswith(REFINE_SUFFIX)
 
@@ -69,6 +74,6 @@ def add_refine_configuration(plans: dict, refine_configuration_name: str, first_
     ``first_stage_trainer`` None keeps the one the plans name already (a new entry: ``nnUNetTrainer``)."""
     first_stage = first_stage_of(refine_configuration_name)
     existing = plans["configurations"].get(refine_configuration_name, {})
-    trainer = first_stage_trainer or existing.get(PREVIOUS_STAGE_TRAINER_KEY, DEFAULT_PREVIOUS_STAGE_TRAINER)
+    trainer = first_stage_trainer or previous_stage_trainer(existing)
     plans["configurations"][refine_configuration_name] = refine_configuration(plans, first_stage, trainer)
     chain_next_stages(plans)

@@ -24,15 +24,16 @@ from torch import nn
 
 from nnunet_rl.classifier_guided import ClassifierGuidedNetwork, PresenceGatedLoss, presence_labels
 from nnunet_rl.errors import NnunetRLError
-from nnunet_rl.plans.classifier_guided import DEFAULT_PREVIOUS_STAGE_TRAINER, PREVIOUS_STAGE_TRAINER_KEY
+from nnunet_rl.plans.classifier_guided import previous_stage_trainer
 from nnunet_rl.trainers.schedules import short_schedule_variants
+from nnunet_rl.voxel_actor_critic import full_resolution
 
 
 def previous_stage_predictions(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                configuration_name: str) -> Path:
     """Where nnU-Net's training of the first stage (its trainer named in the refinement configuration) writes the
     cross-validated predictions this configuration trains on."""
-    trainer = configuration_manager.configuration.get(PREVIOUS_STAGE_TRAINER_KEY, DEFAULT_PREVIOUS_STAGE_TRAINER)
+    trainer = previous_stage_trainer(configuration_manager.configuration)
     model = f"{trainer}__{plans_manager.plans_name}__{configuration_manager.previous_stage_name}"
     return Path(str(nnUNet_results)) / plans_manager.dataset_name / model / "predicted_next_stage" / configuration_name
 
@@ -106,8 +107,7 @@ class nnUNetTrainerClassifierGuided(nnUNetTrainer):
         missing = [case for case in [*training, *validation] if not any(folder.glob(f"{case}.*"))]
         if missing:
             first_stage = self.configuration_manager.previous_stage_name
-            trainer = self.configuration_manager.configuration.get(PREVIOUS_STAGE_TRAINER_KEY,
-                                                                   DEFAULT_PREVIOUS_STAGE_TRAINER)
+            trainer = previous_stage_trainer(self.configuration_manager.configuration)
             raise NnunetRLError(
                 f"{folder} lacks the first stage's prediction of {len(missing)} case(s) of fold {self.fold} "
                 f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}). Train the first stage on every "
@@ -118,9 +118,7 @@ class nnUNetTrainerClassifierGuided(nnUNetTrainer):
     def validation_step(self, batch: dict) -> dict:
         """nnU-Net's, plus how many (sample, class) presence calls of the head were right."""
         result = super().validation_step(batch)
-        target = batch["target"]
-        target = (target[0] if isinstance(target, list) else target).to(self.device)
-        labels = presence_labels(target, self.label_manager.foreground_labels)
+        labels = presence_labels(full_resolution(batch["target"]).to(self.device), self.label_manager.foreground_labels)
         predicted = (self.guided_network.presence_logits > 0).float()
         return {**result, "presence_correct": (predicted == labels).sum().item(), "presence_calls": labels.numel()}
 
