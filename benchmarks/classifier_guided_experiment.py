@@ -36,9 +36,10 @@ then over cases. Thresholds:
 Reported without a threshold: whole-case mean Dice of every model. The head's accuracy is measured on whole slices
 (one window, no mirroring); at prediction it gates every window and mirrored pass.
 
-Run 1: seeds 0, 1, 2 (thresholds 1-3 were committed in 6ee4cad; a first start was stopped during its first
-training, before any result existed, to make the prediction gate hard (``GATE_MARGIN``) after a review, and
-thresholds 4-6 were added then). Seeds can run in separate processes, each writing its own file, and be combined:
+Run 1: seeds 0, 1, 2 planned, 0 and 1 ran (thresholds 1-3 were committed in 6ee4cad; a first start was stopped
+during its first training, before any result existed, to make the prediction gate hard (``GATE_MARGIN``) after a
+review, and thresholds 4-6 were added then). Seeds can run in separate processes, each writing its own file, and
+be combined:
 
 Run 1's result (seeds 0 and 1; seed 2 was stopped after them): every head, ours and ``_imageInput``'s, called every
 class present on every slice (accuracy = the majority control, 0.706, in both seeds), so gating never acted. The head
