@@ -16,7 +16,7 @@ from nnunet_rl.classifier_guided import (PRESENCE_LOSS_WEIGHT, ClassifierGuidedN
                                          PresenceHead, gated_logits, gated_target, presence_labels)
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.plans.all_slice_fusion import all_slice_configuration
-from nnunet_rl.plans.classifier_guided import add_refine_configuration, first_stage_of
+from nnunet_rl.plans.classifier_guided import add_refine_configuration, chain_next_stages, first_stage_of
 from nnunet_rl.trainers.classifier_guided import (nnUNetTrainerClassifierGuided,
                                                   nnUNetTrainerClassifierGuided_imageInput,
                                                   nnUNetTrainerClassifierGuided_noGate, previous_stage_predictions)
@@ -116,6 +116,23 @@ def test_refine_configurations_chain_to_their_first_stage_the_cascade_way(refine
         first_stage_of("2d")
     with pytest.raises(NnunetRLError, match="no 3d_lowres configuration to refine"):
         add_refine_configuration({**refine_plans.plans, "configurations": {}}, "3d_lowres_refine", "nnUNetTrainer")
+
+
+def test_replanning_keeps_the_chain_and_the_first_stage_trainer(refine_plans, planned_dataset):
+    """Rewriting the first stage (nnunet-rl plan -c 2d_allslice again) and the refinement without naming a trainer
+    keep what nnU-Net's cascade needs: the first stage's next_stage and the recorded first-stage trainer."""
+    import copy
+    plans = copy.deepcopy(refine_plans.plans)
+    fingerprint = load_json(str(Path(os.environ["nnUNet_preprocessed"]) / planned_dataset /
+                                "dataset_fingerprint.json"))
+    plans["configurations"]["2d_allslice"] = all_slice_configuration(plans, fingerprint)  # what plan_rl rewrites
+    assert PlansManager(plans).get_configuration("2d_allslice").next_stage_names != ["2d_allslice_refine"]
+    chain_next_stages(plans)  # what plan_rl does last
+    assert PlansManager(plans).get_configuration("2d_allslice").next_stage_names == ["2d_allslice_refine"]
+    add_refine_configuration(plans, "2d_allslice_refine", None)
+    assert plans["configurations"]["2d_allslice_refine"]["previous_stage_trainer"] == "nnUNetTrainerAllSliceFusion"
+    add_refine_configuration(plans, "2d_allslice_refine", "nnUNetTrainer_3epochs_2iters")
+    assert plans["configurations"]["2d_allslice_refine"]["previous_stage_trainer"] == "nnUNetTrainer_3epochs_2iters"
 
 
 def build(trainer_class, refine_plans, deep_supervision: bool = True) -> ClassifierGuidedNetwork:
