@@ -70,7 +70,7 @@ from nnunet_rl.classifier_guided import ClassifierGuidedNetwork
 from nnunet_rl.trainers import (nnUNetTrainerAllSliceFusion, nnUNetTrainerClassifierGuided,
                                 nnUNetTrainerClassifierGuided_imageInput)
 from nnunet_rl.trainers.schedules import ShortSchedule
-from phantom_experiments import cpu_predictor, held_out_cases, report, source_commit, trained
+from phantom_experiments import cpu_predictor, held_out_cases, planned_phantoms, report, source_commit, trained
 
 DATASET_ID = 965
 CASES, SIZE = 30, 48
@@ -94,14 +94,7 @@ GUIDED, IMAGE_INPUT = on_schedule(nnUNetTrainerClassifierGuided), on_schedule(nn
 def planned_stacks(base: Path) -> str:
     """The stacked phantoms in nnU-Net folders under ``base``, planned with the refinement chained to the all-slice
     trainer above, split into two folds."""
-    from nnunet_rl.datasets.synthetic import make_dataset
-    from nnunet_rl.nnunet_folders import NNUNET_FOLDER_VARIABLES
-    from nnunet_rl.plans.planner import plan_rl
-    for name in NNUNET_FOLDER_VARIABLES:
-        (base / name).mkdir(parents=True, exist_ok=True)
-        os.environ[name] = str(base / name)
-    dataset = make_dataset("stacked", DATASET_ID, cases=CASES, size=SIZE).name
-    plan_rl(dataset, [REFINE], previous_stage_trainer=ALL_SLICE.__name__)
+    dataset = planned_phantoms(base, "stacked", DATASET_ID, [REFINE], ALL_SLICE.__name__, cases=CASES, size=SIZE)
     preprocessed = Path(os.environ["nnUNet_preprocessed"]) / dataset
     cases = sorted(path.name[:-len(".pkl")] for path in (preprocessed / "nnUNetPlans_2d").glob("*.pkl"))
     (preprocessed / "splits_final.json").write_text(json.dumps(

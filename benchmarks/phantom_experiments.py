@@ -18,9 +18,10 @@ import torch
 from nnunet_rl.trainer_from_plans import trainer_from_plans
 
 
-def planned_phantoms(base: Path, kind: str, dataset_id: int, configurations: list[str], **make_options) -> str:
+def planned_phantoms(base: Path, kind: str, dataset_id: int, configurations: list[str],
+                     previous_stage_trainer: str | None = None, **make_options) -> str:
     """nnU-Net's folder variables set to folders under ``base`` (for this process), a ``make-dataset`` phantom dataset
-    made there and planned for ``configurations`` by ``nnunet-rl plan``; its name."""
+    made there and planned for ``configurations`` by ``nnunet-rl plan`` (``--previous-stage-trainer``); its name."""
     from nnunet_rl.datasets.synthetic import make_dataset
     from nnunet_rl.nnunet_folders import NNUNET_FOLDER_VARIABLES
     from nnunet_rl.plans.planner import plan_rl
@@ -28,7 +29,7 @@ def planned_phantoms(base: Path, kind: str, dataset_id: int, configurations: lis
         (base / name).mkdir(parents=True, exist_ok=True)
         os.environ[name] = str(base / name)
     folder = make_dataset(kind, dataset_id, **make_options)
-    plan_rl(folder.name, configurations)
+    plan_rl(folder.name, configurations, previous_stage_trainer=previous_stage_trainer)
     return folder.name
 
 
