@@ -48,6 +48,12 @@ averaged the bottleneck over the patch, where instance normalisation leaves each
 Run 2, fixed after run 1's result: the head takes the bottleneck's maximum over the patch (commit after 95fc3a7);
 set-up, schedule, seeds 0 and 1 and thresholds 1-6 unchanged.
 
+Run 3, a confirming run fixed before it started (run 2's set-up was chosen after run 1 on the same held-out cases):
+run 2's code, schedule and thresholds 1-6 unchanged, on fresh phantoms (``--data-seed 1``: other training and
+held-out cases) and fresh training seeds 2 and 3. Whatever it gives is reported beside runs 1 and 2.
+
+    python benchmarks/classifier_guided_experiment.py --data-seed 1 --seeds 2 -o run3_seed2.json
+
     python benchmarks/classifier_guided_experiment.py --seeds 0 2 -o seeds02.json
     python benchmarks/classifier_guided_experiment.py --seeds 1 -o seed1.json
     python benchmarks/classifier_guided_experiment.py --combine seeds02.json seed1.json -o classifier_guided.json
@@ -91,10 +97,11 @@ ALL_SLICE, STOCK_2D = on_schedule(nnUNetTrainerAllSliceFusion), on_schedule(nnUN
 GUIDED, IMAGE_INPUT = on_schedule(nnUNetTrainerClassifierGuided), on_schedule(nnUNetTrainerClassifierGuided_imageInput)
 
 
-def planned_stacks(base: Path) -> str:
-    """The stacked phantoms in nnU-Net folders under ``base``, planned with the refinement chained to the all-slice
-    trainer above, split into two folds."""
-    dataset = planned_phantoms(base, "stacked", DATASET_ID, [REFINE], ALL_SLICE.__name__, cases=CASES, size=SIZE)
+def planned_stacks(base: Path, data_seed: int) -> str:
+    """The stacked phantoms (``make-dataset --seed data_seed``) in nnU-Net folders under ``base``, planned with the
+    refinement chained to the all-slice trainer above, split into two folds."""
+    dataset = planned_phantoms(base, "stacked", DATASET_ID, [REFINE], ALL_SLICE.__name__, cases=CASES, size=SIZE,
+                               seed=data_seed)
     preprocessed = Path(os.environ["nnUNet_preprocessed"]) / dataset
     cases = sorted(path.name[:-len(".pkl")] for path in (preprocessed / "nnUNetPlans_2d").glob("*.pkl"))
     (preprocessed / "splits_final.json").write_text(json.dumps(
@@ -245,6 +252,7 @@ def main() -> None:
     os.environ.setdefault("nnUNet_n_proc_DA", "1")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--data-seed", type=int, default=0, help="make-dataset's --seed (runs 1 and 2: 0)")
     parser.add_argument("--combine", type=Path, nargs="+", help="result files of this script: one verdict over "
                                                                  "their seeds (all from one commit)")
     parser.add_argument("-o", "--output", type=Path)
@@ -259,10 +267,10 @@ def main() -> None:
                commits.pop())
         return
     commit = source_commit()
-    schedule = {"epochs": Schedule.epochs, "iterations": Schedule.iterations}
+    schedule = {"epochs": Schedule.epochs, "iterations": Schedule.iterations, "data_seed": args.data_seed}
     seeds = []
     with tempfile.TemporaryDirectory() as base:
-        dataset = planned_stacks(Path(base))
+        dataset = planned_stacks(Path(base), args.data_seed)
         for seed in args.seeds:  # the file is rewritten after each seed: nothing lost on interruption
             seeds.append(run_seed(dataset, seed))
             report({"schedule": schedule, "seeds": seeds, "verdict": verdict(seeds)}, args.output, commit)
