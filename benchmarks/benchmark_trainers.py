@@ -22,6 +22,9 @@ Train steps also report the process CPU time (all threads) next to the wall time
 average: on a shared CPU, other processes stretch the wall time of multi-threaded steps many times over (see
 docs/benchmarks.md), so compare only runs made on an otherwise idle machine, or use ``--rounds``.
 
+``-tr NAME:CONFIGURATION`` times a trainer on another configuration than ``-c`` (e.g. the all-slice first stage
+against stock 2d: ``-c 2d -tr nnUNetTrainer nnUNetTrainerAllSliceFusion:2d_allslice``; compare per slice, since a
+batch of stacks is not a batch of slices: the results hold each one's batch and patch size).
 ``-tr NAME@EPOCH`` times a trainer as at that epoch (``current_epoch`` set before the epoch starts: learning rate,
 RL phase), e.g. ``nnUNetTrainerRLU2Net@999`` after its RL phase. ``--synthetic-batches`` replaces nnU-Net's data
 (steps 2 and 4 are skipped) by random batches at the planned patch and batch size and a random volume of 1.5 patches
@@ -241,12 +244,14 @@ def run_worker(args) -> dict:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
 
-    name, _, epoch = args.trainer.partition("@")
+    spec, _, epoch = args.trainer.partition("@")
+    name, _, configuration = spec.partition(":")
     trainer_class = recursive_find_trainer_class_by_name(name)
     result["trainer_class"] = f"{trainer_class.__module__}.{trainer_class.__qualname__}"
+    result["configuration"] = configuration or args.c
 
     t0 = time.perf_counter()
-    trainer = trainer_from_plans(args.dataset, trainer_class, args.c, args.f, args.p, device)
+    trainer = trainer_from_plans(args.dataset, trainer_class, result["configuration"], args.f, args.p, device)
     trainer.initialize()
     if args.synthetic_batches:
         args.no_loop = True

@@ -32,7 +32,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 
 from nnunet_rl.compare import compare_prediction_folders
 from nnunet_rl.datasets.common import free_dataset_id
-from nnunet_rl.datasets.synthetic import make_dataset
+from nnunet_rl.datasets.synthetic import make_dataset, needed_rotations
 from nnunet_rl.demo import nnunet_command, run
 from nnunet_rl.nnunet_folders import NNUNET_FOLDER_VARIABLES, require_nnunet_folders
 from nnunet_rl.plans.planner import plan_rl
@@ -54,15 +54,15 @@ def rotation_kind(index: int) -> str | None:
     return "half" if np.trace(matrix) == -1 and np.count_nonzero(matrix - np.diag(np.diag(matrix))) == 0 else None
 
 
-def datasets(kind: str, wanted: int, cases: int) -> list[tuple[int, Path, dict | None]]:
-    """``wanted`` datasets of one kind: (seed, raw folder, its aux_rotation record)."""
+def datasets(kind: str, wanted: int, cases: int) -> list[Path]:
+    """``wanted`` datasets of one kind (raw folders), made with seeds 0, 1, ... until there are enough."""
     found = []
     for seed in count():
         folder = make_dataset("multimodal", free_dataset_id(FIRST_ID), cases=cases,
                               rotate_aux="none" if kind == "none" else "fixed", seed=seed)
         record = load_json(str(folder / "dataset.json")).get("nnunet_rl", {}).get("aux_rotation")
         if kind == "none" or rotation_kind(record["index"]) == kind:
-            found.append((seed, folder, record))
+            found.append(folder)
             if len(found) == wanted:
                 return found
         else:
@@ -70,10 +70,9 @@ def datasets(kind: str, wanted: int, cases: int) -> list[tuple[int, Path, dict |
     raise AssertionError("unreachable")
 
 
-def policy_outcome(policy_file: Path, record: dict | None) -> tuple[float, bool]:
+def policy_outcome(policy_file: Path, dataset_json: dict) -> tuple[float, bool]:
     """The smallest probability of a module on the rotation it needs, and whether every module applies it."""
-    needed = {"primary": 0, "auxiliary": 0} if record is None else \
-        {"primary": record["inverse_index"], "auxiliary": record["index"]}
+    needed = needed_rotations(dataset_json) or {"primary": 0, "auxiliary": 0}
     modules = json.loads(policy_file.read_text())["modules"].values()
     probabilities = [next(r["probability"] for r in m["rotations"] if r["index"] == needed[m["receiving_branch"]])
                      for m in modules]
@@ -85,7 +84,7 @@ def mean_dice(summary_file: Path, trainer: str) -> float:
     return float(np.mean([per_class["Dice"]["mean"] for per_class in statistics.values()]))
 
 
-def run_one(folder: Path, record: dict | None, suffix: str, device: str, results: Path) -> dict:
+def run_one(folder: Path, suffix: str, device: str, results: Path) -> dict:
     """Plan, train the three trainers, predict (RL-U2Net with and without test-time mirroring), score."""
     name = folder.name
     plan_rl(name, [CONFIGURATION])
@@ -103,7 +102,8 @@ def run_one(folder: Path, record: dict | None, suffix: str, device: str, results
                                         results / name / "rl_u2net_experiment" / "comparison")
     ours = f"{TRAINERS[0]}{suffix}"
     probability, applied = policy_outcome(
-        results / name / f"{ours}__nnUNetPlans__{CONFIGURATION}" / f"fold_{FOLD}" / "rl_policy.json", record)
+        results / name / f"{ours}__nnUNetPlans__{CONFIGURATION}" / f"fold_{FOLD}" / "rl_policy.json",
+        load_json(str(folder / "dataset.json")))
     return {"probability": probability, "applied": applied,
             "dice": {label: mean_dice(report / "summary.json", label) for label in predictions}}
 
@@ -134,8 +134,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     _, _, results = require_nnunet_folders(*NNUNET_FOLDER_VARIABLES)
     suffix = SCHEDULES[args.schedule]
-    outcomes = {kind: [run_one(folder, record, suffix, args.device, results)
-                       for _, folder, record in datasets(kind, args.seeds, args.cases)] for kind in args.kinds}
+    outcomes = {kind: [run_one(folder, suffix, args.device, results)
+                       for folder in datasets(kind, args.seeds, args.cases)] for kind in args.kinds}
     text = table(outcomes, suffix)
     print(text)
     if args.o:

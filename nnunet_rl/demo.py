@@ -2,7 +2,12 @@
 
 make (or convert) a dataset -> ``nnunet-rl plan`` (nnU-Net planning + preprocessing) -> ``nnUNetv2_train``
 stock and ours on fold 0 -> ``nnUNetv2_predict`` on held-out cases -> comparison report.
+
+On the synthetic two-modality dataset (its MRI turned by a known rotation) ours is ``nnUNetTrainerRLU2Net``, and the
+demo draws what its PoseAlign agents learned: each module's probability on the rotation that undoes the known one,
+per epoch. On a single-channel MSD task (RL-U2Net needs two modalities) ours is ``nnUNetTrainerPAM``.
 """
+import math
 import os
 import shutil
 import subprocess
@@ -20,15 +25,16 @@ from nnunet_rl.discovery import register_ext_trainer
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.nnunet_folders import NNUNET_FOLDER_VARIABLES
 from nnunet_rl.plans.planner import plan_rl
+from nnunet_rl.rotations import cube_rotations
 
 DEMO_DATA_FOLDER = "nnunet_rl_data"  # git-ignored, in the working directory, used when nnU-Net's folders are unset
 FIRST_DEMO_ID = 900
 CONFIGURATION = "3d_fullres"
 FOLD = 0
-TRAINERS = {  # stock nnU-Net first: the comparison's reference
-    "quick": ["nnUNetTrainer_3epochs_2iters", "nnUNetTrainerPAM_3epochs_2iters"],
-    "full": ["nnUNetTrainer_10epochs_20iters", "nnUNetTrainerPAM_10epochs_20iters"],
-}
+SCHEDULES = {"quick": "_3epochs_2iters", "full": "_10epochs_20iters"}
+OURS = {"synthetic": "nnUNetTrainerRLU2Net", "msd": "nnUNetTrainerPAM"}
+POLICY_FIGURE = "pose_align_policy.png"
+NEEDED_ROTATION_KEY = "/needed_rotation_probability"  # rl_u2net/<module>/... in nnU-Net's checkpointed log
 SYNTHETIC_SIZE = {"quick": dict(cases=8, size=32), "full": dict(cases=16, size=32)}
 MSD_HELD_OUT_FRACTION = 0.2
 
@@ -119,7 +125,8 @@ def run_demo(quick: bool = False, msd_folder: str | None = None, device: str | N
         os.environ.setdefault("nnUNet_n_proc_DA", "1")
         os.environ.setdefault("nnUNet_def_n_proc", str(os.cpu_count()))  # nnU-Net's 8 spawned exporters swamp a CPU
     register_ext_trainer()
-    trainers = TRAINERS[schedule]
+    trainers = [f"{trainer}{SCHEDULES[schedule]}" for trainer in ("nnUNetTrainer",
+                                                                   OURS["msd" if msd_folder else "synthetic"])]
     steps = DemoSteps(3 + 2 * len(trainers))
 
     users_folders = use_nnunet_folders()
@@ -128,8 +135,9 @@ def run_demo(quick: bool = False, msd_folder: str | None = None, device: str | N
         steps.next(f"converting {msd_folder} with nnU-Net's MSD converter into Dataset{dataset_id:03d}")
         raw_folder = convert_msd(Path(msd_folder).resolve(), dataset_id)
     else:
-        steps.next(f"making a synthetic two-modality heart dataset, Dataset{dataset_id:03d}")
-        raw_folder = make_dataset("multimodal", dataset_id, **SYNTHETIC_SIZE[schedule])
+        steps.next(f"making a synthetic two-modality heart dataset (its MRI turned by a known rotation), "
+                   f"Dataset{dataset_id:03d}")
+        raw_folder = make_dataset("multimodal", dataset_id, rotate_aux="fixed", **SYNTHETIC_SIZE[schedule])
     dataset = raw_folder.name
 
     steps.next("nnU-Net planning and preprocessing, plus the rl block (nnunet-rl plan)")
@@ -148,6 +156,60 @@ def run_demo(quick: bool = False, msd_folder: str | None = None, device: str | N
     steps.next("comparing with stock nnU-Net on the held-out cases")
     report = compare_prediction_folders({t: results / t for t in trainers}, raw_folder / "labelsTs",
                                         load_json(str(raw_folder / "dataset.json")), results / "comparison")
-    print((report / "report.md").read_text())
-    print(f"demo finished in {time.time() - steps.start:.0f} s; report in {report}")
+    print(dice_summary(load_json(str(report / "summary.json"))))
+    ours = Path(os.environ["nnUNet_results"]) / dataset / f"{trainers[1]}__nnUNetPlans__{CONFIGURATION}" / \
+        f"fold_{FOLD}"
+    history = policy_history(ours / "checkpoint_final.pth")
+    if history:
+        print(plot_policy_history(history, report / POLICY_FIGURE))
+    print(f"demo finished in {time.time() - steps.start:.0f} s; report (every metric, per case, Wilcoxon tests) in "
+          f"{report / 'report.md'}")
     return report
+
+
+def dice_summary(summary: dict) -> str:
+    """Mean held-out Dice per class (rows) and trainer (columns), from ``nnunet-rl compare``'s summary.json."""
+    trainers = summary["trainers"]
+    lines = [f"\nheld-out Dice, mean over {len(summary['cases'])} cases", "| class | " + " | ".join(trainers) + " |",
+             "|---|" + "---:|" * len(trainers)]
+    for label, name in summary["classes"].items():
+        cells = [f"{summary['statistics'][trainer][label]['Dice']['mean']:.3f}" for trainer in trainers]
+        lines.append(f"| {label} {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def policy_history(checkpoint_file: Path) -> dict[str, dict[str, list[float]]]:
+    """From RL-U2Net's checkpointed log: per PoseAlign module, its probability on the rotation it needs per epoch
+    (``probability``) and the PPO reward per epoch (``reward``: NaN outside the RL phase). Empty for other trainers
+    and for datasets without a known rotation."""
+    logging = torch.load(checkpoint_file, map_location="cpu", weights_only=False)["logging"]
+    reward = list(logging.get("rl_u2net/reward", []))
+    return {key[len("rl_u2net/"):-len(NEEDED_ROTATION_KEY)]: {"probability": list(values), "reward": reward}
+            for key, values in logging.items() if key.endswith(NEEDED_ROTATION_KEY)}
+
+
+def plot_policy_history(history: dict[str, dict[str, list[float]]], filename: Path) -> str:
+    """Draw :func:`policy_history` (chance level and RL phase marked) to ``filename``; a one-paragraph summary."""
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+    chance = 1 / len(cube_rotations(3))
+    rl_epochs = sum(1 for value in next(iter(history.values()))["reward"] if math.isfinite(value))
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for module, series in history.items():
+        ax.plot(range(len(series["probability"])), series["probability"], marker="o", label=module)
+    ax.axhline(chance, linestyle="--", color="grey", label=f"chance (1/{round(1 / chance)})")
+    ax.axvspan(-0.5, rl_epochs - 0.5, color="tab:green", alpha=0.1, label=f"RL phase ({rl_epochs} epochs)")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("policy's probability on the rotation\nthat undoes the known misalignment")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(filename, dpi=100)
+    plt.close(fig)
+    moves = ", ".join(f"{module} {series['probability'][0]:.3f} → {series['probability'][-1]:.3f}"
+                      for module, series in history.items())
+    return (f"\nRL-U2Net's PoseAlign agents, probability on the rotation that undoes the known misalignment, first → "
+            f"last epoch (chance {chance:.3f}; RL phase {rl_epochs} epochs, where a default nnU-Net run has 200 with a "
+            f"PPO round each): {moves}. "
+            f"Figure: {filename}")

@@ -60,3 +60,27 @@ def started_trainer(dataset: str, trainer_class, configuration: str):
 def cloned_state(module) -> dict:
     """A copy of ``module``'s state dict, to compare with after a step."""
     return {key: value.clone() for key, value in module.state_dict().items()}
+
+
+def wandb_history(run_file: Path) -> dict[str, list[float]]:
+    """The values an offline W&B run logged, per key in order, read from its ``run-<id>.wandb`` file: W&B's 7-byte
+    header, then LevelDB's log format (32 KiB blocks of records: crc32c, 2-byte length, type full/first/middle/last)
+    holding W&B's protobuf records; the history records carry the logged values as JSON."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2
+    data, block, position, pending, history = run_file.read_bytes(), 32768, 7, b"", {}
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            for item in record.history.item if record.WhichOneof("record_type") == "history" else []:
+                history.setdefault(item.key or "/".join(item.nested_key), []).append(json.loads(item.value_json))
+    return history

@@ -258,3 +258,64 @@ def test_nnunets_predictor_never_outputs_a_class_the_head_calls_absent(initializ
                                         (0, 1))
         winners[name] = predictor.predict_sliding_window_return_logits(data).argmax(dim=0)
     assert not (winners["gated"] == labels[0]).any() and (winners["not gated"] == labels[0]).all()
+
+
+def two_stage_ddp_rank(rank: int, folder: str) -> None:
+    """One DDP worker (gloo, CPU): each stage's trainer as nnU-Net builds it under DDP (batch split, its loss on
+    the DDP-wrapped network), two SGD steps on a batch of this rank's own."""
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from nnunet_rl.trainers.all_slice_fusion import nnUNetTrainerAllSliceFusion
+    plans, dataset_json = load_json(os.path.join(folder, "plans.json")), load_json(os.path.join(folder,
+                                                                                                "dataset.json"))
+    results = {}
+    for trainer_class, configuration in ((nnUNetTrainerAllSliceFusion, "2d_allslice"),
+                                         (nnUNetTrainerClassifierGuided, "2d_refine")):
+        trainer = trainer_class({**plans, "continue_training": False}, configuration, 0, dataset_json,
+                                torch.device("cpu"))
+        trainer._set_batch_size_and_oversample()
+        torch.manual_seed(rank)  # DDP starts every worker from rank 0's weights
+        channels = determine_num_input_channels(trainer.plans_manager, trainer.configuration_manager, dataset_json)
+        network = trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, channels,
+                                                     trainer.label_manager.num_segmentation_heads, True)
+        trainer.network = DDP(network)
+        trainer.loss = trainer._build_loss()
+        initial = {key: value.clone() for key, value in network.state_dict().items()}
+        optimizer = torch.optim.SGD(network.parameters(), lr=0.01, momentum=0.99, nesterov=True)
+        generator = torch.Generator().manual_seed(10 + rank)
+        for _ in range(2):
+            x = torch.randn(trainer.batch_size, channels, *trainer.configuration_manager.patch_size,
+                            generator=generator)
+            outputs = trainer.network(x)
+            targets = [torch.randint(0, len(FOREGROUND) + 1, (output.shape[0], 1, *output.shape[2:]),
+                                     generator=generator).float() for output in outputs]
+            optimizer.zero_grad()
+            trainer.loss(outputs, targets).backward()
+            optimizer.step()
+        results[configuration] = {"batch_size": trainer.batch_size, "oversample": trainer.oversample_foreground_percent,
+                                  "initial": initial, "final": network.state_dict()}
+    torch.save(results, os.path.join(folder, f"rank{rank}.pt"))
+
+
+def test_both_stages_train_under_ddp(refine_plans, planned_dataset, tmp_path):
+    """Two gloo workers: a planned batch of one stack becomes one stack per worker (nnU-Net's oversampling rule over
+    the two), the refinement's batch is split the nnU-Net way, and both networks (transformers, presence head) stay
+    identical on the workers and move: DDP finds no unused parameter and the loss reads the head through it."""
+    from batchgenerators.utilities.file_and_folder_operations import save_json
+    from helpers import on_two_gloo_ranks
+    import copy
+    plans = copy.deepcopy(refine_plans.plans)
+    plans["configurations"]["2d_allslice"]["batch_size"] = 1
+    save_json(plans, str(tmp_path / "plans.json"))
+    save_json(load_json(str(Path(os.environ["nnUNet_preprocessed"]) / planned_dataset / "dataset.json")),
+              str(tmp_path / "dataset.json"))
+    ranks = on_two_gloo_ranks(two_stage_ddp_rank, tmp_path)
+    stacks, refine = [rank["2d_allslice"] for rank in ranks], [rank["2d_refine"] for rank in ranks]
+    assert [rank["batch_size"] for rank in stacks] == [1, 1] and [rank["oversample"] for rank in stacks] == [0.0, 1.0]
+    assert sum(rank["batch_size"] for rank in refine) == refine_plans.get_configuration("2d_refine").batch_size
+    for rank0, rank1, moved in ((stacks[0], stacks[1], "fusion."), (refine[0], refine[1], "presence_head.")):
+        for key, value in rank0["final"].items():
+            torch.testing.assert_close(rank1["final"][key], value, rtol=0, atol=0)
+        assert any(not torch.equal(value, rank0["initial"][key]) for key, value in rank0["final"].items()
+                   if key.startswith(moved))

@@ -60,3 +60,26 @@ def test_hold_out_moves_whole_cases_and_updates_num_training(tmp_path):
     assert sorted(p.name for p in (tmp_path / "labelsTs").iterdir()) == ["case_008.nii.gz", "case_009.nii.gz"]
     assert len(list((tmp_path / "imagesTs").iterdir())) == 4 and len(list((tmp_path / "imagesTr").iterdir())) == 16
     assert json.loads((tmp_path / "dataset.json").read_text())["numTraining"] == 8
+
+
+def test_the_demo_ends_with_dice_per_class_and_the_policy_learned(tmp_path):
+    """The terminal's short summary (mean Dice per class and trainer) and the PoseAlign figure from RL-U2Net's
+    checkpointed log: the RL phase is the epochs with a reward."""
+    import torch
+    summary = {"trainers": ["stock", "ours"], "cases": ["a", "b"], "classes": {"1": "LV", "2": "RV"},
+               "statistics": {trainer: {label: {"Dice": {"mean": dice}} for label, dice in zip("12", values)}
+                              for trainer, values in (("stock", (0.81, 0.7)), ("ours", (0.8, 0.75)))}}
+    text = demo.dice_summary(summary)
+    assert "mean over 2 cases" in text and "| 1 LV | 0.810 | 0.800 |" in text and "| 2 RV | 0.700 | 0.750 |" in text
+
+    nan = float("nan")
+    logging = {"rl_u2net/reward": [0.5, 0.6, nan], "rl_u2net/primary_stage2/needed_rotation_probability":
+               [0.05, 0.2, 0.2], "rl_u2net/primary_stage2/top_probability": [0.1, 0.3, 0.3]}
+    torch.save({"logging": logging}, tmp_path / "checkpoint_final.pth")
+    history = demo.policy_history(tmp_path / "checkpoint_final.pth")
+    assert list(history) == ["primary_stage2"] and history["primary_stage2"]["probability"] == [0.05, 0.2, 0.2]
+    text = demo.plot_policy_history(history, tmp_path / "policy.png")
+    assert (tmp_path / "policy.png").stat().st_size > 0
+    assert "primary_stage2 0.050 → 0.200" in text and "RL phase 2 epochs" in text
+    torch.save({"logging": {"train_losses": [1.0]}}, tmp_path / "stock.pth")
+    assert demo.policy_history(tmp_path / "stock.pth") == {}

@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+import SimpleITK as sitk
 import torch
 
-from helpers import NNUNET_FOLDERS, SHARED
+from helpers import NNUNET_FOLDERS, SHARED, wandb_history
 
 pytestmark = pytest.mark.e2e
 
@@ -42,9 +43,9 @@ def cli(*command, env) -> str:
     return result.stdout
 
 
-def fold_folder(env: dict, trainer: str) -> Path:
-    dataset = next(Path(env["nnUNet_results"]).glob(f"Dataset{DATASET_ID}_*"))
-    return dataset / f"{trainer}__nnUNetPlans__{CONFIGURATION}" / "fold_0"
+def fold_folder(env: dict, trainer: str, dataset_id: str = DATASET_ID, configuration: str = CONFIGURATION) -> Path:
+    dataset = next(Path(env["nnUNet_results"]).glob(f"Dataset{dataset_id}_*"))
+    return dataset / f"{trainer}__nnUNetPlans__{configuration}" / "fold_0"
 
 
 def make_planned_dataset(env: dict, *options: str) -> None:
@@ -61,15 +62,17 @@ def predict(env: dict, trainer: str, output: Path) -> None:
         "*.nii.gz"))
 
 
-def train_until_second_epoch_then_kill(env: dict, trainer: str) -> None:
-    """Start nnUNetv2_train, wait until epoch 1 has started (epoch 0's checkpoint is written), kill -9 it."""
-    process = subprocess.Popen([str(BIN / "nnUNetv2_train"), DATASET_ID, CONFIGURATION, "0", "-tr", trainer,
+def train_until_second_epoch_then_kill(env: dict, trainer: str, dataset_id: str = DATASET_ID,
+                                       configuration: str = CONFIGURATION) -> None:
+    """Start nnUNetv2_train on fold 0, wait until epoch 1 has started (epoch 0's checkpoint is written), kill -9 it."""
+    process = subprocess.Popen([str(BIN / "nnUNetv2_train"), dataset_id, configuration, "0", "-tr", trainer,
                                 "-device", "cpu", "--npz"], env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
     try:
         while time.time() < deadline and process.poll() is None:
-            logs = list(fold_folder(env, trainer).glob("training_log_*.txt")) if _results_exist(env) else []
+            logs = list(fold_folder(env, trainer, dataset_id, configuration).glob("training_log_*.txt")) \
+                if _results_exist(env, dataset_id) else []
             if logs and re.search(r": Epoch 1\s", logs[0].read_text()):
                 break
             time.sleep(0.2)
@@ -79,8 +82,8 @@ def train_until_second_epoch_then_kill(env: dict, trainer: str) -> None:
         process.wait()
 
 
-def _results_exist(env: dict) -> bool:
-    return any(Path(env["nnUNet_results"]).glob(f"Dataset{DATASET_ID}_*"))
+def _results_exist(env: dict, dataset_id: str) -> bool:
+    return any(Path(env["nnUNet_results"]).glob(f"Dataset{dataset_id}_*"))
 
 
 def test_pam_trains_resumes_predicts_and_compares(tmp_path):
@@ -117,9 +120,34 @@ def test_pam_trains_resumes_predicts_and_compares(tmp_path):
     cli("nnUNetv2_find_best_configuration", DATASET_ID, "-c", CONFIGURATION, "-tr", STOCK, OURS, "-f", "0",
         "-np", "1", env=env)
     dataset_results = fold_folder(env, OURS).parents[1]
-    best = json.loads((dataset_results / "inference_information.json").read_text())
-    assert best["best_model_or_ensemble"]["selected_model_or_models"]
-    assert {m["trainer"] for m in best["best_model_or_ensemble"]["selected_model_or_models"]} <= {STOCK, OURS}
+    best = json.loads((dataset_results / "inference_information.json").read_text())["best_model_or_ensemble"]
+    assert best["selected_model_or_models"]
+    assert {m["trainer"] for m in best["selected_model_or_models"]} <= {STOCK, OURS}
+    # ... whose postprocessing applies to our predictions
+    cli("nnUNetv2_apply_postprocessing", "-i", str(tmp_path / "predictions"), "-o", str(tmp_path / "postprocessed"),
+        "-pp_pkl_file", best["postprocessing_file"], "-np", "1", "-plans_json", best["some_plans_file"], env=env)
+    assert len(list((tmp_path / "postprocessed").glob("*.nii.gz"))) == len(list((tmp_path / "predictions").glob(
+        "*.nii.gz")))
+
+    # exported as nnU-Net's zip, installed into a fresh results folder, predicting there through nnU-Net's Python API
+    archive = tmp_path / "pam.zip"
+    cli("nnUNetv2_export_model_to_zip", "-d", DATASET_ID, "-o", str(archive), "-c", CONFIGURATION, "-tr", OURS, "-f",
+        "0", env=env)
+    fresh = {**env, "nnUNet_results": str(tmp_path / "fresh_results")}
+    cli("nnUNetv2_install_pretrained_model_from_zip", str(archive), env=fresh)
+    raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*"))
+    api = ("import sys, torch\n"
+           "from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor\n"
+           "predictor = nnUNetPredictor(device=torch.device('cpu'), perform_everything_on_device=False)\n"
+           "predictor.initialize_from_trained_model_folder(sys.argv[1], use_folds=(0,))\n"
+           "predictor.predict_from_files(sys.argv[2], sys.argv[3], num_processes_preprocessing=1,\n"
+           "                             num_processes_segmentation_export=1)\n")
+    result = subprocess.run([sys.executable, "-c", api, str(fold_folder(fresh, OURS).parent), str(raw / "imagesTs"),
+                             str(tmp_path / "installed")], env=fresh, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for predicted in sorted((tmp_path / "predictions").glob("*.nii.gz")):  # the same model: the same segmentation
+        assert (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "installed" / predicted.name))) ==
+                sitk.GetArrayFromImage(sitk.ReadImage(str(predicted)))).all()
 
 
 def test_rl_u2net_trains_resumes_predicts_and_runs_the_ablation(tmp_path):
@@ -147,11 +175,17 @@ def test_rl_u2net_trains_resumes_predicts_and_runs_the_ablation(tmp_path):
 
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerRLDeepSup_3epochs_2iters", "nnUNetTrainerAWSnet_3epochs_2iters"])
 def test_rl_deep_supervision_trains_and_predicts_with_nnunet_commands(tmp_path, trainer):
-    env = user_environment(tmp_path)
+    """Trained with nnU-Net's W&B logger on (offline, the `wandb` extra): the RL telemetry reaches the W&B run."""
+    env = {**user_environment(tmp_path), "nnUNet_wandb_enabled": "1", "nnUNet_wandb_mode": "offline",
+           "WANDB_SILENT": "true"}
     make_planned_dataset(env)
     cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", env=env)
     learned = json.loads((fold_folder(env, trainer) / "rl_deep_supervision.json").read_text())
     assert sum(learned["alpha"]) == pytest.approx(1.0) and learned["alpha"][-1] == 0
+    logged = wandb_history(next(fold_folder(env, trainer).glob("wandb/offline-run-*/run-*.wandb")))
+    for i, alpha in enumerate(learned["alpha"]):  # one value per epoch, the last the learned weight
+        assert len(logged[f"rl_deep_supervision/alpha_{i}"]) == 3
+        assert logged[f"rl_deep_supervision/alpha_{i}"][-1] == pytest.approx(alpha)
     split = json.loads((fold_folder(env, trainer) / "rl_reward_cases.json").read_text())
     assert split["reward"] and not set(split["reward"]) & set(split["validation"])
     predict(env, trainer, tmp_path / "predictions")

@@ -229,10 +229,14 @@ class ShortRL(ShortSchedule, nnUNetTrainerRLU2Net):
     rl_overrides = {COMPONENT: {"rl_fraction": 0.5, "rollout_samples": 4, "ppo_epochs": 2, "policy_lr": 0.01}}
 
 
+KNOWN_ROTATION = {"mode": "fixed", "index": 5, "inverse_index": 9}  # as make-dataset --rotate-aux fixed records it
+
+
 @pytest.fixture(scope="module")
 def trained_short_rl(planned_dataset):
     torch.manual_seed(0)
     trainer = trainer_from_plans(planned_dataset, ShortRL)
+    trainer.dataset_json["nnunet_rl"] = {"aux_rotation": KNOWN_ROTATION}
     trainer.run_training()
     return trainer
 
@@ -247,6 +251,17 @@ def test_ppo_updates_the_policy_in_the_rl_phase_and_freezes_it_after(trained_sho
         probabilities = log[f"rl_u2net/{key}/top_probability"]
         assert probabilities[0] == probabilities[1] > 1 / 24
     assert all(np.isfinite(log[k]).all() for k in ("rl_u2net/agwd_w_dice", "rl_u2net/alignment_loss"))
+
+
+def test_on_phantoms_with_a_known_rotation_the_needed_rotations_probability_is_logged(trained_short_rl):
+    """Per module and epoch, the probability on the rotation its branch needs (the primary branch the inverse of the
+    dataset's MRI rotation, the auxiliary branch that rotation): the curve the demo draws."""
+    log = trained_short_rl.logger.local_logger.my_fantastic_logging
+    policy = json.load(open(os.path.join(trained_short_rl.output_folder, POLICY_FILE)))["modules"]
+    needed = {"primary": KNOWN_ROTATION["inverse_index"], "auxiliary": KNOWN_ROTATION["index"]}
+    for key, module in policy.items():
+        final = next(r["probability"] for r in module["rotations"] if r["index"] == needed[module["receiving_branch"]])
+        assert log[f"rl_u2net/{key}/needed_rotation_probability"] == pytest.approx([final, final], abs=1e-6)
 
 
 def test_policy_file_lists_every_rotation_with_its_matrix(trained_short_rl):

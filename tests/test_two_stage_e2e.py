@@ -1,8 +1,10 @@
 """End to end as a user runs the paper's two stages (docs/classifier_guided.md): make-dataset --kind stacked ->
 nnunet-rl plan -c 2d_allslice_refine --previous-stage-trainer <all-slice trainer> -> nnUNetv2_train 2d_allslice on
-every fold (nnUNetTrainerAllSliceFusion; each fold writes its validation cases' predictions for the next stage) ->
-nnUNetv2_train 2d_allslice_refine (nnUNetTrainerClassifierGuided) -> nnUNetv2_predict of both stages, chained with
--prev_stage_predictions -> nnunet-rl compare of the refinement against its first stage.
+every fold (nnUNetTrainerAllSliceFusion, fold 0 killed with SIGKILL and resumed with --c; each fold writes its
+validation cases' predictions for the next stage) ->
+nnUNetv2_train 2d_allslice_refine (nnUNetTrainerClassifierGuided; killed with SIGKILL, resumed with --c) ->
+nnUNetv2_predict of both stages, chained with -prev_stage_predictions -> nnunet-rl compare of the refinement against
+its first stage -> nnUNetv2_find_best_configuration on the refinement.
 
 Two folds (a splits_final.json, as a user may write) instead of nnU-Net's five keep it within a minute or two."""
 import json
@@ -12,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from test_e2e import cli, user_environment
+from test_e2e import cli, train_until_second_epoch_then_kill, user_environment
 
 pytestmark = pytest.mark.e2e
 
@@ -20,7 +22,6 @@ DATASET_ID = "963"
 FIRST_STAGE, REFINE = "2d_allslice", "2d_allslice_refine"
 FIRST_TRAINER = "nnUNetTrainerAllSliceFusion_3epochs_2iters"
 REFINE_TRAINER = "nnUNetTrainerClassifierGuided_3epochs_2iters"
-FOLDS = ("0", "1")
 
 
 def predict(env: dict, raw: Path, output: Path, configuration: str, trainer: str, *options: str) -> None:
@@ -49,22 +50,30 @@ def test_all_slice_first_stage_then_classifier_guided_refinement(tmp_path):
     (preprocessed / "splits_final.json").write_text(json.dumps(
         [{"train": cases[1::2], "val": cases[::2]}, {"train": cases[::2], "val": cases[1::2]}]))
 
-    for fold in FOLDS:
-        cli("nnUNetv2_train", DATASET_ID, FIRST_STAGE, fold, "-tr", FIRST_TRAINER, "-device", "cpu", env=env)
+    train_until_second_epoch_then_kill(env, FIRST_TRAINER, DATASET_ID, FIRST_STAGE)
     results = next(Path(env["nnUNet_results"]).glob(f"Dataset{DATASET_ID}_*"))
     first = results / f"{FIRST_TRAINER}__nnUNetPlans__{FIRST_STAGE}"
-    final = torch.load(first / "fold_0" / "checkpoint_final.pth", weights_only=False)
-    assert final["inference_allowed_mirroring_axes"] == (1, 2)
+    interrupted = torch.load(first / "fold_0" / "checkpoint_latest.pth", weights_only=False)
     # nnU-Net's --c loads network_weights strictly: the transformers are resumed with the U-Net
-    assert {key.split(".")[1] for key in final["network_weights"] if key.startswith("fusion.")} == \
+    assert {key.split(".")[1] for key in interrupted["network_weights"] if key.startswith("fusion.")} == \
         {"inter_slice", "intra_slice"}
+    cli("nnUNetv2_train", DATASET_ID, FIRST_STAGE, "0", "-tr", FIRST_TRAINER, "-device", "cpu", "--c", env=env)
+    cli("nnUNetv2_train", DATASET_ID, FIRST_STAGE, "1", "-tr", FIRST_TRAINER, "-device", "cpu", env=env)
+    final = torch.load(first / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    assert final["current_epoch"] == 3 and final["inference_allowed_mirroring_axes"] == (1, 2)
     assert sorted(path.stem for path in (first / "predicted_next_stage" / REFINE).iterdir()) == cases
 
-    cli("nnUNetv2_train", DATASET_ID, REFINE, "0", "-tr", REFINE_TRAINER, "-device", "cpu", env=env)
+    train_until_second_epoch_then_kill(env, REFINE_TRAINER, DATASET_ID, REFINE)
     refine = results / f"{REFINE_TRAINER}__nnUNetPlans__{REFINE}"
+    interrupted = torch.load(refine / "fold_0" / "checkpoint_latest.pth", weights_only=False)
+    assert interrupted["current_epoch"] >= 1 and not (refine / "fold_0" / "checkpoint_final.pth").exists()
+    # nnU-Net's --c loads network_weights strictly: the presence head is resumed with the U-Net
+    assert any(key.startswith("presence_head.") for key in interrupted["network_weights"])
+    cli("nnUNetv2_train", DATASET_ID, REFINE, "0", "-tr", REFINE_TRAINER, "-device", "cpu", "--npz", "--c", env=env)
     final = torch.load(refine / "fold_0" / "checkpoint_final.pth", weights_only=False)
-    assert any(key.startswith("presence_head.") for key in final["network_weights"])
-    assert "presence head accuracy" in next((refine / "fold_0").glob("training_log_*.txt")).read_text()
+    assert final["current_epoch"] == 3 and len(final["logging"]["train_losses"]) == 3
+    logs = sorted((refine / "fold_0").glob("training_log_*.txt"))
+    assert len(logs) == 2 and "presence head accuracy" in logs[-1].read_text()
 
     raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*"))
     predict(env, raw, tmp_path / "stage1", FIRST_STAGE, FIRST_TRAINER)
@@ -73,3 +82,11 @@ def test_all_slice_first_stage_then_classifier_guided_refinement(tmp_path):
     report = cli("nnunet-rl", "compare", DATASET_ID, "-c", FIRST_STAGE, "-tr", FIRST_TRAINER,
                  f"{REFINE_TRAINER}__nnUNetPlans__{REFINE}", "-f", "0", "-o", str(tmp_path / "comparison"), env=env)
     assert f"{len(cases[::2])} paired cases" in report
+
+    # nnU-Net's model selection on the refinement's cross-validation (it takes every -c × -tr pair, so a first stage
+    # with another trainer is selected in a run of its own; docs/classifier_guided.md)
+    cli("nnUNetv2_find_best_configuration", DATASET_ID, "-c", REFINE, "-tr", REFINE_TRAINER, "-f", "0", "-np", "1",
+        env=env)
+    best = json.loads((results / "inference_information.json").read_text())
+    assert best["best_model_or_ensemble"]["selected_model_or_models"] == [
+        {"configuration": REFINE, "trainer": REFINE_TRAINER, "plans_identifier": "nnUNetPlans"}]

@@ -10,6 +10,7 @@ keeps deep supervision and augmentation in-plane.
 """
 from contextlib import contextmanager
 
+import torch.distributed as dist
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
@@ -47,6 +48,22 @@ class nnUNetTrainerAllSliceFusion(nnUNetTrainer):
                                    enable_deep_supervision: bool = True) -> nn.Module:
         return build_all_slice_fusion_network(plans_manager, configuration_manager, num_input_channels,
                                               num_output_channels, enable_deep_supervision)
+
+    def _set_batch_size_and_oversample(self):
+        """nnU-Net's split of the planned batch over DDP workers, except that a batch of fewer stacks than workers
+        (nnU-Net refuses it; ``2d_allslice`` plans one stack when two do not fit the 2d batch) becomes one stack per
+        worker: the global batch is then the number of workers, foreground-oversampled by nnU-Net's rule (the last
+        of its samples are oversampled: worker r when r ≥ round(workers · (1 − oversample_foreground_percent)))."""
+        workers = dist.get_world_size() if self.is_ddp else 1
+        if self.configuration_manager.batch_size < workers:
+            random_samples = round(workers * (1 - self.oversample_foreground_percent))
+            self.batch_size = 1
+            self.oversample_foreground_percent = float(dist.get_rank() >= random_samples)
+            self.print_to_log_file(f"DDP: one stack per worker ({workers} workers, "
+                                   f"{self.configuration_manager.batch_size} planned), oversampled: "
+                                   f"{self.oversample_foreground_percent == 1.0}")
+            return
+        super()._set_batch_size_and_oversample()
 
     def _get_deep_supervision_scales(self):
         """nnU-Net's scales from the planned 2D strides, with the slice axis kept whole (scale 1): every decoder

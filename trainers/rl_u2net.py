@@ -15,7 +15,9 @@ The trainer only wires components into nnU-Net's hooks:
   state and the reward (Algorithm 1, lines 5-14), and a full buffer triggers the PPO update (lines 17-31);
 - ``save_checkpoint``: the test-time mirror axes that commute with the greedy rotations, which ``nnUNetv2_predict``
   reads from the checkpoint;
-- ``on_train_end``: ``rl_policy.json`` with every module's rotation probabilities and matrices.
+- ``on_train_end``: ``rl_policy.json`` with every module's rotation probabilities and matrices;
+- per epoch, nnU-Net's logger (checkpoint, ``progress.png``, W&B) gets each module's top probability and, on phantoms
+  with a known MRI rotation (``make-dataset --rotate-aux fixed``), its probability on the rotation it needs.
 """
 import math
 from contextlib import contextmanager
@@ -28,6 +30,7 @@ from torch import autocast, nn
 
 from nnunet_rl.dual_branch import NETWORK_HYPERPARAMETERS, DualBranchUNet
 from nnunet_rl.dual_branch_loss import BranchTargets, DualBranchLoss, Measurement
+from nnunet_rl.datasets.synthetic import needed_rotations
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.mirroring import commuting_axes, draw_mirroring, mirror_batch
 from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
@@ -119,6 +122,9 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
         if modules:
             self.register_telemetry("rl_u2net/reward", *(f"rl_u2net/{name}" for name in PPO_STATISTICS),
                                     *(f"rl_u2net/{key}/top_probability" for key in modules))
+        self.needed_rotations = needed_rotations(self.dataset_json)  # phantoms with a known MRI rotation only
+        if modules and self.needed_rotations:
+            self.register_telemetry(*(f"rl_u2net/{key}/needed_rotation_probability" for key in modules))
         self._epoch_records: dict[str, list[float]] = {}
 
     def get_training_transforms(self, patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes,
@@ -232,7 +238,11 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
         for key, values in self._epoch_records.items():
             self.log_telemetry(key, float(np.nanmean(values)) if not np.all(np.isnan(values)) else math.nan)
         for key, module in self.bare_network.xalign.items():
-            self.log_telemetry(f"rl_u2net/{key}/top_probability", float(module.pose.probabilities().max()))
+            probabilities = module.pose.probabilities()
+            self.log_telemetry(f"rl_u2net/{key}/top_probability", float(probabilities.max()))
+            if self.needed_rotations:
+                needed = self.needed_rotations[self.bare_network.sites[key].direction]
+                self.log_telemetry(f"rl_u2net/{key}/needed_rotation_probability", float(probabilities[needed]))
 
     def rl_policy(self) -> dict:
         """Per module, the rotation probabilities and matrices as applied to the auxiliary features."""

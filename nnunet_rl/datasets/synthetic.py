@@ -340,6 +340,17 @@ def _aux_rotation_record(mode: str, dim: int, cases: list[str], indices: list[in
     return {**record, "cases": {case: _rotation_entry(rotations, i) for case, i in zip(cases, indices)}}
 
 
+def needed_rotations(dataset_json: dict) -> dict[str, int] | None:
+    """For a dataset made with ``--rotate-aux fixed``: per receiving branch of RL-U2Net, the index of the rotation its
+    PoseAlign needs (the primary branch turns the MRI features back by the inverse, the auxiliary branch turns the CT
+    features by the known rotation; indices into ``cube_rotations``, in the dataset's array-axis order). None for any
+    other dataset (no known rotation, or one per case)."""
+    record = dataset_json.get("nnunet_rl", {}).get("aux_rotation")
+    if record is None or record["mode"] != "fixed":
+        return None
+    return {"primary": record["inverse_index"], "auxiliary": record["index"]}
+
+
 def _write_case(folder: Path, split: str, case: str, label: np.ndarray, channels: list[np.ndarray],
                 spacing: tuple[float, ...]) -> None:
     """Write one case into images<split>/labels<split>; 2D arrays get nnU-Net's singleton first axis."""
