@@ -108,6 +108,17 @@ def synthetic_batches(trainer, seed: int):
                                         generator=generator).float() for s in scales]}
 
 
+def rl_work_outside_train_step(trainer, batches: list, iterations: int, sync) -> dict:
+    """The RL work some trainers do besides ``train_step``, timed for the classes that do it: a DAS round of the
+    look-ahead (``das_round_s``), the faithful mode's RL epoch (``faithful_rl_epoch_s``, in its RL phase)."""
+    from nnunet_rl.trainers import nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_faithful
+    if isinstance(trainer, nnUNetTrainerRLDeepSup):
+        return {"das_round_s": _time_das_rounds(trainer, batches, sync)}
+    if isinstance(trainer, nnUNetTrainerRLDeepSup_faithful) and trainer.in_rl_phase():
+        return {"faithful_rl_epoch_s": _time_faithful_rl_epoch(trainer, iterations, sync)}
+    return {}
+
+
 def _time_das_rounds(trainer, batches: list, sync) -> dict:
     """A DAS round of nnUNetTrainerRLDeepSup (K candidates scored by the look-ahead, REINFORCE, keep the best)."""
     rounds = []
@@ -225,6 +236,7 @@ def run_worker(args) -> dict:
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     from nnunet_rl.trainer_from_plans import trainer_from_plans
+    from nnunet_rl.trainers import nnUNetTrainerRLDeepSup_faithful
 
     device = torch.device(args.device)
     # thread settings of nnUNetv2_train (run_training.py)
@@ -268,7 +280,7 @@ def run_worker(args) -> dict:
     result["setup_s"] = time.perf_counter() - t0
     trainer.network.train()
     timed_epoch = trainer.current_epoch
-    if hasattr(trainer, "train_candidates"):  # the faithful mode's RL epoch is timed on its own (step 3)
+    if isinstance(trainer, nnUNetTrainerRLDeepSup_faithful):  # its RL epoch is timed on its own (step 3)
         trainer.current_epoch = 0
     trainer.on_train_epoch_start()  # lr for the epoch, train mode, as run_training does
     trainer.current_epoch = timed_epoch
@@ -320,10 +332,7 @@ def run_worker(args) -> dict:
                 steps.append(t1 - t0)
                 cpu_steps.append(c1 - c0)
             losses.append(float(out["loss"]))
-        if hasattr(trainer, "look_ahead_dice"):  # nnUNetTrainerRLDeepSup: one DAS round, on top of a train step
-            result["das_round_s"] = _time_das_rounds(trainer, batches[args.warmup:], sync)
-        if hasattr(trainer, "train_candidates") and trainer.in_rl_phase():  # the faithful mode's RL epoch
-            result["faithful_rl_epoch_s"] = _time_faithful_rl_epoch(trainer, args.iterations, sync)
+        result.update(rl_work_outside_train_step(trainer, batches[args.warmup:], args.iterations, sync))
         del batches
         result["first_step_s"] = first_step
         result["train_step_s"] = _summary(steps)

@@ -34,7 +34,7 @@ import torch
 from nnunet_rl.rl_deep_supervision import ACTIONS
 from nnunet_rl.trainers import (nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_randomSearch,
                                 nnUNetTrainerRLDeepSup_shortHorizon)
-from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
+from nnunet_rl.plans.rl_block import DeepSupervisionSettings
 from nnunet_rl.trainers.rl_deep_supervision import COMPONENT
 from nnunet_rl.trainers.schedules import ShortSchedule
 from nnunet_rl.trainer_from_plans import trainer_from_plans
@@ -54,7 +54,7 @@ class FortyRounds(ShortSchedule):
 
 class FortyEpochRounds(ShortSchedule):
     """``_shortHorizon``: one round per epoch, as at nnU-Net's schedule; an epoch as long as one trial."""
-    epochs, iterations, val_iterations = 40, PAPER_DEFAULTS[COMPONENT]["trial_steps"], 1
+    epochs, iterations, val_iterations = 40, DeepSupervisionSettings().trial_steps, 1
     schedule = {"warmup_fraction": 0.0}
 
 

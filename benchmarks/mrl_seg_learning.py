@@ -63,7 +63,7 @@ import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
+from nnunet_rl.plans.rl_block import MRLSegSettings
 from nnunet_rl.trainers import nnUNetTrainerMRLSeg, nnUNetTrainerMRLSeg_shuffledReward
 from nnunet_rl.trainers.mrl_seg import COMPONENT
 from nnunet_rl.trainers.schedules import ShortSchedule
@@ -71,7 +71,7 @@ from phantom_experiments import cpu_predictor, experiment_main, held_out_cases, 
 
 ARMS = {"learner": nnUNetTrainerMRLSeg, "shuffled": nnUNetTrainerMRLSeg_shuffledReward, "stock": nnUNetTrainer}
 RL_ARMS = ("learner", "shuffled")
-STEPS = PAPER_DEFAULTS[COMPONENT]["steps"]
+STEPS = MRLSegSettings().steps
 DATASET_ID = 953
 CONFIGURATION = "2d"
 

@@ -62,14 +62,14 @@ import time
 
 import numpy as np
 
-from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
+from nnunet_rl.plans.rl_block import PixelRLSettings
 from nnunet_rl.trainers import nnUNetTrainerPixelRL_allForeground, nnUNetTrainerPixelRL_allForeground_shuffledReward
 from nnunet_rl.trainers.pixel_rl import COMPONENT
 from nnunet_rl.trainers.schedules import ShortSchedule
 from phantom_experiments import cpu_predictor, experiment_main, held_out_cases, mean_dice, seeded_arm, trained
 
 ARMS = {"learner": nnUNetTrainerPixelRL_allForeground, "shuffled": nnUNetTrainerPixelRL_allForeground_shuffledReward}
-T_MAX = PAPER_DEFAULTS[COMPONENT]["t_max"]
+T_MAX = PixelRLSettings().t_max
 STEPS = (0, 1, 2, 3, 5, T_MAX)
 DATASET_ID = 952
 CONFIGURATION = "2d"

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "nnUNetPlans_RLU2Net)")
     p.add_argument("--previous-stage-trainer", default=None,
                    help="the trainer of the first stage that <X>_refine refines (default: the one the plans name "
-                        "already, else nnUNetTrainer)")
+                        "already, else nnUNetTrainerAllSliceFusion for 2d_allslice_refine and nnUNetTrainer for the "
+                        "others)")
     p.set_defaults(func=_plan)
 
     p = sub.add_parser("plan-unpaired", help="plan two single-modality datasets (MM-WHS CT and MRI) for "

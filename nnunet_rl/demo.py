@@ -195,11 +195,12 @@ def plot_policy_history(history: dict[str, dict[str, list[float]]], filename: Pa
     import matplotlib.pyplot as plt
     chance = 1 / len(cube_rotations(3))
     rl_epochs = sum(1 for value in next(iter(history.values()))["reward"] if math.isfinite(value))
+    rl_phase = f"{rl_epochs} epoch{'s' * (rl_epochs != 1)}"
     fig, ax = plt.subplots(figsize=(9, 5))
     for module, series in history.items():
         ax.plot(range(len(series["probability"])), series["probability"], marker="o", label=module)
     ax.axhline(chance, linestyle="--", color="grey", label=f"chance (1/{round(1 / chance)})")
-    ax.axvspan(-0.5, rl_epochs - 0.5, color="tab:green", alpha=0.1, label=f"RL phase ({rl_epochs} epochs)")
+    ax.axvspan(-0.5, rl_epochs - 0.5, color="tab:green", alpha=0.1, label=f"RL phase ({rl_phase})")
     ax.set_xlabel("epoch")
     ax.set_ylabel("policy's probability on the rotation\nthat undoes the known misalignment")
     ax.set_ylim(0, 1)
@@ -210,6 +211,6 @@ def plot_policy_history(history: dict[str, dict[str, list[float]]], filename: Pa
     moves = ", ".join(f"{module} {series['probability'][0]:.3f} → {series['probability'][-1]:.3f}"
                       for module, series in history.items())
     return (f"\nRL-U2Net's PoseAlign agents, probability on the rotation that undoes the known misalignment, first → "
-            f"last epoch (chance {chance:.3f}; RL phase {rl_epochs} epochs, where a default nnU-Net run has 200 with a "
+            f"last epoch (chance {chance:.3f}; RL phase {rl_phase}, where a default nnU-Net run has 200 with a "
             f"PPO round each): {moves}. "
             f"Figure: {filename}")

@@ -29,9 +29,6 @@ from nnunet_rl.rl_xalign import RLXAlign, activity_correlation, activity_map
 from nnunet_rl.u2net_losses import soft_vote
 
 FUSION_DIRECTIONS = ("primary", "auxiliary")  # "primary": the primary branch takes in the auxiliary one; and back
-# the rl block's rl_u2net keys that shape the network; DualBranchUNet takes them as keyword arguments of these names
-NETWORK_HYPERPARAMETERS = ("aligned_stages", "fusion_directions", "window_size", "k_sel", "temperature",
-                           "fusion_weight", "use_cma", "min_greedy_probability")
 
 
 class AlignmentSite(NamedTuple):
@@ -151,7 +148,7 @@ class DualBranchUNet(nn.Module):
     ``branch_kwargs`` and ``branch_kwargs_req_import`` are the plans' ``network_class_name``, ``arch_kwargs`` and
     ``_kw_requires_import``, from which each branch is built by nnU-Net's ``get_network_from_plans``;
     ``primary_channels``/``auxiliary_channels`` split the input (default: channel 0 and the rest); the remaining
-    keywords are the rl block's ``rl_u2net`` keys of the same names (:data:`NETWORK_HYPERPARAMETERS`), with
+    keywords are the rl block's ``rl_u2net`` keys of the same names (``RLU2NetSettings.network_kwargs()``), with
     ``aligned_stages=None`` meaning :func:`default_aligned_stages`.
 
     ``set_actions`` chooses the PoseAlign rotations of the next forward pass per module (``{key: LongTensor}``);

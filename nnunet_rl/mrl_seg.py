@@ -27,6 +27,7 @@ from torch import nn
 
 from nnunet_rl.pixel_rl import one_hot, shuffled_over_voxels
 from nnunet_rl.planned_network import AroundPlannedNetwork
+from nnunet_rl.plans.rl_block import MRLSegSettings
 from nnunet_rl.voxel_actor_critic import (A2CLosses, VoxelActorCritic, a2c_losses, full_resolution, greedy_actions,
                                           greedy_rollout, sample_actions)
 
@@ -398,22 +399,23 @@ class MRLSegNetwork(AroundPlannedNetwork):
             self.reinforcement.actor_critic.compute_conv_feature_map_size(input_size, self.steps + 1)
 
 
-def build_mrl_seg_network(segmentation: nn.Module, input_channels: int, hyperparameters: dict) -> MRLSegNetwork:
+def build_mrl_seg_network(segmentation: nn.Module, input_channels: int,
+                          hyperparameters: MRLSegSettings) -> MRLSegNetwork:
     """The Reinforcement-Net typed from the planned network (its conv, norm and nonlinearity, its first
     ``encoder_stages`` encoder stages projected to ``head_channels``), heads of ``head_layers`` 3^d convolutions; the
     policy started so that a sampled episode retains a voxel through all steps with probability
     ``initial_episode_retain_probability`` (per step its ``steps``-th root), so an untrained policy masks nothing
     greedily."""
     encoder = segmentation.encoder
-    features = ReinforcementEncoder(encoder, hyperparameters["encoder_stages"], hyperparameters["head_channels"])
+    features = ReinforcementEncoder(encoder, hyperparameters.encoder_stages, hyperparameters.head_channels)
     actor_critic = VoxelActorCritic(
         feature_channels=features.output_channels, state_channels=input_channels + 1, num_actions=NUM_ACTIONS,
         conv_op=encoder.conv_op, norm_op=encoder.norm_op, norm_op_kwargs=encoder.norm_op_kwargs,
-        nonlin=encoder.nonlin, nonlin_kwargs=encoder.nonlin_kwargs, head_channels=hyperparameters["head_channels"],
-        dilations=[1] * hyperparameters["head_layers"], use_sam=False,
-        omega_kernel_size=hyperparameters["omega_kernel_size"])
+        nonlin=encoder.nonlin, nonlin_kwargs=encoder.nonlin_kwargs, head_channels=hyperparameters.head_channels,
+        dilations=[1] * hyperparameters.head_layers, use_sam=False,
+        omega_kernel_size=hyperparameters.omega_kernel_size)
     probabilities = [0.0] * NUM_ACTIONS
-    probabilities[RETAIN] = hyperparameters["initial_episode_retain_probability"] ** (1 / hyperparameters["steps"])
+    probabilities[RETAIN] = hyperparameters.initial_episode_retain_probability ** (1 / hyperparameters.steps)
     probabilities[MASK] = 1 - probabilities[RETAIN]
     actor_critic.bias_policy(probabilities)
-    return MRLSegNetwork(segmentation, ReinforcementNet(features, actor_critic), hyperparameters["steps"])
+    return MRLSegNetwork(segmentation, ReinforcementNet(features, actor_critic), hyperparameters.steps)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_rl.planned_network import AroundPlannedNetwork
+from nnunet_rl.plans.rl_block import PixelRLSettings
 from nnunet_rl.voxel_actor_critic import (A2CLosses, VoxelActorCritic, a2c_losses, greedy_actions,
                                           greedy_rollout, sample_actions)
 
@@ -232,7 +233,7 @@ class PixelRLNetwork(AroundPlannedNetwork):
             self.actor_critic.compute_conv_feature_map_size(input_size, self.steps + 1)
 
 
-def build_pixel_rl_network(backbone: nn.Module, num_classes: int, hyperparameters: dict) -> PixelRLNetwork:
+def build_pixel_rl_network(backbone: nn.Module, num_classes: int, hyperparameters: PixelRLSettings) -> PixelRLNetwork:
     """The actor-critic sized and typed from the planned network (its conv, norm and nonlinearity, the channels of
     its last decoder stage), the policy started so that a sampled episode keeps a label through all t_max steps with
     probability ``initial_episode_keep_probability`` (per step its t_max-th root)."""
@@ -240,12 +241,12 @@ def build_pixel_rl_network(backbone: nn.Module, num_classes: int, hyperparameter
     actor_critic = VoxelActorCritic(
         feature_channels=encoder.output_channels[0], state_channels=num_classes, num_actions=NUM_ACTIONS,
         conv_op=encoder.conv_op, norm_op=encoder.norm_op, norm_op_kwargs=encoder.norm_op_kwargs,
-        nonlin=encoder.nonlin, nonlin_kwargs=encoder.nonlin_kwargs, head_channels=hyperparameters["head_channels"],
-        dilations=hyperparameters["head_dilations"], use_sam=hyperparameters["use_sam"],
-        omega_kernel_size=hyperparameters["omega_kernel_size"])
+        nonlin=encoder.nonlin, nonlin_kwargs=encoder.nonlin_kwargs, head_channels=hyperparameters.head_channels,
+        dilations=hyperparameters.head_dilations, use_sam=hyperparameters.use_sam,
+        omega_kernel_size=hyperparameters.omega_kernel_size)
     probabilities = [0.0] * NUM_ACTIONS
-    probabilities[KEEP] = hyperparameters["initial_episode_keep_probability"] ** (1 / hyperparameters["t_max"])
+    probabilities[KEEP] = hyperparameters.initial_episode_keep_probability ** (1 / hyperparameters.t_max)
     probabilities[SET_TO_BACKGROUND] = 1 - probabilities[KEEP]
     actor_critic.bias_policy(probabilities)
-    return PixelRLNetwork(backbone, actor_critic, num_classes, hyperparameters["t_max"],
-                          hyperparameters["proposal_threshold"])
+    return PixelRLNetwork(backbone, actor_critic, num_classes, hyperparameters.t_max,
+                          hyperparameters.proposal_threshold)

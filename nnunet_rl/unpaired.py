@@ -24,6 +24,7 @@ from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunet_rl.dual_branch import FUSION_DIRECTIONS, DualBranchUNet
 from nnunet_rl.dual_branch_loss import BranchTargets
 from nnunet_rl.errors import NnunetRLError
+from nnunet_rl.plans.rl_block import RLU2NetSettings
 
 UNPAIRED_KEY = "unpaired"  # key of the rl block's rl_u2net section
 
@@ -43,9 +44,9 @@ class UnpairedDatasets:
     auxiliary: UnpairedSide
 
     @classmethod
-    def from_section(cls, section: dict) -> "UnpairedDatasets":
+    def from_section(cls, section: RLU2NetSettings) -> "UnpairedDatasets":
         """From the rl block's ``rl_u2net`` section; an error naming the command that writes it when absent."""
-        value = section.get(UNPAIRED_KEY)
+        value = section.unpaired
         if value is None:
             raise NnunetRLError("these plans name no auxiliary dataset (rl block: rl_u2net.unpaired is null); write "
                                 "it with: nnunet-rl plan-unpaired PRIMARY_DATASET AUXILIARY_DATASET -c CONFIGURATION")

@@ -20,12 +20,19 @@ from nnunet_rl.plans.all_slice_fusion import ALL_SLICE_CONFIGURATION, PARENT_CON
 
 REFINE_SUFFIX = "_refine"
 PREVIOUS_STAGE_TRAINER_KEY = "previous_stage_trainer"
-DEFAULT_PREVIOUS_STAGE_TRAINER = "nnUNetTrainer"
+# the first stage's trainer when the user names none: stock nnU-Net's, but the fusion network for stacks of slices
+DEFAULT_PREVIOUS_STAGE_TRAINERS = {ALL_SLICE_CONFIGURATION: "nnUNetTrainerAllSliceFusion"}
+STOCK_TRAINER = "nnUNetTrainer"
+
+
+def default_previous_stage_trainer(first_stage: str) -> str:
+    return DEFAULT_PREVIOUS_STAGE_TRAINERS.get(first_stage, STOCK_TRAINER)
 
 
 def previous_stage_trainer(configuration: dict) -> str:
     """The first stage's trainer a refinement configuration (its plans entry) names."""
-    return configuration.get(PREVIOUS_STAGE_TRAINER_KEY, DEFAULT_PREVIOUS_STAGE_TRAINER)
+    return configuration.get(PREVIOUS_STAGE_TRAINER_KEY) or \
+        default_previous_stage_trainer(configuration["previous_stage"])
 
 
 def is_refine_configuration(configuration: str) -> bool:
@@ -71,9 +78,11 @@ def chain_next_stages(plans: dict) -> None:
 
 def add_refine_configuration(plans: dict, refine_configuration_name: str, first_stage_trainer: str | None) -> None:
     """Write ``refine_configuration_name`` (``<first stage>_refine``) into ``plans`` and chain it to its first stage.
-    ``first_stage_trainer`` None keeps the one the plans name already (a new entry: ``nnUNetTrainer``)."""
+    ``first_stage_trainer`` None keeps the one the plans name already (a new entry: ``nnUNetTrainerAllSliceFusion``
+    for ``2d_allslice_refine``, else ``nnUNetTrainer``)."""
     first_stage = first_stage_of(refine_configuration_name)
     existing = plans["configurations"].get(refine_configuration_name, {})
-    trainer = first_stage_trainer or previous_stage_trainer(existing)
+    trainer = first_stage_trainer or existing.get(PREVIOUS_STAGE_TRAINER_KEY) or \
+        default_previous_stage_trainer(first_stage)
     plans["configurations"][refine_configuration_name] = refine_configuration(plans, first_stage, trainer)
     chain_next_stages(plans)

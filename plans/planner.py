@@ -10,13 +10,13 @@ from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
 from nnunetv2.utilities.dataset_name_id_conversion import convert_dataset_name_to_id
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from nnunet_rl.dual_branch import NETWORK_HYPERPARAMETERS, DualBranchUNet
+from nnunet_rl.dual_branch import DualBranchUNet
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.nnunet_folders import dataset_name as nnunet_dataset_name, require_nnunet_folders
 from nnunet_rl.plans.all_slice_fusion import ALL_SLICE_CONFIGURATION, PARENT_CONFIGURATION, all_slice_configuration
 from nnunet_rl.plans.classifier_guided import (add_refine_configuration, chain_next_stages, first_stage_of,
                                                is_refine_configuration)
-from nnunet_rl.plans.rl_block import PAPER_DEFAULTS, RL_BLOCK_KEY, derive_rl_block
+from nnunet_rl.plans.rl_block import RL_BLOCK_KEY, RLU2NetSettings, derive_rl_block
 
 RL_U2NET_PLANS = "nnUNetPlans_RLU2Net"
 
@@ -25,9 +25,8 @@ def dual_branch_estimate(patch_size, input_channels: int, output_channels: int, 
                          arch_kwargs: dict, arch_kwargs_req_import) -> int:
     """nnU-Net's memory estimate (``compute_conv_feature_map_size``) of the :class:`DualBranchUNet` built from one
     planned branch with the rl block's default channel split and ``rl_u2net`` network settings."""
-    hp = PAPER_DEFAULTS["rl_u2net"]
     network = DualBranchUNet(input_channels, output_channels, arch_class_name, arch_kwargs, arch_kwargs_req_import,
-                             allow_init=False, **{key: hp[key] for key in NETWORK_HYPERPARAMETERS})
+                             allow_init=False, **RLU2NetSettings().network_kwargs())
     return network.compute_conv_feature_map_size(patch_size)
 
 
@@ -121,7 +120,8 @@ def plan_rl(dataset: str | int, configurations: list[str] | None = None, plans_n
     Our configurations among ``configurations`` are (re)written into the plans after nnU-Net has planned and
     preprocessed the configurations they are built from: ``2d_allslice`` (:mod:`nnunet_rl.plans.all_slice_fusion`)
     from ``2d``; ``<X>_refine`` (:mod:`nnunet_rl.plans.classifier_guided`) chained to X, whose model
-    ``previous_stage_trainer`` trains (None: the one the plans name already, else ``nnUNetTrainer``). Every
+    ``previous_stage_trainer`` trains (None: the one the plans name already, else the first stage's usual one:
+    ``nnUNetTrainerAllSliceFusion`` for ``2d_allslice``, ``nnUNetTrainer`` for the others). Every
     configuration's ``next_stage`` is then made to list the stages chained to it, also when X was rewritten.
     ``rl_u2net``: plan ``nnUNetPlans_RLU2Net`` instead with :class:`nnUNetPlannerRLU2Net`, nnU-Net's planner fitting
     the two-branch RL-U2Net (not one U-Net) into nnU-Net's GPU memory target; train with

@@ -133,6 +133,10 @@ def test_replanning_keeps_the_chain_and_the_first_stage_trainer(refine_plans, pl
     assert plans["configurations"]["2d_allslice_refine"]["previous_stage_trainer"] == "nnUNetTrainerAllSliceFusion"
     add_refine_configuration(plans, "2d_allslice_refine", "nnUNetTrainer_3epochs_2iters")
     assert plans["configurations"]["2d_allslice_refine"]["previous_stage_trainer"] == "nnUNetTrainer_3epochs_2iters"
+    for refine, usual in (("2d_allslice_refine", "nnUNetTrainerAllSliceFusion"), ("2d_refine", "nnUNetTrainer")):
+        del plans["configurations"][refine]  # planned for the first time, no trainer named: the first stage's usual
+        add_refine_configuration(plans, refine, None)
+        assert plans["configurations"][refine]["previous_stage_trainer"] == usual
 
 
 def build(trainer_class, refine_plans, deep_supervision: bool = True) -> ClassifierGuidedNetwork:

@@ -63,3 +63,35 @@ def test_ext_trainer_folder_holds_only_the_thin_module():
     modules = sorted(p.name for p in discovery.EXT_TRAINER_FOLDER.iterdir() if p.suffix == ".py")
     assert modules == ["__init__.py", "nnunet_rl_trainers.py"]
     assert all(not name.startswith("nnUNetTrainer") or name in trainers.__all__ for name in dir(trainers))
+
+
+@pytest.mark.e2e
+def test_the_built_wheel_in_a_fresh_environment_finds_every_trainer(tmp_path):
+    """The path of a user who installs the package instead of cloning it: pip builds the wheel, it is installed into
+    a fresh venv (its dependencies taken from this environment's site-packages by a plain path entry, so this
+    checkout's editable install is not seen), `nnunet-rl env --install-hook` runs there, and a new process of that
+    venv resolves every trainer, from the wheel's files."""
+    import shutil
+    import sysconfig
+    from pathlib import Path
+    source = tmp_path / "source"  # a copy: setuptools writes build/ and *.egg-info/ beside the sources
+    shutil.copytree(Path(__file__).resolve().parents[1], source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "nnunet_rl_data", ".pytest_cache"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("nnunet_rl-*.whl"))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,
+                          capture_output=True, text=True).stdout.strip()
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", site, str(wheel)],
+                   check=True, capture_output=True)
+    (Path(site) / "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env = clean_environment()
+    subprocess.run([python, "-c", "import sys; from nnunet_rl.cli import main; sys.argv = ['nnunet-rl', 'env', "
+                    "'--install-hook']; main()"], check=True, env=env, cwd="/", capture_output=True)
+    result = subprocess.run([python, "-c", "import nnunet_rl; print(nnunet_rl.__file__)\n" + RESOLVE_ALL,
+                             *trainers.__all__], env=env, capture_output=True, text=True, cwd="/")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0].startswith(site) and f"resolved {len(trainers.__all__)}" in result.stdout

@@ -14,14 +14,14 @@ from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.mrl_seg import (MASK, RETAIN, RewardSettings, build_mrl_seg_network, cross_entropy_reward,
                                dataset_foreground_ratio, difficulty, difficulty_returns, foreground_prior,
                                global_reward, masked_input, prior_rewards, retained_prior)
-from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
+from nnunet_rl.plans.rl_block import MRLSegSettings
 from nnunet_rl.trainers.mrl_seg import plot_masks
 from nnunet_rl.voxel_actor_critic import NeighbourReturns, sample_actions
 from nnunet_rl.trainer_from_plans import trainer_from_plans
 
 CONVS = {2: nn.Conv2d, 3: nn.Conv3d}
 NORMS = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
-HP = {**PAPER_DEFAULTS["mrl_seg"], "encoder_stages": 2, "head_channels": 8}
+HP = MRLSegSettings(encoder_stages=2, head_channels=8)
 SETTINGS = RewardSettings(gamma=0.95, alpha=-0.5, beta=0.25, empty_ratio=0.05, use_prior=True, use_difficulty=True,
                           window=3)
 
@@ -213,7 +213,7 @@ def test_masking_the_background_of_an_imbalanced_patch_raises_the_prior():
     assert after > before
 
 
-def small_network(dim: int, input_channels: int = 2, hp: dict = HP) -> mrl_seg.MRLSegNetwork:
+def small_network(dim: int, input_channels: int = 2, hp: MRLSegSettings = HP) -> mrl_seg.MRLSegNetwork:
     segmentation = PlainConvUNet(input_channels=input_channels, n_stages=3, features_per_stage=[4, 8, 8],
                                  conv_op=CONVS[dim], kernel_sizes=3, strides=[1, 2, 2], n_conv_per_stage=1,
                                  num_classes=3, n_conv_per_stage_decoder=1, conv_bias=True, norm_op=NORMS[dim],
@@ -261,7 +261,7 @@ def test_prediction_is_the_segmentation_net_on_the_greedily_masked_input_and_det
     assert first.shape == (2, 3, *spatial)
     assert torch.equal(first, second)
     assert torch.equal(first, expected)
-    assert len(masks) == HP["steps"] + 1 and not masks[0].any()
+    assert len(masks) == HP.steps + 1 and not masks[0].any()
     assert 0 < masks[-1].float().mean() < 1
     assert all(torch.equal(earlier & later, earlier) for earlier, later in zip(masks, masks[1:]))  # masks only grow
 
@@ -274,7 +274,7 @@ def test_untrained_policy_masks_nothing_greedily_and_non_finite_policies_retain(
         assert not network.greedy_masks(x)[-1].any()
         torch.testing.assert_close(network(x), network.segmentation(x))
         keep = torch.softmax(network.reinforcement.actor_critic.policy.out.bias, dim=0)[RETAIN]
-        assert float(keep) ** HP["steps"] == pytest.approx(HP["initial_episode_retain_probability"])
+        assert float(keep) ** HP.steps == pytest.approx(HP.initial_episode_retain_probability)
         network.reinforcement.actor_critic.policy.out.bias[MASK] = 5.0  # mask everything
         assert network.greedy_masks(x)[-1].all()
         network.reinforcement.actor_critic.policy.out.bias.fill_(float("nan"))
@@ -289,7 +289,7 @@ def test_sampled_episodes_retain_voxels_whose_policy_is_not_finite():
     with network.training_episodes(reference, None, SETTINGS, torch.Generator().manual_seed(0)) as episodes:
         network(x)
     (episode,) = episodes
-    assert episode.masked_fractions == [0.0] * HP["steps"]  # retained, as the greedy steps retain them
+    assert episode.masked_fractions == [0.0] * HP.steps  # retained, as the greedy steps retain them
     assert episode.losses is None
 
 
@@ -300,7 +300,7 @@ def test_reinforcement_encoder_is_initialised_from_the_segmentation_encoder():
             parameter.add_(1.0)
     x = torch.randn(1, 2, 16, 16)
     copied = network.reinforcement.encoder
-    assert len(copied.body.stages) == HP["encoder_stages"]
+    assert len(copied.body.stages) == HP.encoder_stages
     assert not torch.equal(copied.body(x), network.segmentation.encoder.stages[:2](x))
     copied.initialise_from(network.segmentation.encoder)
     assert torch.equal(copied.body(x), network.segmentation.encoder.stages[:2](x))
@@ -319,7 +319,7 @@ def test_training_episode_trains_the_reinforcement_net_and_omega_and_returns_the
         outputs = network(x)
     (episode,) = episodes
     assert isinstance(outputs, list) and outputs[0].shape == (2, 3, *spatial)
-    assert len(episode.mean_rewards) == len(episode.masked_fractions) == HP["steps"]
+    assert len(episode.mean_rewards) == len(episode.masked_fractions) == HP.steps
     assert episode.masked_fractions == sorted(episode.masked_fractions) and episode.masked_fractions[-1] > 0
     episode.losses.total.backward()
     for module in (network.reinforcement.encoder, network.reinforcement.actor_critic.policy,
@@ -450,10 +450,10 @@ def test_validation_in_the_rl_phase_measures_the_masked_segmentation_per_step(tr
         with torch.no_grad():
             network.reinforcement.actor_critic.policy.out.bias.copy_(bias)
     (confusion,) = trainer._step_confusions
-    assert confusion.shape[0] == HP["steps"] + 1
+    assert confusion.shape[0] == HP.steps + 1
     assert trainer._figure_patch["masks"][-1].all() and not trainer._figure_patch["masked"].any()
     trainer.on_validation_epoch_end([result])
-    assert len(trainer.step_dice_history[1]) == HP["steps"] + 1
+    assert len(trainer.step_dice_history[1]) == HP.steps + 1
     plot_masks(trainer._figure_patch, str(tmp_path / "masks.png"))
     assert (tmp_path / "masks.png").stat().st_size > 0
 
@@ -482,15 +482,15 @@ def test_reinforcement_net_trains_with_adam_and_the_segmentation_net_with_nnunet
     assert in_adam == {id(p) for p in network.reinforcement.parameters()}  # encoder, heads and w
     assert in_sgd == {id(p) for p in network.segmentation.parameters()}
     assert optimizer.sgd.defaults["momentum"] == 0.99 and optimizer.sgd.defaults["nesterov"]  # nnU-Net's
-    assert optimizer.lr_scale == pytest.approx(PAPER_DEFAULTS["mrl_seg"]["heads_lr"] / trainer.initial_lr)
+    assert optimizer.lr_scale == pytest.approx(MRLSegSettings().heads_lr / trainer.initial_lr)
 
 
 def test_reward_telemetry_averages_the_finite_episodes(trainer):
     trainer.current_epoch = 1
     trainer.on_train_epoch_start()
-    skipped = mrl_seg.Episode(None, [float("nan")] * HP["steps"], [0.0] * HP["steps"])
+    skipped = mrl_seg.Episode(None, [float("nan")] * HP.steps, [0.0] * HP.steps)
     finite = mrl_seg.Episode(mrl_seg.A2CLosses(torch.tensor(0.5), torch.tensor(0.25)),
-                             [1.0, 2.0, 3.0, 4.0], [0.1] * HP["steps"])
+                             [1.0, 2.0, 3.0, 4.0], [0.1] * HP.steps)
     trainer._episodes = [skipped, finite, finite]
     trainer.on_train_epoch_end([{"loss": 0.0}])
     logged = trainer.logger.local_logger.my_fantastic_logging
@@ -527,7 +527,7 @@ def test_checkpoint_round_trip_restores_the_reinforcement_net_adam_and_sampler(t
 def test_variants_pin_the_table_v_ablations(variant, pinned):
     from nnunet_rl import trainers
     cls = getattr(trainers, f"nnUNetTrainerMRLSeg{variant}")
-    assert cls.hyperparameters_from({}, "mrl_seg") == {**PAPER_DEFAULTS["mrl_seg"], **pinned}
+    assert cls.hyperparameters_from({}, "mrl_seg") == MRLSegSettings(**pinned)
     assert issubclass(getattr(trainers, f"nnUNetTrainerMRLSeg{variant}_3epochs_2iters"), cls)
     assert trainers.nnUNetTrainerMRLSeg_shuffledReward.shuffle_rewards
 

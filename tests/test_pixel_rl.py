@@ -1,4 +1,5 @@
 """PixelDRL-MG's per-voxel actor-critic (nnunet_rl.voxel_actor_critic, nnunet_rl.pixel_rl) and nnUNetTrainerPixelRL."""
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -10,17 +11,17 @@ from torch import nn
 from helpers import cloned_state, started_trainer
 from nnunet_rl import agent_figures, pixel_rl
 from nnunet_rl.pixel_rl import KEEP, SET_TO_BACKGROUND, build_pixel_rl_network, squared_error_reward
-from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
+from nnunet_rl.plans.rl_block import PixelRLSettings
 from nnunet_rl.voxel_actor_critic import (NeighbourReturns, VoxelActorCritic, a2c_losses, greedy_rollout,
                                           sample_actions)
 from nnunet_rl.trainer_from_plans import trainer_from_plans
 
-HP = {**PAPER_DEFAULTS["pixel_rl"], "t_max": 3}
-HP_TRAINER_STEPS = PAPER_DEFAULTS["pixel_rl"]["t_max"]
+HP = PixelRLSettings(t_max=3)
+HP_TRAINER_STEPS = PixelRLSettings().t_max
 OPS = {2: (nn.Conv2d, nn.InstanceNorm2d), 3: (nn.Conv3d, nn.InstanceNorm3d)}
 
 
-def small_network(dim: int, num_classes: int = 3, hp: dict = HP) -> pixel_rl.PixelRLNetwork:
+def small_network(dim: int, num_classes: int = 3, hp: PixelRLSettings = HP) -> pixel_rl.PixelRLNetwork:
     conv_op, norm_op = OPS[dim]
     backbone = PlainConvUNet(input_channels=1, n_stages=3, features_per_stage=[4, 8, 8], conv_op=conv_op,
                              kernel_sizes=3, strides=[1, 2, 2], n_conv_per_stage=1, num_classes=num_classes,
@@ -167,7 +168,7 @@ def test_greedy_rollout_stops_running_steps_once_one_changes_nothing():
 @pytest.mark.parametrize("dim, spatial", [(2, (16, 20)), (3, (8, 8, 12))])
 def test_greedy_episode_equals_every_step_run_with_both_heads(dim, spatial):
     torch.manual_seed(1)
-    network = small_network(dim, hp={**HP, "t_max": 6}).eval()
+    network = small_network(dim, hp=dataclasses.replace(HP, t_max=6)).eval()
     with torch.no_grad():
         network.actor_critic.policy.out.bias.zero_()
         network.actor_critic.policy.out.weight.normal_()
@@ -250,7 +251,7 @@ def test_untrained_policy_keeps_the_initial_map():
         x = torch.randn(1, 1, 16, 16)
         network.decoder.deep_supervision = False
         refined = network(x)
-        initial = pixel_rl.initial_map(network.backbone(x), HP["proposal_threshold"])
+        initial = pixel_rl.initial_map(network.backbone(x), HP.proposal_threshold)
     assert torch.equal(refined.argmax(dim=1), initial)
 
 
@@ -265,7 +266,7 @@ def test_training_episode_reaches_heads_omega_and_backbone():
     reference = torch.randint(0, 3, (2, 16, 16))
     episode = network.training_episode(outputs[0].argmax(dim=1), network.take_features(), reference, 0.95,
                                        torch.Generator().manual_seed(0))
-    assert len(episode.mean_rewards) == len(episode.changed_fractions) == HP["t_max"]
+    assert len(episode.mean_rewards) == len(episode.changed_fractions) == HP.t_max
     episode.losses.total.backward()
     for module in (network.actor_critic.policy, network.actor_critic.value, network.actor_critic.returns,
                    network.backbone.encoder):
@@ -325,7 +326,7 @@ def test_voxels_with_non_finite_logits_sample_the_fallback_action():
         outputs = network(torch.randn(1, 1, 16, 16))
         episode = network.training_episode(outputs[0].argmax(dim=1), network.take_features(),
                                            torch.randint(0, 3, (1, 16, 16)), 0.95, torch.Generator().manual_seed(0))
-    assert episode.changed_fractions == [0.0] * HP["t_max"]  # kept, as the greedy steps keep them
+    assert episode.changed_fractions == [0.0] * HP.t_max  # kept, as the greedy steps keep them
 
 
 @pytest.fixture(scope="module")
@@ -428,7 +429,7 @@ def test_heads_train_with_adam_and_the_planned_network_with_nnunets_sgd(trainer)
         trainer.train_step(next(trainer.dataloader_train))
     finally:
         del optimizer.adam.step
-    assert seen == [pytest.approx(scheduled * HP["heads_lr"] / trainer.initial_lr)]
+    assert seen == [pytest.approx(scheduled * HP.heads_lr / trainer.initial_lr)]
     assert optimizer.adam.param_groups[0]["lr"] == scheduled
     assert optimizer.adam.state  # Adam's moments exist after the step
 
@@ -479,7 +480,7 @@ def test_checkpoint_round_trip_restores_heads_omega_and_sampler(trainer, tmp_pat
 def test_an_untrained_sampled_episode_keeps_a_label_with_the_episode_probability():
     network = small_network(2)
     keep = torch.softmax(network.actor_critic.policy.out.bias, dim=0)[KEEP]
-    assert float(keep.detach()) ** HP["t_max"] == pytest.approx(HP["initial_episode_keep_probability"])
+    assert float(keep.detach()) ** HP.t_max == pytest.approx(HP.initial_episode_keep_probability)
 
 
 @pytest.fixture
@@ -523,4 +524,4 @@ def test_step_study_variants_pin_t_max():
     from nnunet_rl import trainers
     for steps in (1, 4, 10):
         variant = getattr(trainers, f"nnUNetTrainerPixelRL_tmax{steps}")
-        assert variant.hyperparameters_from({}, "pixel_rl")["t_max"] == steps
+        assert variant.hyperparameters_from({}, "pixel_rl").t_max == steps

@@ -15,6 +15,7 @@ S_similarity of a batch is computed from precomputed dot products, exactly (cube
 keep the maps' mean and norm); ``test_similarity_lookup_equals_the_trainer_code_path`` checks it against
 PoseAlign and ``activity_correlation``.
 """
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -22,13 +23,13 @@ import torch
 from nnunet_rl.datasets.synthetic import KINDS
 from nnunet_rl.dual_branch import DualBranchUNet, _encoder_stage
 from nnunet_rl.mirroring import draw_mirroring
-from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
+from nnunet_rl.plans.rl_block import RLU2NetSettings
 from nnunet_rl.ppo import PPOAgent, RolloutBuffer, Transition, state_vector
 from nnunet_rl.rl_xalign import PoseAlign, activity_correlation, activity_map, rotate_feature_map
 from nnunet_rl.rotations import cube_rotations, quarter_turn, rotate_array, rotation_index
 
-DEFAULTS = PAPER_DEFAULTS["rl_u2net"]
-ROUNDS = round(DEFAULTS["rl_fraction"] * 1000)  # a default nnU-Net run: 1000 epochs, one PPO round per epoch
+DEFAULTS = RLU2NetSettings()
+ROUNDS = round(DEFAULTS.rl_fraction * 1000)  # a default nnU-Net run: 1000 epochs, one PPO round per epoch
 SIZE, CASES, BATCH = 32, 8, 2
 QUARTER_TURN = rotation_index(quarter_turn(3, 0, 1))  # does not commute with flips of axes 0 and 1
 HALF_TURN = rotation_index(quarter_turn(3, 1, 2) @ quarter_turn(3, 1, 2))  # commutes with every axis flip
@@ -54,9 +55,9 @@ def stage0_activity(known: int, seed: int) -> dict[str, torch.Tensor]:
                               "n_conv_per_stage_decoder": 2, "conv_bias": True, "norm_op": torch.nn.InstanceNorm3d,
                               "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "nonlin": torch.nn.LeakyReLU,
                               "nonlin_kwargs": {"inplace": True}},
-                             window_size=DEFAULTS["window_size"], k_sel=DEFAULTS["k_sel"],
-                             temperature=DEFAULTS["temperature"], fusion_weight=DEFAULTS["fusion_weight"],
-                             min_greedy_probability=DEFAULTS["min_greedy_probability"])
+                             window_size=DEFAULTS.window_size, k_sel=DEFAULTS.k_sel,
+                             temperature=DEFAULTS.temperature, fusion_weight=DEFAULTS.fusion_weight,
+                             min_greedy_probability=DEFAULTS.min_greedy_probability)
     with torch.no_grad():
         flipped = torch.stack([x.flip([2 + axis for axis in axes]) for axes in PATTERNS], dim=1)  # (CASES, P, 2, ...)
         return {branch: activity_map(_encoder_stage(encoder, 0, flipped[:, :, [channel]].flatten(0, 1)))
@@ -99,19 +100,19 @@ class SimilarityLookup:
 def learn(known: int, seed: int, shuffle_rewards: bool = False, **overrides) -> dict[str, float]:
     """π on the rotation each module needs after ROUNDS PPO rounds at the defaults (but ``overrides``):
     {fusion direction: probability}."""
-    hp = {**DEFAULTS, **overrides}
+    hp = dataclasses.replace(DEFAULTS, **overrides)
     similarity = SimilarityLookup(stage0_activity(known, seed))
     generator = torch.Generator().manual_seed(seed)
     needed = {"primary": rotation_index(cube_rotations(3)[known].T), "auxiliary": known}
-    poses = {direction: PoseAlign(3, hp["k_sel"], hp["temperature"]) for direction in needed}
-    agents = {direction: PPOAgent(pose, hp["policy_lr"], hp["value_lr"], hp["clip"],
-                                  hp["gamma"], hp["ppo_epochs"], hp["minibatch"], seed=seed)
+    poses = {direction: PoseAlign(3, hp.k_sel, hp.temperature) for direction in needed}
+    agents = {direction: PPOAgent(pose, hp.policy_lr, hp.value_lr, hp.clip,
+                                  hp.gamma, hp.ppo_epochs, hp.minibatch, seed=seed)
               for direction, pose in poses.items()}
-    buffers = {direction: RolloutBuffer(hp["rollout_samples"], hp["k_sel"]) for direction in needed}
-    identity = torch.zeros(hp["k_sel"], dtype=torch.long)
+    buffers = {direction: RolloutBuffer(hp.rollout_samples, hp.k_sel) for direction in needed}
+    identity = torch.zeros(hp.k_sel, dtype=torch.long)
     for round_ in range(ROUNDS):
         progress = round_ / 1000
-        for _ in range(hp["rollout_samples"]):
+        for _ in range(hp.rollout_samples):
             cases = torch.randint(CASES, (BATCH,), generator=generator)
             mirroring = draw_mirroring(BATCH, (0, 1, 2), 3, generator)
             dice_before = float(torch.rand(1, generator=generator)) * 0.6 + 0.3  # per-batch Dice, not the action

@@ -10,7 +10,7 @@ from torch import nn
 from helpers import on_two_gloo_ranks
 
 from nnunet_rl.distributed import mean_across_ranks
-from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
+from nnunet_rl.plans.rl_block import paper_defaults
 from nnunet_rl.ppo import (Critic, PPOAgent, RolloutBuffer, Transition, normalise_advantages, policy_loss,
                            rollout_iterations)
 
@@ -187,7 +187,7 @@ def test_agent_defaults_are_the_plans_defaults():
     from nnunet_rl import ppo
     defaults = {name: p.default for name, p in inspect.signature(PPOAgent).parameters.items()
                 if p.default is not inspect.Parameter.empty and name != "seed"}
-    assert defaults == {name: PAPER_DEFAULTS["rl_u2net"][name] for name in defaults}
+    assert defaults == {name: paper_defaults("rl_u2net")[name] for name in defaults}
     assert defaults["gamma"] == 0.0
     assert "γ = 0" in ppo.__doc__ and "0.99" not in ppo.__doc__
 

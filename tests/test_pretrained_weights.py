@@ -147,3 +147,14 @@ def test_cli_writes_the_file_and_refuses_another_architecture_or_trainer(planned
     with pytest.raises(NnunetRLError, match="not a per-voxel agents' trainer"):
         convert_stock_checkpoint(planned_dataset, CONFIGURATION, "nnUNetTrainerPAM", stock_path, tmp_path / "z.pth")
     assert not (tmp_path / "x.pth").exists() and not (tmp_path / "y.pth").exists()
+
+
+def test_rl_deep_supervision_takes_a_stock_checkpoint_with_nnunets_own_flag(planned_dataset, stock):
+    """RLDeepSup trains stock's planned network (its RL weights the deep-supervision outputs): nnU-Net's own
+    -pretrained_weights loads a stock checkpoint unchanged, every key but the seg layers transferred."""
+    from nnunet_rl.trainers import nnUNetTrainerRLDeepSup
+    stock_path, stock_weights = stock
+    trainer = loaded_into_trainer(planned_dataset, nnUNetTrainerRLDeepSup, stock_path)
+    loaded = trainer.network.state_dict()
+    assert set(loaded) == set(stock_weights)
+    assert all(torch.equal(loaded[key], stock_weights[key]) for key in loaded if transferred(key))

@@ -9,7 +9,7 @@ import torch
 
 from helpers import on_two_gloo_ranks
 
-from nnunet_rl.plans.rl_block import PAPER_DEFAULTS
+from nnunet_rl.plans.rl_block import DeepSupervisionSettings
 
 from nnunet_rl.rl_deep_supervision import (ACTIONS, DASControllers, DeepSupervisionWeights, MovingBaseline,
                                            alpha_from_beta, beta_from_alpha, cubed_reward,
@@ -146,10 +146,10 @@ def toy_probability_of_lowering(seed: int, lr: float, arm: str = "learner") -> f
     Dice = 0.9 − 0.5·α_2 + N(0, 0.01²) (output 2's weight hurts; the noise is as large as the candidates' spread).
     ``arm``: "learner"; "shuffled" (rewards permuted across the round's candidates); "frozen" (random search)."""
     weights = DeepSupervisionWeights.stock(5)
-    controllers = DASControllers(weights.num_controlled, lr=lr, init_std=PLANS["init_std"], seed=seed)
-    baseline, noise = MovingBaseline(PLANS["baseline_gamma"]), np.random.default_rng(seed)
+    controllers = DASControllers(weights.num_controlled, lr=lr, init_std=PLANS.init_std, seed=seed)
+    baseline, noise = MovingBaseline(PLANS.baseline_gamma), np.random.default_rng(seed)
     for _ in range(40):
-        actions, betas = weights.candidates(controllers, k=PLANS["candidates"])
+        actions, betas = weights.candidates(controllers, k=PLANS.candidates)
         rewards = np.array([cubed_reward(0.9 - 0.5 * alpha_from_beta(beta)[2] + noise.normal(0, 0.01))
                             for beta in betas])
         if arm == "shuffled":
@@ -160,7 +160,7 @@ def toy_probability_of_lowering(seed: int, lr: float, arm: str = "learner") -> f
     return controllers.probabilities()[2, ACTIONS.index(-0.15)].item()
 
 
-PLANS = PAPER_DEFAULTS["rl_deep_supervision"]
+PLANS = DeepSupervisionSettings()
 
 
 def test_the_papers_learning_rate_barely_moves_the_policy():

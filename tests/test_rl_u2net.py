@@ -199,10 +199,10 @@ def test_single_channel_dataset_is_refused_before_any_work(planned_dataset):
 
 
 def test_variants_pin_their_hyperparameters(planned_dataset):
-    assert not trainer_from_plans(planned_dataset, nnUNetTrainerRLU2Net_noRLXAlign).rl_hyperparameters(COMPONENT)[
-        "aligned_stages"]
-    assert trainer_from_plans(planned_dataset, nnUNetTrainerRLU2Net_lambda0p1).rl_hyperparameters(COMPONENT)[
-        "fusion_weight"] == 0.1
+    assert not trainer_from_plans(planned_dataset,
+                                  nnUNetTrainerRLU2Net_noRLXAlign).rl_hyperparameters(COMPONENT).aligned_stages
+    assert trainer_from_plans(planned_dataset,
+                              nnUNetTrainerRLU2Net_lambda0p1).rl_hyperparameters(COMPONENT).fusion_weight == 0.1
     trainer = trainer_from_plans(planned_dataset, nnUNetTrainerRLU2Net_noCMA)
     trainer.initialize()
     assert all(m.cma is None for m in trainer.bare_network.xalign.values())

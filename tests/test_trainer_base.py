@@ -1,4 +1,5 @@
 """The shared trainer plumbing: the plans' rl block, telemetry in nnU-Net's logger, RL state in checkpoints."""
+import dataclasses
 import math
 import os
 
@@ -128,12 +129,22 @@ def test_rl_block_is_read_from_plans_and_derived_when_absent(planned_dataset):
     assert read_rl_block(trainer.configuration_manager, trainer.dataset_json, gt) == planned
 
 
+@dataclasses.dataclass(frozen=True)
+class ToySettings:
+    lr: float = 5e-5
+    clip: float = 0.2
+
+
 def test_component_sections_take_paper_defaults_and_plans_overrides(planned_dataset, monkeypatch):
+    """A component's settings: a frozen dataclass of its defaults, overridden by the plans (typed, by keyword), and
+    written in full into a derived rl block."""
     from nnunet_rl.plans import rl_block
-    monkeypatch.setitem(rl_block.PAPER_DEFAULTS, "toy_agent", {"lr": 5e-5, "clip": 0.2})
+    monkeypatch.setitem(rl_block.COMPONENT_SETTINGS, "toy_agent", ToySettings)
     trainer = trainer_from_plans(planned_dataset, CountingTrainer)
     trainer.configuration_manager.configuration["rl"]["toy_agent"] = {"clip": 0.1}
-    assert trainer.rl_hyperparameters("toy_agent") == {"lr": 5e-5, "clip": 0.1}
+    assert trainer.rl_hyperparameters("toy_agent") == ToySettings(lr=5e-5, clip=0.1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        trainer.rl_hyperparameters("toy_agent").clip = 0.3
     assert rl_block.derive_rl_block(trainer.dataset_json, None)["toy_agent"] == {"lr": 5e-5, "clip": 0.2}
     trainer.configuration_manager.configuration["rl"]["toy_agent"] = {"clipp": 0.1}
     with pytest.raises(NnunetRLError, match="clipp"):

@@ -35,6 +35,16 @@ def predict(env: dict, raw: Path, output: Path, configuration: str, trainer: str
         assert prediction.GetSize() == sitk.ReadImage(str(image)).GetSize()
 
 
+def resumed_not_restarted(interrupted: dict, final: dict, fold: Path) -> None:
+    """The --c run continued the killed one: three epochs in all, the epochs before the kill kept as they were, and
+    the second process's log starts after them."""
+    done = len(interrupted["logging"]["train_losses"])
+    assert final["current_epoch"] == 3 and len(final["logging"]["train_losses"]) == 3
+    assert final["logging"]["train_losses"][:done] == interrupted["logging"]["train_losses"]
+    logs = sorted(fold.glob("training_log_*.txt"))
+    assert len(logs) == 2 and ": Epoch 0\n" not in logs[-1].read_text()
+
+
 def test_all_slice_first_stage_then_classifier_guided_refinement(tmp_path):
     env = user_environment(tmp_path)
     cli("nnunet-rl", "make-dataset", "--kind", "stacked", "--id", DATASET_ID, "--cases", "5", "--size", "32", env=env)
@@ -54,13 +64,15 @@ def test_all_slice_first_stage_then_classifier_guided_refinement(tmp_path):
     results = next(Path(env["nnUNet_results"]).glob(f"Dataset{DATASET_ID}_*"))
     first = results / f"{FIRST_TRAINER}__nnUNetPlans__{FIRST_STAGE}"
     interrupted = torch.load(first / "fold_0" / "checkpoint_latest.pth", weights_only=False)
+    assert not (first / "fold_0" / "checkpoint_final.pth").exists()
     # nnU-Net's --c loads network_weights strictly: the transformers are resumed with the U-Net
     assert {key.split(".")[1] for key in interrupted["network_weights"] if key.startswith("fusion.")} == \
         {"inter_slice", "intra_slice"}
     cli("nnUNetv2_train", DATASET_ID, FIRST_STAGE, "0", "-tr", FIRST_TRAINER, "-device", "cpu", "--c", env=env)
     cli("nnUNetv2_train", DATASET_ID, FIRST_STAGE, "1", "-tr", FIRST_TRAINER, "-device", "cpu", env=env)
     final = torch.load(first / "fold_0" / "checkpoint_final.pth", weights_only=False)
-    assert final["current_epoch"] == 3 and final["inference_allowed_mirroring_axes"] == (1, 2)
+    assert final["inference_allowed_mirroring_axes"] == (1, 2)
+    resumed_not_restarted(interrupted, final, first / "fold_0")
     assert sorted(path.stem for path in (first / "predicted_next_stage" / REFINE).iterdir()) == cases
 
     train_until_second_epoch_then_kill(env, REFINE_TRAINER, DATASET_ID, REFINE)
@@ -70,10 +82,9 @@ def test_all_slice_first_stage_then_classifier_guided_refinement(tmp_path):
     # nnU-Net's --c loads network_weights strictly: the presence head is resumed with the U-Net
     assert any(key.startswith("presence_head.") for key in interrupted["network_weights"])
     cli("nnUNetv2_train", DATASET_ID, REFINE, "0", "-tr", REFINE_TRAINER, "-device", "cpu", "--npz", "--c", env=env)
-    final = torch.load(refine / "fold_0" / "checkpoint_final.pth", weights_only=False)
-    assert final["current_epoch"] == 3 and len(final["logging"]["train_losses"]) == 3
-    logs = sorted((refine / "fold_0").glob("training_log_*.txt"))
-    assert len(logs) == 2 and "presence head accuracy" in logs[-1].read_text()
+    resumed_not_restarted(interrupted, torch.load(refine / "fold_0" / "checkpoint_final.pth", weights_only=False),
+                          refine / "fold_0")
+    assert "presence head accuracy" in sorted((refine / "fold_0").glob("training_log_*.txt"))[-1].read_text()
 
     raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*"))
     predict(env, raw, tmp_path / "stage1", FIRST_STAGE, FIRST_TRAINER)

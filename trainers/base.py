@@ -86,14 +86,15 @@ class RLTrainerBase(nnUNetTrainer):
         return read_rl_block(self.configuration_manager, self.dataset_json, gt_folder)
 
     @classmethod
-    def hyperparameters_from(cls, block: dict, component: str) -> dict:
-        """A component's section of ``block`` with this class's overrides; usable where only the plans are at hand
-        (``build_network_architecture`` is called by nnU-Net's predictor without a trainer instance)."""
+    def hyperparameters_from(cls, block: dict, component: str):
+        """A component's settings (its ``plans.rl_block.COMPONENT_SETTINGS`` class) from ``block`` with this class's
+        overrides; usable where only the plans are at hand (``build_network_architecture`` is called by nnU-Net's
+        predictor without a trainer instance)."""
         pinned = {**block.get(component, {}), **cls.rl_overrides.get(component, {})}
         return rl_section({**block, component: pinned}, component)
 
-    def rl_hyperparameters(self, component: str) -> dict:
-        """The component's section of the rl block: paper defaults overridden by the plans and the class."""
+    def rl_hyperparameters(self, component: str):
+        """The component's settings: paper defaults overridden by the plans' rl block and the class."""
         return self.hyperparameters_from(self.rl_block, component)
 
     @property

@@ -31,6 +31,7 @@ from nnunet_rl.agent_figures import middle_plane, plot_panels
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.mrl_seg import (Episode, GreedyEpisode, MRLSegNetwork, RewardSettings, build_mrl_seg_network,
                                dataset_foreground_ratio, masked_input)
+from nnunet_rl.plans.rl_block import MRLSegSettings
 from nnunet_rl.trainers.schedules import short_schedule_variants
 from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer, finite_mean
 
@@ -46,7 +47,7 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
 
     @classmethod
     def with_agents(cls, planned: nn.Module, num_input_channels: int, num_output_channels: int,
-                    hyperparameters: dict) -> nn.Module:
+                    hyperparameters: MRLSegSettings) -> nn.Module:
         return build_mrl_seg_network(planned, num_input_channels, hyperparameters)
 
     def initialize(self) -> None:
@@ -55,24 +56,24 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
                                 f"trained on regions (overlapping labels), for which eq. 4 is not defined")
         super().initialize()
         hp = self.rl_hyperparameters(COMPONENT)
-        self.pretrain = hp["pretrain"]
-        self.rl_start_epoch = math.floor(hp["segmentation_fraction"] * self.num_epochs) if self.pretrain else 0
+        self.pretrain = hp.pretrain
+        self.rl_start_epoch = math.floor(hp.segmentation_fraction * self.num_epochs) if self.pretrain else 0
         self.reward_settings = RewardSettings(
-            gamma=hp["gamma"], alpha=hp["alpha"], beta=hp["beta"], empty_ratio=self._dataset_foreground_ratio(hp),
-            use_prior=hp["use_prior"], use_difficulty=hp["use_difficulty"], window=hp["omega_kernel_size"],
+            gamma=hp.gamma, alpha=hp.alpha, beta=hp.beta, empty_ratio=self._dataset_foreground_ratio(hp),
+            use_prior=hp.use_prior, use_difficulty=hp.use_difficulty, window=hp.omega_kernel_size,
             shuffle_rewards=self.shuffle_rewards)
-        self.action_generator = torch.Generator(device=self.device).manual_seed(hp["seed"])
-        self.steps = hp["steps"]
+        self.action_generator = torch.Generator(device=self.device).manual_seed(hp.seed)
+        self.steps = hp.steps
         self.register_telemetry(*self.telemetry_keys())
         self._episodes: list[Episode] = []
         self._step_confusions: list[torch.Tensor] = []
         self._figure_patch: dict | None = None
         self.step_dice_history: dict[int, list[float]] = {}
 
-    def _dataset_foreground_ratio(self, hp: dict) -> float | None:
+    def _dataset_foreground_ratio(self, hp: MRLSegSettings) -> float | None:
         """N_F/N_B of the dataset (the rl block's ``label_fractions``), eq. 3's value for patches without
         foreground."""
-        if not hp["use_prior"]:
+        if not hp.use_prior:
             return None
         fractions = self.rl_block["dataset"].get("label_fractions")
         if not fractions:

@@ -28,6 +28,7 @@ from torch import nn
 from nnunet_rl.agent_figures import actions_patch, plot_actions
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.pixel_rl import Episode, PixelRLNetwork, build_pixel_rl_network
+from nnunet_rl.plans.rl_block import PixelRLSettings
 from nnunet_rl.trainers.schedules import short_schedule_variants
 from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer, finite_mean
 from nnunet_rl.voxel_actor_critic import full_resolution
@@ -47,7 +48,7 @@ class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
 
     @classmethod
     def with_agents(cls, planned: nn.Module, num_input_channels: int, num_output_channels: int,
-                    hyperparameters: dict) -> nn.Module:
+                    hyperparameters: PixelRLSettings) -> nn.Module:
         return build_pixel_rl_network(planned, num_output_channels, hyperparameters)
 
     @property
@@ -61,10 +62,10 @@ class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
                                 f"(overlapping labels), for which the actions {{background, keep}} are not defined")
         super().initialize()
         hp = self.rl_hyperparameters(COMPONENT)
-        self.gamma = hp["gamma"]
-        self.rl_gradient_to_backbone = hp["rl_gradient_to_backbone"]
-        self.rl_start_epoch = math.floor(hp["backbone_fraction"] * self.num_epochs)
-        self.action_generator = torch.Generator(device=self.device).manual_seed(hp["seed"])
+        self.gamma = hp.gamma
+        self.rl_gradient_to_backbone = hp.rl_gradient_to_backbone
+        self.rl_start_epoch = math.floor(hp.backbone_fraction * self.num_epochs)
+        self.action_generator = torch.Generator(device=self.device).manual_seed(hp.seed)
         self.register_telemetry(*TELEMETRY)
         self._episodes: list[Episode] = []
         self._step_confusions: list[torch.Tensor] = []

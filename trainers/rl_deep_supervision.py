@@ -86,11 +86,11 @@ class RLDeepSupervisionTrainer(HeldOutRewardCases, RLTrainerBase):
         num_outputs = len(self.loss.weight_factors)
         self.zero_output_weight = self.loss.weight_factors[-1] if num_outputs > 1 else None  # 0, or 1e-6 under DDP
         self.das_weights = DeepSupervisionWeights.stock(num_outputs)
-        self.controllers = DASControllers(num_controlled(num_outputs), hp["lr"], hp["init_std"], hp["seed"])
-        self.baseline = MovingBaseline(hp["baseline_gamma"])
-        self.candidates = hp["candidates"]
-        self.rl_start_epoch = math.floor(hp["warmup_fraction"] * self.num_epochs)
-        self.rl_steps_per_epoch = hp["rl_steps_per_epoch"]
+        self.controllers = DASControllers(num_controlled(num_outputs), hp.lr, hp.init_std, hp.seed)
+        self.baseline = MovingBaseline(hp.baseline_gamma)
+        self.candidates = hp.candidates
+        self.rl_start_epoch = math.floor(hp.warmup_fraction * self.num_epochs)
+        self.rl_steps_per_epoch = hp.rl_steps_per_epoch
         self.register_telemetry(*(f"rl_deep_supervision/alpha_{i}" for i in range(num_outputs)),
                                 *(f"rl_deep_supervision/entropy_{i}" for i in range(self.das_weights.num_controlled)),
                                 "rl_deep_supervision/reward")
@@ -284,7 +284,7 @@ class nnUNetTrainerRLDeepSup_shortHorizon(nnUNetTrainerRLDeepSup_faithful):
     def initialize(self) -> None:
         super().initialize()
         hp = self.rl_hyperparameters(COMPONENT)
-        self.trial_steps, self.trial_reward_batches = hp["trial_steps"], hp["trial_reward_batches"]
+        self.trial_steps, self.trial_reward_batches = hp.trial_steps, hp.trial_reward_batches
 
     def candidate_batches(self):
         common = [next(self.dataloader_train) for _ in range(min(self.trial_steps, self._scheduled_iterations))]

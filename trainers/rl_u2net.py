@@ -28,7 +28,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
 
-from nnunet_rl.dual_branch import NETWORK_HYPERPARAMETERS, DualBranchUNet
+from nnunet_rl.dual_branch import DualBranchUNet
 from nnunet_rl.dual_branch_loss import BranchTargets, DualBranchLoss, Measurement
 from nnunet_rl.datasets.synthetic import needed_rotations
 from nnunet_rl.errors import NnunetRLError
@@ -91,7 +91,7 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
                               configuration_manager.network_arch_init_kwargs_req_import,
                               primary_channels=primary, auxiliary_channels=auxiliary,
                               deep_supervision=enable_deep_supervision,
-                              **{key: hp[key] for key in NETWORK_HYPERPARAMETERS})
+                              **hp.network_kwargs())
 
     def _do_i_compile(self) -> bool:
         """Not compiled: the PoseAlign actions change per step and the training output is a dataclass."""
@@ -99,9 +99,9 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
 
     def _build_loss(self) -> nn.Module:
         hp = self.rl_hyperparameters(COMPONENT)
-        agwd = AGWD(hp["agwd_gamma"], hp["agwd_delta"]) if hp["agwd"] else None
-        return DualBranchLoss(super()._build_loss(), agwd, hp["alignment_weight"], hp["infonce_weight"],
-                              hp["cosine_weight"], hp["infonce_temperature"])
+        agwd = AGWD(hp.agwd_gamma, hp.agwd_delta) if hp.agwd else None
+        return DualBranchLoss(super()._build_loss(), agwd, hp.alignment_weight, hp.infonce_weight,
+                              hp.cosine_weight, hp.infonce_temperature)
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         self.bare_network.set_deep_supervision(enabled)
@@ -110,13 +110,13 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
         super().initialize()
         hp = self.rl_hyperparameters(COMPONENT)
         modules = self.bare_network.xalign
-        self.pose_generator = torch.Generator().manual_seed(hp["seed"])  # rotations and mirroring flips
-        self.rl_epochs = math.ceil(hp["rl_fraction"] * self.num_epochs)
-        self.agents = {key: PPOAgent(module.pose, hp["policy_lr"], hp["value_lr"], hp["clip"], hp["gamma"],
-                                     hp["ppo_epochs"], hp["minibatch"], seed=hp["seed"])
+        self.pose_generator = torch.Generator().manual_seed(hp.seed)  # rotations and mirroring flips
+        self.rl_epochs = math.ceil(hp.rl_fraction * self.num_epochs)
+        self.agents = {key: PPOAgent(module.pose, hp.policy_lr, hp.value_lr, hp.clip, hp.gamma,
+                                     hp.ppo_epochs, hp.minibatch, seed=hp.seed)
                        for key, module in modules.items()} if self.rl_epochs > 0 else {}
-        self.buffers = {key: RolloutBuffer(hp["rollout_samples"], hp["k_sel"]) for key in self.agents}
-        self.rollout_iterations = rollout_iterations(self.num_iterations_per_epoch, hp["rollout_samples"])
+        self.buffers = {key: RolloutBuffer(hp.rollout_samples, hp.k_sel) for key in self.agents}
+        self.rollout_iterations = rollout_iterations(self.num_iterations_per_epoch, hp.rollout_samples)
         self.training_mirror_axes: tuple[int, ...] | None = None  # set with the training transforms
         self.register_telemetry("rl_u2net/agwd_w_dice", "rl_u2net/agwd_w_ce", "rl_u2net/alignment_loss")
         if modules:
@@ -215,7 +215,7 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
         Values are averaged over DDP ranks first: identical buffers, hence identical policies, on all ranks."""
         before, after = before.mean_across_ranks(), after.mean_across_ranks()
         progress, next_progress = self.current_epoch / self.num_epochs, (self.current_epoch + 1) / self.num_epochs
-        similarity_weight = self.rl_hyperparameters(COMPONENT)["reward_similarity_weight"]
+        similarity_weight = self.rl_hyperparameters(COMPONENT).reward_similarity_weight
         for key, buffer in self.buffers.items():
             branch = self.bare_network.sites[key].direction
             reward = after.dice[branch] + similarity_weight * after.similarity[key]  # eq. 9

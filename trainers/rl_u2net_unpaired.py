@@ -36,7 +36,6 @@ from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from nnunet_rl.dual_branch import NETWORK_HYPERPARAMETERS
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
 from nnunet_rl.trainers.rl_u2net import COMPONENT, nnUNetTrainerRLU2Net
@@ -85,7 +84,7 @@ class nnUNetTrainerRLU2Net_unpaired(nnUNetTrainerRLU2Net):
                                       configuration_manager.network_arch_init_kwargs_req_import,
                                       patch_size=configuration_manager.patch_size, predicted_branch=branch,
                                       deep_supervision=enable_deep_supervision,
-                                      **{key: hp[key] for key in NETWORK_HYPERPARAMETERS})
+                                      **hp.network_kwargs())
 
     def initialize(self) -> None:
         if not self.was_initialized:
@@ -174,7 +173,7 @@ class nnUNetTrainerRLU2Net_unpaired(nnUNetTrainerRLU2Net):
         and broadcast, so that every DDP rank stores the same one."""
         chosen = [None]
         if self.local_rank == 0:
-            seed = self.rl_hyperparameters(COMPONENT)["seed"]
+            seed = self.rl_hyperparameters(COMPONENT).seed
             patches, records = {}, {}
             for branch, view in (("primary", None), ("auxiliary", self.auxiliary)):
                 with self.on_dataset(view) if view is not None else nullcontext():

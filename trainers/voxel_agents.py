@@ -123,16 +123,16 @@ class VoxelAgentsTrainer(RLTrainerBase):
         optimiser nnU-Net's ``train_step`` drives (:class:`~nnunet_rl.heads_optimizer.SGDWithAdamHeads`)."""
         optimizer, lr_scheduler = super().configure_optimizers()
         hp = self.rl_hyperparameters(self.component)
-        if hp["heads_optimizer"] not in HEADS_OPTIMIZERS:
+        if hp.heads_optimizer not in HEADS_OPTIMIZERS:
             raise NnunetRLError(f"{self.component} heads_optimizer must be 'adam' or 'sgd', not "
-                                f"{hp['heads_optimizer']!r}")
-        if hp["heads_optimizer"] == "sgd":
+                                f"{hp.heads_optimizer!r}")
+        if hp.heads_optimizer == "sgd":
             return optimizer, lr_scheduler
         heads = list(self.rl_module.parameters())
         ids = {id(p) for p in heads}
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
-        optimizer = SGDWithAdamHeads(optimizer, heads, hp["heads_lr"] / self.initial_lr)
+        optimizer = SGDWithAdamHeads(optimizer, heads, hp.heads_lr / self.initial_lr)
         return optimizer, type(lr_scheduler)(optimizer, self.initial_lr, self.num_epochs)
 
     def on_validation_epoch_start(self) -> None:
