@@ -200,14 +200,19 @@ def test_a_gated_pass_outweighs_an_ungated_one_in_nnunets_averaging():
     assert torch.isfinite((gated.half() * 8).float()).all()  # eight overlapping windows summed in float16
 
 
-@pytest.fixture(scope="module")
-def initialized(refine_plans, planned_dataset) -> nnUNetTrainerClassifierGuided:
-    """nnUNetTrainerClassifierGuided on 2d_refine, initialised (network, optimiser, loss) as nnUNetv2_train does."""
+def initialized_on(refine_plans, planned_dataset, configuration: str) -> nnUNetTrainerClassifierGuided:
+    """nnUNetTrainerClassifierGuided on ``configuration``, initialised (network, optimiser, loss) as nnUNetv2_train
+    does."""
     dataset_json = load_json(str(Path(os.environ["nnUNet_preprocessed"]) / planned_dataset / "dataset.json"))
-    trainer = nnUNetTrainerClassifierGuided({**refine_plans.plans, "continue_training": False}, "2d_refine", 0,
+    trainer = nnUNetTrainerClassifierGuided({**refine_plans.plans, "continue_training": False}, configuration, 0,
                                             dataset_json, torch.device("cpu"))
     trainer.initialize()
     return trainer
+
+
+@pytest.fixture(scope="module")
+def initialized(refine_plans, planned_dataset) -> nnUNetTrainerClassifierGuided:
+    return initialized_on(refine_plans, planned_dataset, "2d_refine")
 
 
 def call_absent(network: ClassifierGuidedNetwork, absent_index: int) -> None:
@@ -323,3 +328,26 @@ def test_both_stages_train_under_ddp(refine_plans, planned_dataset, tmp_path):
             torch.testing.assert_close(rank1["final"][key], value, rtol=0, atol=0)
         assert any(not torch.equal(value, rank0["initial"][key]) for key, value in rank0["final"].items()
                    if key.startswith(moved))
+
+
+def test_the_3d_refinement_trains_and_gates_like_the_2d_one(refine_plans, planned_dataset):
+    """3d_fullres_refine: the planned 3D U-Net on the first stage's one-hot channels; a training step through the
+    trainer's loss reaches the head, and in eval mode a class the head calls absent is not output."""
+    trainer = initialized_on(refine_plans, planned_dataset, "3d_fullres_refine")
+    network, labels = trainer.network.train(), trainer.label_manager.foreground_labels
+    patch = trainer.configuration_manager.patch_size
+    assert len(patch) == 3 and network.input_channels.stop == trainer.num_input_channels
+    x = torch.randn(2, trainer.num_input_channels, *patch, generator=torch.Generator().manual_seed(5))
+    outputs = network(x)
+    generator = torch.Generator().manual_seed(6)
+    targets = [torch.randint(0, len(labels) + 1, (2, 1, *output.shape[2:]), generator=generator).float()
+               for output in outputs]
+    trainer.loss(outputs, targets).backward()
+    assert network.presence_head.mlp[0].weight.grad.abs().sum() > 0
+    call_absent(network, 0)
+    network.decoder.deep_supervision = False
+    with torch.no_grad():
+        network.decoder.seg_layers[-1].bias[labels[0]] = 50.0  # the first foreground class would win everywhere
+        assert not (network.eval()(x).argmax(dim=1) == labels[0]).any()
+        network.gate_output = False  # _noGate's behaviour, the same weights
+        assert (network(x).argmax(dim=1) == labels[0]).all()
