@@ -28,9 +28,9 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import autocast, nn
 
+from nnunet_rl.datasets.synthetic import needed_rotations
 from nnunet_rl.dual_branch import DualBranchUNet
 from nnunet_rl.dual_branch_loss import BranchTargets, DualBranchLoss, Measurement
-from nnunet_rl.datasets.synthetic import needed_rotations
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.mirroring import commuting_axes, draw_mirroring, mirror_batch
 from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
