@@ -26,12 +26,13 @@ from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.nnunet_folders import NNUNET_FOLDER_VARIABLES
 from nnunet_rl.plans.planner import plan_rl
 from nnunet_rl.rotations import cube_rotations
+from nnunet_rl.trainers.schedules import Demo, Smoke
 
 DEMO_DATA_FOLDER = "nnunet_rl_data"  # git-ignored, in the working directory, used when nnU-Net's folders are unset
 FIRST_DEMO_ID = 900
 CONFIGURATION = "3d_fullres"
 FOLD = 0
-SCHEDULES = {"quick": "_3epochs_2iters", "full": "_10epochs_20iters"}
+SCHEDULES = {"quick": Smoke.suffix, "full": Demo.suffix}
 OURS = {"synthetic": "nnUNetTrainerRLU2Net", "msd": "nnUNetTrainerPAM"}
 POLICY_FIGURE = "pose_align_policy.png"
 NEEDED_ROTATION_KEY = "/needed_rotation_probability"  # rl_u2net/<module>/... in nnU-Net's checkpointed log
