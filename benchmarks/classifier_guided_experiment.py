@@ -52,7 +52,7 @@ Run 3, a confirming run fixed before it started (run 2's set-up was chosen after
 run 2's code, schedule and thresholds 1-6 unchanged, on fresh phantoms (``--data-seed 1``: other training and
 held-out cases) and fresh training seeds 2 and 3. Whatever it gives is reported beside runs 1 and 2.
 
-    python benchmarks/classifier_guided_experiment.py --data-seed 1 --seeds 2 -o run3_seed2.json
+    python benchmarks/classifier_guided_experiment.py --data-seed 1 --seeds 2 3 -o run3.json
 
     python benchmarks/classifier_guided_experiment.py --seeds 0 2 -o seeds02.json
     python benchmarks/classifier_guided_experiment.py --seeds 1 -o seed1.json
