@@ -6,12 +6,15 @@ configuration for all trainers of a study, fold 0, ``--repeats`` runs of each tr
 ``nnUNetPlans_repeat<r>``, the same preprocessed data, every RL component's ``seed`` set to r; nnU-Net's own training
 is not seeded).
 Every trainer predicts the cases held out of training (a fifth of the task, moved to imagesTs/labelsTs as the demo
-does: no RL reward and no validation ever sees them) with ``nnUNetv2_predict``; ``nnunet-rl compare``'s metrics per
-repeat; the table gives per-class Dice, mean ± sd over the repeats. A finished training is reused, an interrupted one
-resumed with ``--c``: rerun the same command to continue.
+does: no RL reward and no validation ever sees them) with ``nnUNetv2_predict``; ``nnunet-rl compare``'s metrics of
+each (repeat, trainer) are recorded as ``<record>/<plans>__<trainer>.json`` (held-out cases, Dice per class); the
+table gives per-class Dice, mean ± sd over the recorded repeats of each trainer. A recorded training is skipped, a
+finished one reused, an interrupted one resumed with ``--c``: rerun the same command to continue. ``--trainers`` runs
+a subset (two processes with different subsets share the work; start the second once the first has planned).
 
     export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=...
-    python benchmarks/hippocampus_study.py --msd ../shared/data/Task04_Hippocampus -d 4 --repeats 2 -o study.md
+    python benchmarks/hippocampus_study.py --msd ../shared/data/Task04_Hippocampus -d 4 --repeats 2 \
+        --record benchmarks/results/hippocampus_das -o study.md
     python benchmarks/hippocampus_study.py --study pixel_rl --msd ../shared/data/Task04_Hippocampus -d 4 --repeats 2
 """
 import argparse
@@ -30,6 +33,7 @@ from nnunet_rl.plans.planner import plan_rl
 from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
 
 FOLD = 0
+REPEAT_PLANS = "nnUNetPlans_repeat"
 
 
 class Study(NamedTuple):
@@ -60,7 +64,7 @@ def repeat_plans(name: str, repeat: int, configuration: str) -> str:
     data)."""
     folder = Path(os.environ["nnUNet_preprocessed"]) / name
     plans = load_json(str(folder / "nnUNetPlans.json"))
-    plans["plans_name"] = f"nnUNetPlans_repeat{repeat}"
+    plans["plans_name"] = f"{REPEAT_PLANS}{repeat}"
     for section in plans["configurations"][configuration][RL_BLOCK_KEY].values():
         if isinstance(section, dict) and "seed" in section:
             section["seed"] = repeat
@@ -82,17 +86,32 @@ def train_and_predict(name: str, trainer: str, plans: str, configuration: str, o
     return predictions
 
 
-def table(summaries: list[dict], trainers: list[str]) -> str:
-    classes = summaries[0]["classes"]
-    lines = [f"Held-out Dice per class, mean ± sd over {len(summaries)} repeats "
-             f"({len(summaries[0]['cases'])} held-out cases per repeat)", "",
-             "| trainer | " + " | ".join(classes.values()) + " | mean |", "|---" * (len(classes) + 2) + "|"]
-    for trainer in trainers:
-        per_repeat = [[s["statistics"][trainer][label]["Dice"]["mean"] for label in classes] for s in summaries]
+def record_file(record: Path, repeat: int, trainer: str) -> Path:
+    return record / f"{REPEAT_PLANS}{repeat}__{trainer}.json"
+
+
+def record_metrics(trainer: str, predictions: Path, raw: Path, output: Path) -> dict:
+    """The held-out cases and the mean Dice per class of one (repeat, trainer), from ``nnunet-rl compare``."""
+    report = compare_prediction_folders({trainer: predictions}, raw / "labelsTs", load_json(str(raw / "dataset.json")),
+                                        output)
+    summary = load_json(str(report / "summary.json"))
+    return {"cases": summary["cases"], "classes": summary["classes"],
+            "dice": {label: summary["statistics"][trainer][label]["Dice"]["mean"] for label in summary["classes"]}}
+
+
+def table(records: dict[str, list[dict]]) -> str:
+    """Per trainer, Dice per class and their mean: mean ± sd over its recorded repeats (n in the last column)."""
+    classes = next(runs[0]["classes"] for runs in records.values() if runs)
+    lines = ["Held-out Dice per class, mean ± sd over the recorded repeats", "",
+             "| trainer | " + " | ".join(classes.values()) + " | mean | repeats |", "|---" * (len(classes) + 3) + "|"]
+    for trainer, runs in records.items():
+        if not runs:
+            continue
+        per_repeat = [[run["dice"][label] for label in classes] for run in runs]
         columns = [list(values) for values in zip(*per_repeat)] + [[statistics.mean(r) for r in per_repeat]]
         cells = [f"{statistics.mean(c):.3f} ± {statistics.stdev(c):.3f}" if len(c) > 1 else f"{c[0]:.3f}"
                  for c in columns]
-        lines.append(f"| {trainer} | " + " | ".join(cells) + " |")
+        lines.append(f"| {trainer} | " + " | ".join(cells) + f" | {len(runs)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -102,11 +121,17 @@ def main() -> None:
     parser.add_argument("--msd", required=True, help="MSD task folder (Task04_Hippocampus)")
     parser.add_argument("-d", type=int, default=4, help="dataset ID to convert into / reuse")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--trainers", nargs="+", help="a subset of the study's trainers, without the schedule suffix")
     parser.add_argument("--schedule", help="trainer name suffix of the schedule (default: the study's)")
+    parser.add_argument("--record", type=Path, help="folder of the per-training metrics (default: in nnUNet_results)")
     parser.add_argument("-device", default="cpu")
     parser.add_argument("-o", "--output", type=Path, help="default: <study>_hippocampus_study.md")
     args = parser.parse_args()
     study = STUDIES[args.study]
+    unknown = sorted(set(args.trainers or ()) - set(study.trainers))
+    if unknown:
+        parser.error(f"not trainers of the {args.study} study: {', '.join(unknown)} "
+                     f"(it has {', '.join(study.trainers)})")
     schedule = args.schedule or study.schedule
     output = args.output or Path(f"{args.study}_hippocampus_study.md")
     if args.device == "cpu":
@@ -115,18 +140,21 @@ def main() -> None:
         os.environ.setdefault("nnUNet_def_n_proc", "2")
     require_nnunet_folders("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
     name = prepared_dataset(args.d, args.msd, study.configuration)
-    trainers = [f"{trainer}{schedule}" for trainer in study.trainers]
     folder = Path(os.environ["nnUNet_results"]) / name / f"{args.study}_study{schedule}"
+    record = args.record or folder / "records"
     raw = Path(os.environ["nnUNet_raw"]) / name
-    summaries = []
     for repeat in range(args.repeats):
         plans = repeat_plans(name, repeat, study.configuration)
-        predictions = {trainer: train_and_predict(name, trainer, plans, study.configuration, folder, args.device)
-                       for trainer in trainers}
-        report = compare_prediction_folders(predictions, raw / "labelsTs", load_json(str(raw / "dataset.json")),
-                                            folder / plans / "comparison")
-        summaries.append(load_json(str(report / "summary.json")))
-    output.write_text(table(summaries, trainers))
+        for trainer in [f"{trainer}{schedule}" for trainer in args.trainers or study.trainers]:
+            file = record_file(record, repeat, trainer)
+            if not file.is_file():
+                predictions = train_and_predict(name, trainer, plans, study.configuration, folder, args.device)
+                record.mkdir(parents=True, exist_ok=True)
+                save_json(record_metrics(trainer, predictions, raw, folder / plans / f"metrics_{trainer}"), str(file))
+    records = {trainer: [load_json(str(record_file(record, repeat, trainer))) for repeat in range(args.repeats)
+                         if record_file(record, repeat, trainer).is_file()]
+               for trainer in [f"{trainer}{schedule}" for trainer in study.trainers]}
+    output.write_text(table(records))
     print(output.read_text())
 
 
