@@ -5,6 +5,7 @@ and nnU-Net's validation predictions), then all are compared on the fold's valid
 :func:`nnunet_rl.compare.compare_trainers` (stock ``nnUNetTrainer`` first, as the reference). ``table2.md`` lays the
 result out like the paper's Table 2: one row per variant, mean foreground Dice and HD95.
 """
+from collections.abc import Sequence
 from pathlib import Path
 
 from batchgenerators.utilities.file_and_folder_operations import load_json
@@ -13,6 +14,7 @@ from nnunet_rl.compare import compare_trainers
 from nnunet_rl.demo import nnunet_command, run
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.nnunet_folders import dataset_name as nnunet_dataset_name, require_nnunet_folders
+from nnunet_rl.trainers.rl_u2net import nnUNetTrainerRLU2Net
 from nnunet_rl.trainers.rl_u2net_variants import ABLATIONS, LAMBDA_SWEEP
 from nnunet_rl.trainers.schedules import Demo, Smoke
 
@@ -20,11 +22,23 @@ SCHEDULES = {"full": "", "demo": Demo.suffix, "quick": Smoke.suffix}
 STOCK = "nnUNetTrainer"
 
 
-def ablation_trainers(schedule: str, sweep: bool) -> dict[str, str]:
-    """Row label -> trainer name, stock nnU-Net first."""
+def variant_name(trainer: type) -> str:
+    """``noPPO`` for ``nnUNetTrainerRLU2Net_noPPO``: how ``--variants`` names an ablation."""
+    return trainer.__name__.removeprefix(f"{nnUNetTrainerRLU2Net.__name__}_")
+
+
+VARIANTS = [variant_name(trainer) for trainer in ABLATIONS.values() if trainer is not nnUNetTrainerRLU2Net]
+
+
+def ablation_trainers(schedule: str, sweep: bool, variants: Sequence[str] | None = None) -> dict[str, str]:
+    """Row label -> trainer name, stock nnU-Net first, then RL-U2Net and the ablations (only ``variants`` if given)."""
+    unknown = sorted(set(variants or ()) - set(VARIANTS))
+    if unknown:
+        raise NnunetRLError(f"unknown ablation variants: {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     suffix = SCHEDULES[schedule]
     rows = {"nnU-Net (stock)": f"{STOCK}{suffix}",
-            **{label: f"{trainer.__name__}{suffix}" for label, trainer in ABLATIONS.items()}}
+            **{label: f"{trainer.__name__}{suffix}" for label, trainer in ABLATIONS.items()
+               if trainer is nnUNetTrainerRLU2Net or variants is None or variant_name(trainer) in variants}}
     if sweep:
         rows.update({f"λ = {value}": f"{trainer.__name__}{suffix}" for value, trainer in LAMBDA_SWEEP.items()})
     return rows
@@ -35,13 +49,13 @@ def _trained(fold_folder: Path) -> bool:
 
 
 def run_ablation(dataset: str | int, configuration: str, fold: int, schedule: str = "full", sweep: bool = False,
-                 plans: str = "nnUNetPlans", device: str | None = None) -> Path:
+                 plans: str = "nnUNetPlans", device: str | None = None, variants: Sequence[str] | None = None) -> Path:
     """Train what is missing, compare, write table2.md; returns the comparison folder."""
     if schedule not in SCHEDULES:
         raise NnunetRLError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
     results, _ = require_nnunet_folders("nnUNet_results", "nnUNet_preprocessed")
     name = nnunet_dataset_name(dataset)
-    rows = ablation_trainers(schedule, sweep)
+    rows = ablation_trainers(schedule, sweep, variants)
     for trainer in rows.values():
         fold_folder = results / name / f"{trainer}__{plans}__{configuration}" / f"fold_{fold}"
         if _trained(fold_folder):

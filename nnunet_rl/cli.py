@@ -60,7 +60,7 @@ def _demo(args):
 
 def _ablation(args):
     from nnunet_rl.ablation import run_ablation
-    run_ablation(args.dataset, args.c, args.f, args.schedule, args.sweep, args.p, args.device)
+    run_ablation(args.dataset, args.c, args.f, args.schedule, args.sweep, args.p, args.device, args.variants)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["full", "demo", "quick"], default="full",
                    help="full: nnU-Net's 1000 epochs; demo: _10epochs_20iters; quick: _3epochs_2iters")
     p.add_argument("--sweep", action="store_true", help="also the fusion-weight sweep λ = 0.1 ... 0.5 (Fig. 9)")
+    p.add_argument("--variants", nargs="+", metavar="VARIANT",
+                   help="only these ablations beside stock and RL-U2Net, e.g. noPPO noRLXAlign (default: all of "
+                        "noCMA, noRLXAlign, noAuxLoss, noAGWD, noPPO)")
     p.add_argument("-device", default=None, choices=["cuda", "cpu", "mps"], help="passed to nnUNetv2_train")
     p.set_defaults(func=_ablation)
 

@@ -152,7 +152,8 @@ def test_pam_trains_resumes_predicts_and_compares(tmp_path):
 
 def test_rl_u2net_trains_resumes_predicts_and_runs_the_ablation(tmp_path):
     """RL-U2Net through nnU-Net's commands (kill -9, --c, predict), then `nnunet-rl ablation --schedule quick`,
-    which reuses that run and trains stock nnU-Net and the five ablations."""
+    which reuses that run and trains stock nnU-Net and, to keep the suite short, one ablation (`--variants`; the
+    others are the same command with other trainers, each built in tests/test_rl_u2net.py)."""
     trainer = "nnUNetTrainerRLU2Net_3epochs_2iters"
     env = user_environment(tmp_path)
     make_planned_dataset(env, "--rotate-aux", "fixed")
@@ -165,12 +166,11 @@ def test_rl_u2net_trains_resumes_predicts_and_runs_the_ablation(tmp_path):
     predict(env, trainer, tmp_path / "predictions")
 
     out = cli("nnunet-rl", "ablation", DATASET_ID, "-c", CONFIGURATION, "-f", "0", "--schedule", "quick",
-              "-device", "cpu", env=env)
+              "--variants", "noPPO", "-device", "cpu", env=env)
     assert f"reusing {fold_folder(env, trainer)}" in out
     table = next(Path(env["nnUNet_results"]).glob(f"Dataset{DATASET_ID}_*/ablation__*/table2.md")).read_text()
-    for row in ("nnU-Net (stock)", "RL-U2Net", "w/o CMA", "w/o RL-XAlign", "w/o aux loss", "w/o AGWD",
-                "w/o PPO (identity rotation)"):
-        assert f"| {row} |" in table
+    rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["nnU-Net (stock)", "RL-U2Net", "w/o PPO (identity rotation)"]  # rows[0]: the header
 
 
 @pytest.mark.parametrize("trainer", ["nnUNetTrainerRLDeepSup_3epochs_2iters", "nnUNetTrainerAWSnet_3epochs_2iters"])

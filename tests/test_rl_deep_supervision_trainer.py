@@ -77,8 +77,14 @@ def stock_alpha(trainer) -> np.ndarray:
     return DeepSupervisionWeights.stock(len(trainer.loss.weight_factors)).alpha()
 
 
-def test_learned_weights_are_written_and_logged(planned_dataset):
-    trainer = trained(planned_dataset, CleanDeepSup)
+@pytest.fixture(scope="module")
+def clean_trained(planned_dataset):
+    """One finished CleanDeepSup run on 3d_fullres, read by the tests below (one training instead of three)."""
+    return trained(planned_dataset, CleanDeepSup)
+
+
+def test_learned_weights_are_written_and_logged(clean_trained):
+    trainer = clean_trained
     learned = json.load(open(os.path.join(trainer.output_folder, WEIGHTS_FILE)))
     assert learned["alpha"] == pytest.approx(list(trainer.loss.weight_factors))
     log = trainer.logger.local_logger.my_fantastic_logging
@@ -87,8 +93,8 @@ def test_learned_weights_are_written_and_logged(planned_dataset):
 
 
 @pytest.mark.parametrize("configuration", ["3d_fullres", "2d"])
-def test_clean_data_keeps_a_valid_distribution_and_loss_decreases(planned_dataset, configuration):
-    trainer = trained(planned_dataset, CleanDeepSup, configuration)
+def test_clean_data_keeps_a_valid_distribution_and_loss_decreases(planned_dataset, clean_trained, configuration):
+    trainer = clean_trained if configuration == "3d_fullres" else trained(planned_dataset, CleanDeepSup, configuration)
     weights = np.array(trainer.loss.weight_factors)
     assert np.all(weights >= 0) and weights.sum() == pytest.approx(1.0) and weights[-1] == 0
     losses = trainer.logger.local_logger.my_fantastic_logging["train_losses"]
@@ -106,8 +112,8 @@ def test_random_search_keeps_the_best_candidate_with_frozen_controllers(planned_
     assert not np.allclose(trainer.das_weights.alpha(), stock_alpha(trainer)[:-1])
 
 
-def test_resume_restores_controllers_weights_and_baseline(planned_dataset):
-    trainer = trained(planned_dataset, CleanDeepSup)
+def test_resume_restores_controllers_weights_and_baseline(planned_dataset, clean_trained):
+    trainer = clean_trained
     resumed = trainer_from_plans(planned_dataset, CleanDeepSup)
     resumed.load_checkpoint(os.path.join(trainer.output_folder, "checkpoint_final.pth"))
     torch.testing.assert_close(resumed.controllers.theta, trainer.controllers.theta)

@@ -218,6 +218,10 @@ def test_no_ppo_variant_keeps_rl_xalign_at_the_identity_without_an_agent(planned
     assert trainer.prediction_mirror_axes() is None  # no training transforms built yet: nothing to restrict
     rows = ablation_trainers("quick", sweep=False)
     assert rows["w/o PPO (identity rotation)"] == "nnUNetTrainerRLU2Net_noPPO_3epochs_2iters"
+    assert list(ablation_trainers("full", sweep=False, variants=["noPPO"]).values()) == [
+        "nnUNetTrainer", "nnUNetTrainerRLU2Net", "nnUNetTrainerRLU2Net_noPPO"]
+    with pytest.raises(NnunetRLError, match="unknown ablation variants: PPO; choose from noCMA, noRLXAlign"):
+        ablation_trainers("full", sweep=False, variants=["noPPO", "PPO"])
     assert all(hasattr(trainers, name) for name in ("nnUNetTrainerRLU2Net_noPPO",
                                                     "nnUNetTrainerRLU2Net_noPPO_3epochs_2iters",
                                                     "nnUNetTrainerRLU2Net_noPPO_10epochs_20iters"))
