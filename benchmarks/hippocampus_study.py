@@ -7,10 +7,11 @@ configuration for all trainers of a study, fold 0, ``--repeats`` runs of each tr
 is not seeded).
 Every trainer predicts the cases held out of training (a fifth of the task, moved to imagesTs/labelsTs as the demo
 does: no RL reward and no validation ever sees them) with ``nnUNetv2_predict``; ``nnunet-rl compare``'s metrics of
-each (repeat, trainer) are recorded as ``<record>/<plans>__<trainer>.json`` (held-out cases, Dice per class); the
-table gives per-class Dice, mean ± sd over the recorded repeats of each trainer. A recorded training is skipped, a
-finished one reused, an interrupted one resumed with ``--c``: rerun the same command to continue. ``--trainers`` runs
-a subset (two processes with different subsets share the work; start the second once the first has planned).
+each (repeat, trainer) are recorded as ``<record>/<plans>__<trainer>__<configuration>.json`` (dataset, held-out
+cases, Dice per class); the table gives per-class Dice, mean ± sd over every recorded repeat of each trainer on the
+dataset. A recorded training is skipped, a finished one reused, an interrupted one resumed with ``--c``: rerun the
+same command to continue. ``--trainers`` runs a subset (two processes with different subsets share the work; start
+the second once the first has planned).
 
     export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=...
     python benchmarks/hippocampus_study.py --msd ../shared/data/Task04_Hippocampus -d 4 --repeats 2 \
@@ -68,7 +69,9 @@ def repeat_plans(name: str, repeat: int, configuration: str) -> str:
     for section in plans["configurations"][configuration][RL_BLOCK_KEY].values():
         if isinstance(section, dict) and "seed" in section:
             section["seed"] = repeat
-    save_json(plans, str(folder / f"{plans['plans_name']}.json"), sort_keys=False)
+    file = folder / f"{plans['plans_name']}.json"
+    if not file.is_file() or load_json(str(file)) != plans:  # never rewritten under a running training
+        save_json(plans, str(file), sort_keys=False)
     return plans["plans_name"]
 
 
@@ -86,26 +89,49 @@ def train_and_predict(name: str, trainer: str, plans: str, configuration: str, o
     return predictions
 
 
-def record_file(record: Path, repeat: int, trainer: str) -> Path:
-    return record / f"{REPEAT_PLANS}{repeat}__{trainer}.json"
+def record_file(record: Path, repeat: int | str, trainer: str, configuration: str) -> Path:
+    """``<record>/<plans>__<trainer>__<configuration>.json``; ``repeat`` ``"*"`` makes it a pattern of every repeat."""
+    return record / f"{REPEAT_PLANS}{repeat}__{trainer}__{configuration}.json"
 
 
-def record_metrics(trainer: str, predictions: Path, raw: Path, output: Path) -> dict:
-    """The held-out cases and the mean Dice per class of one (repeat, trainer), from ``nnunet-rl compare``."""
+def record_metrics(name: str, trainer: str, plans: str, configuration: str, predictions: Path, output: Path) -> dict:
+    """What one (repeat, trainer) gives: the held-out cases and their mean Dice per class (``nnunet-rl compare``)."""
+    raw = Path(os.environ["nnUNet_raw"]) / name
     report = compare_prediction_folders({trainer: predictions}, raw / "labelsTs", load_json(str(raw / "dataset.json")),
                                         output)
     summary = load_json(str(report / "summary.json"))
-    return {"cases": summary["cases"], "classes": summary["classes"],
+    return {"dataset": name, "trainer": trainer, "plans": plans, "configuration": configuration,
+            "cases": summary["cases"], "classes": summary["classes"],
             "dice": {label: summary["statistics"][trainer][label]["Dice"]["mean"] for label in summary["classes"]}}
+
+
+def save_record(record: dict, file: Path) -> None:
+    """Written whole or not at all: another process of the study may be reading the folder."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    partial = file.with_name(f"{file.name}.partial")
+    save_json(record, str(partial))
+    os.replace(partial, file)
+
+
+def recorded_runs(record: Path, name: str, trainer: str, configuration: str) -> list[dict]:
+    """Every recorded repeat of ``trainer`` on dataset ``name``."""
+    runs = [load_json(str(file)) for file in sorted(record.glob(record_file(record, "*", trainer, configuration).name))]
+    return [run for run in runs if (run["dataset"], run["trainer"]) == (name, trainer)]
 
 
 def table(records: dict[str, list[dict]]) -> str:
     """Per trainer, Dice per class and their mean: mean ± sd over its recorded repeats (n in the last column)."""
-    classes = next(runs[0]["classes"] for runs in records.values() if runs)
-    lines = ["Held-out Dice per class, mean ± sd over the recorded repeats", "",
+    recorded = [run for runs in records.values() for run in runs]
+    if not recorded:
+        return "No training of the study is recorded yet.\n"
+    classes = recorded[0]["classes"]
+    cases = sorted({len(run["cases"]) for run in recorded})
+    lines = [f"Held-out Dice per class ({'/'.join(map(str, cases))} held-out cases), mean ± sd over the recorded "
+             "repeats", "",
              "| trainer | " + " | ".join(classes.values()) + " | mean | repeats |", "|---" * (len(classes) + 3) + "|"]
     for trainer, runs in records.items():
         if not runs:
+            lines.append(f"| {trainer} |" + " |" * (len(classes) + 1) + " 0 |")
             continue
         per_repeat = [[run["dice"][label] for label in classes] for run in runs]
         columns = [list(values) for values in zip(*per_repeat)] + [[statistics.mean(r) for r in per_repeat]]
@@ -127,6 +153,8 @@ def main() -> None:
     parser.add_argument("-device", default="cpu")
     parser.add_argument("-o", "--output", type=Path, help="default: <study>_hippocampus_study.md")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     study = STUDIES[args.study]
     unknown = sorted(set(args.trainers or ()) - set(study.trainers))
     if unknown:
@@ -142,17 +170,15 @@ def main() -> None:
     name = prepared_dataset(args.d, args.msd, study.configuration)
     folder = Path(os.environ["nnUNet_results"]) / name / f"{args.study}_study{schedule}"
     record = args.record or folder / "records"
-    raw = Path(os.environ["nnUNet_raw"]) / name
     for repeat in range(args.repeats):
         plans = repeat_plans(name, repeat, study.configuration)
         for trainer in [f"{trainer}{schedule}" for trainer in args.trainers or study.trainers]:
-            file = record_file(record, repeat, trainer)
+            file = record_file(record, repeat, trainer, study.configuration)
             if not file.is_file():
                 predictions = train_and_predict(name, trainer, plans, study.configuration, folder, args.device)
-                record.mkdir(parents=True, exist_ok=True)
-                save_json(record_metrics(trainer, predictions, raw, folder / plans / f"metrics_{trainer}"), str(file))
-    records = {trainer: [load_json(str(record_file(record, repeat, trainer))) for repeat in range(args.repeats)
-                         if record_file(record, repeat, trainer).is_file()]
+                save_record(record_metrics(name, trainer, plans, study.configuration, predictions,
+                                           folder / plans / f"metrics_{trainer}"), file)
+    records = {trainer: recorded_runs(record, name, trainer, study.configuration)
                for trainer in [f"{trainer}{schedule}" for trainer in study.trainers]}
     output.write_text(table(records))
     print(output.read_text())
