@@ -153,7 +153,7 @@ def test_pam_trains_resumes_predicts_and_compares(tmp_path):
 def test_rl_u2net_trains_resumes_predicts_and_runs_the_ablation(tmp_path):
     """RL-U2Net through nnU-Net's commands (kill -9, --c, predict), then `nnunet-rl ablation --schedule quick`,
     which reuses that run and trains stock nnU-Net and, to keep the suite short, one ablation (`--variants`; the
-    others are the same command with other trainers, each built in tests/test_rl_u2net.py)."""
+    other four train a step and resume in tests/test_rl_u2net.py)."""
     trainer = "nnUNetTrainerRLU2Net_3epochs_2iters"
     env = user_environment(tmp_path)
     make_planned_dataset(env, "--rotate-aux", "fixed")

@@ -14,7 +14,8 @@ from nnunet_rl.dual_branch import DualBranchOutput, DualBranchUNet, select_chann
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.mirroring import draw_mirroring
 from nnunet_rl.rotations import cube_rotations
-from nnunet_rl.trainers import (nnUNetTrainerRLU2Net, nnUNetTrainerRLU2Net_noCMA, nnUNetTrainerRLU2Net_noPPO,
+from nnunet_rl.trainers import (nnUNetTrainerRLU2Net, nnUNetTrainerRLU2Net_noAGWD, nnUNetTrainerRLU2Net_noAuxLoss,
+                                nnUNetTrainerRLU2Net_noCMA, nnUNetTrainerRLU2Net_noPPO,
                                 nnUNetTrainerRLU2Net_noRLXAlign, nnUNetTrainerRLU2Net_lambda0p1)
 from nnunet_rl.trainers.rl_u2net import COMPONENT, POLICY_FILE
 from nnunet_rl.trainers.schedules import ShortSchedule
@@ -225,6 +226,27 @@ def test_no_ppo_variant_keeps_rl_xalign_at_the_identity_without_an_agent(planned
     assert all(hasattr(trainers, name) for name in ("nnUNetTrainerRLU2Net_noPPO",
                                                     "nnUNetTrainerRLU2Net_noPPO_3epochs_2iters",
                                                     "nnUNetTrainerRLU2Net_noPPO_10epochs_20iters"))
+
+
+@pytest.mark.parametrize("variant", [nnUNetTrainerRLU2Net_noCMA, nnUNetTrainerRLU2Net_noRLXAlign,
+                                     nnUNetTrainerRLU2Net_noAuxLoss, nnUNetTrainerRLU2Net_noAGWD])
+def test_ablations_train_a_step_and_resume(planned_dataset, tmp_path, variant):
+    """The ablations that the e2e test's `nnunet-rl ablation --variants noPPO` does not train: a training step on a
+    batch of nnU-Net's loader, then a checkpoint round trip."""
+    trainer = trainer_from_plans(planned_dataset, variant)
+    trainer.initialize()
+    trainer.on_train_start()
+    try:
+        loss = trainer.train_step(next(trainer.dataloader_train))["loss"]
+    finally:
+        trainer.on_train_end()
+    assert np.isfinite(loss)
+    assert (trainer.loss.agwd is None) == (variant is nnUNetTrainerRLU2Net_noAGWD)
+    assert (trainer.loss.alignment_weight == 0) == (variant is nnUNetTrainerRLU2Net_noAuxLoss)
+    trainer.save_checkpoint(str(tmp_path / "checkpoint.pth"))
+    resumed = trainer_from_plans(planned_dataset, variant)
+    resumed.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert (resumed.loss.agwd is None) == (trainer.loss.agwd is None)
 
 
 class ShortRL(ShortSchedule, nnUNetTrainerRLU2Net):
