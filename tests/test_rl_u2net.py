@@ -237,6 +237,7 @@ def test_ablations_train_a_step_and_resume(planned_dataset, tmp_path, variant):
     trainer.initialize()
     trainer.on_train_start()
     try:
+        trainer.on_train_epoch_start()
         loss = trainer.train_step(next(trainer.dataloader_train))["loss"]
     finally:
         trainer.on_train_end()
