@@ -26,11 +26,13 @@ OURS = "nnUNetTrainerPAM_3epochs_2iters"
 HIPPOCAMPUS = SHARED / "data" / "Task04_Hippocampus"
 
 
-def user_environment(base: Path) -> dict:
-    """A user's shell: nnU-Net's folders exported, CPU settings; discovery comes from the installed hook or the
-    export `nnunet-rl env` prints."""
+def user_environment(base: Path, results: Path | None = None) -> dict:
+    """A user's shell: nnU-Net's folders under ``base`` exported (``nnUNet_results`` at ``results`` if given), CPU
+    settings; discovery comes from the installed hook or the export `nnunet-rl env` prints."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
     env.update({name: str(base / name) for name in NNUNET_FOLDERS})
+    if results is not None:
+        env["nnUNet_results"] = str(results)
     env.update(nnUNet_compile="f", nnUNet_n_proc_DA="1", nnUNet_def_n_proc="2")
     exports = subprocess.run([BIN / "nnunet-rl", "env"], env=env, capture_output=True, text=True, check=True).stdout
     env["nnUNet_extTrainer"] = exports.split('nnUNet_extTrainer="')[1].split('"')[0]
@@ -48,10 +50,23 @@ def fold_folder(env: dict, trainer: str, dataset_id: str = DATASET_ID, configura
     return dataset / f"{trainer}__nnUNetPlans__{configuration}" / "fold_0"
 
 
-def make_planned_dataset(env: dict, *options: str) -> None:
+@pytest.fixture(scope="module")
+def planned_by_cli(tmp_path_factory) -> Path:
+    """nnU-Net's raw and preprocessed folders with the two-modality phantoms (auxiliary modality rotated by a known
+    rotation, for RL-U2Net; the other trainers ignore it) made and planned for 3d_fullres and 2d through our CLI, once
+    for the module: each test trains into its own ``nnUNet_results`` (:func:`trainer_environment`)."""
+    base = tmp_path_factory.mktemp("planned_by_cli")
+    env = user_environment(base)
     cli("nnunet-rl", "make-dataset", "--kind", "multimodal", "--id", DATASET_ID, "--cases", "6", "--size", "32",
-        *options, env=env)
-    cli("nnunet-rl", "plan", DATASET_ID, "-c", CONFIGURATION, env=env)
+        "--rotate-aux", "fixed", env=env)
+    cli("nnunet-rl", "plan", DATASET_ID, "-c", CONFIGURATION, "2d", env=env)
+    return base
+
+
+@pytest.fixture
+def trainer_environment(planned_by_cli, tmp_path) -> dict:
+    """A user's shell on the module's planned dataset with an empty results folder of the test's own."""
+    return user_environment(planned_by_cli, results=tmp_path / "nnUNet_results")
 
 
 def predict(env: dict, trainer: str, output: Path) -> None:
@@ -86,9 +101,8 @@ def _results_exist(env: dict, dataset_id: str) -> bool:
     return any(Path(env["nnUNet_results"]).glob(f"Dataset{dataset_id}_*"))
 
 
-def test_pam_trains_resumes_predicts_and_compares(tmp_path):
-    env = user_environment(tmp_path)
-    make_planned_dataset(env)
+def test_pam_trains_resumes_predicts_and_compares(trainer_environment, tmp_path):
+    env = trainer_environment
 
     train_until_second_epoch_then_kill(env, OURS)
     interrupted = torch.load(fold_folder(env, OURS) / "checkpoint_latest.pth", weights_only=False)
@@ -150,13 +164,12 @@ def test_pam_trains_resumes_predicts_and_compares(tmp_path):
                 sitk.GetArrayFromImage(sitk.ReadImage(str(predicted)))).all()
 
 
-def test_rl_u2net_trains_resumes_predicts_and_runs_the_ablation(tmp_path):
+def test_rl_u2net_trains_resumes_predicts_and_runs_the_ablation(trainer_environment, tmp_path):
     """RL-U2Net through nnU-Net's commands (kill -9, --c, predict), then `nnunet-rl ablation --schedule quick`,
     which reuses that run and trains stock nnU-Net and, to keep the suite short, one ablation (`--variants`; the
     other four train a step and resume in tests/test_rl_u2net.py)."""
     trainer = "nnUNetTrainerRLU2Net_3epochs_2iters"
-    env = user_environment(tmp_path)
-    make_planned_dataset(env, "--rotate-aux", "fixed")
+    env = trainer_environment
     train_until_second_epoch_then_kill(env, trainer)
     interrupted = torch.load(fold_folder(env, trainer) / "checkpoint_latest.pth", weights_only=False)
     assert set(interrupted["nnunet_rl"]["agents"]) == set(interrupted["nnunet_rl"]["buffers"])
@@ -173,12 +186,13 @@ def test_rl_u2net_trains_resumes_predicts_and_runs_the_ablation(tmp_path):
     assert rows[1:] == ["nnU-Net (stock)", "RL-U2Net", "w/o PPO (identity rotation)"]  # rows[0]: the header
 
 
-@pytest.mark.parametrize("trainer", ["nnUNetTrainerRLDeepSup_3epochs_2iters", "nnUNetTrainerAWSnet_3epochs_2iters"])
-def test_rl_deep_supervision_trains_and_predicts_with_nnunet_commands(tmp_path, trainer):
-    """Trained with nnU-Net's W&B logger on (offline, the `wandb` extra): the RL telemetry reaches the W&B run."""
-    env = {**user_environment(tmp_path), "nnUNet_wandb_enabled": "1", "nnUNet_wandb_mode": "offline",
+def test_rl_deep_supervision_trains_and_predicts_with_nnunet_commands(trainer_environment, tmp_path):
+    """Trained with nnU-Net's W&B logger on (offline, the `wandb` extra): the RL telemetry reaches the W&B run.
+    nnUNetTrainerAWSnet (PAM and DAS in one network) trains in-process in tests/test_rl_deep_supervision_trainer.py:
+    its PAM half goes through these commands in the PAM test, its DAS half here."""
+    trainer = "nnUNetTrainerRLDeepSup_3epochs_2iters"
+    env = {**trainer_environment, "nnUNet_wandb_enabled": "1", "nnUNet_wandb_mode": "offline",
            "WANDB_SILENT": "true"}
-    make_planned_dataset(env)
     cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", env=env)
     learned = json.loads((fold_folder(env, trainer) / "rl_deep_supervision.json").read_text())
     assert sum(learned["alpha"]) == pytest.approx(1.0) and learned["alpha"][-1] == 0
@@ -191,13 +205,12 @@ def test_rl_deep_supervision_trains_and_predicts_with_nnunet_commands(tmp_path, 
     predict(env, trainer, tmp_path / "predictions")
 
 
-def test_pixel_rl_trains_and_predicts_with_nnunet_commands(tmp_path):
+def test_pixel_rl_trains_and_predicts_with_nnunet_commands(trainer_environment, tmp_path):
     """Backbone phase (epoch 0) then RL phase (epochs 1-2); nnUNetv2_predict rebuilds the heads and refines. The
     _noDC variant: the same code with undilated heads, because PyTorch's CPU backward of dilated 3D convolutions takes
     minutes here (docs/pixel_rl.md)."""
     trainer = "nnUNetTrainerPixelRL_noDC_3epochs_2iters"
-    env = user_environment(tmp_path)
-    make_planned_dataset(env)
+    env = trainer_environment
     cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", env=env)
     final = torch.load(fold_folder(env, trainer) / "checkpoint_final.pth", weights_only=False)
     assert any(key.startswith("actor_critic.returns.omega") for key in final["network_weights"])
@@ -211,14 +224,12 @@ def test_pixel_rl_trains_and_predicts_with_nnunet_commands(tmp_path):
     predict(env, trainer, tmp_path / "predictions")
 
 
-def test_mrl_seg_trains_and_predicts_with_nnunet_commands(tmp_path):
+def test_mrl_seg_trains_and_predicts_with_nnunet_commands(trainer_environment, tmp_path):
     """Segmentation-Net pre-training (epoch 0), then the RL phase (epochs 1-2) with the Reinforcement-Net initialised
     from it; nnUNetv2_predict rebuilds both and segments the greedily masked input. In 2d: the same code as 3d, whose
     final validation and prediction (eight mirrorings of five networks per window) take minutes on these CPUs."""
     trainer, configuration = "nnUNetTrainerMRLSeg_3epochs_2iters", "2d"
-    env = user_environment(tmp_path)
-    make_planned_dataset(env)
-    cli("nnunet-rl", "plan", DATASET_ID, "-c", configuration, env=env)
+    env = trainer_environment
     cli("nnUNetv2_train", DATASET_ID, configuration, "0", "-tr", trainer, "-device", "cpu", env=env)
     fold = next(Path(env["nnUNet_results"]).glob(f"Dataset{DATASET_ID}_*")) / \
         f"{trainer}__nnUNetPlans__{configuration}" / "fold_0"
@@ -240,10 +251,29 @@ def test_mrl_seg_trains_and_predicts_with_nnunet_commands(tmp_path):
         "*.nii.gz"))
 
 
+def msd_subset(msd: Path, cases: int, folder: Path) -> Path:
+    """An MSD task folder with the first ``cases`` training cases of ``msd`` (links to its files) and its
+    dataset.json listing only those, as the MSD ships a task (its imagesTs empty)."""
+    description = json.loads((msd / "dataset.json").read_text())
+    description["training"] = description["training"][:cases]
+    description["numTraining"] = cases
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (folder / sub).mkdir(parents=True)
+    for case in description["training"]:
+        for key, sub in (("image", "imagesTr"), ("label", "labelsTr")):
+            name = Path(case[key]).name
+            (folder / sub / name).symlink_to(msd / sub / name)
+    (folder / "dataset.json").write_text(json.dumps(description))
+    return folder
+
+
 @pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason=f"real MSD data not found at {HIPPOCAMPUS} (../shared)")
 def test_demo_quick_on_msd_hippocampus(tmp_path):
+    """The demo's real-data path on 15 of the 60 Hippocampus cases (the whole task takes minutes more here, spent in
+    nnU-Net's conversion, preprocessing and prediction, not in our code)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
-    result = subprocess.run([str(BIN / "nnunet-rl"), "demo", "--quick", "--msd", str(HIPPOCAMPUS), "-device",
+    msd = msd_subset(HIPPOCAMPUS, 15, tmp_path / "Task04_Hippocampus")
+    result = subprocess.run([str(BIN / "nnunet-rl"), "demo", "--quick", "--msd", str(msd), "-device",
                              "cpu"], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "nnU-Net's folder variables are unset" in result.stdout
@@ -251,7 +281,7 @@ def test_demo_quick_on_msd_hippocampus(tmp_path):
     summary = json.loads((report / "summary.json").read_text())
     assert summary["trainers"] == ["nnUNetTrainer_3epochs_2iters", "nnUNetTrainerPAM_3epochs_2iters"]
     assert summary["classes"] == {"1": "Anterior", "2": "Posterior"}
-    assert len(summary["cases"]) == 12  # the held-out fifth of 60 cases, predicted with nnUNetv2_predict
+    assert len(summary["cases"]) == 3  # the held-out fifth of 15 cases, predicted with nnUNetv2_predict
 
 
 @pytest.mark.gpu

@@ -254,6 +254,13 @@ def test_awsnet_is_pam_and_das_in_one_trainer(planned_dataset):
     learned = json.load(open(os.path.join(trainer.output_folder, WEIGHTS_FILE)))
     assert sum(learned["alpha"]) == pytest.approx(1.0) and learned["alpha"][-1] == 0
     assert trainer.logger.local_logger.my_fantastic_logging["rl_deep_supervision/reward"]
+    # what nnUNetv2_predict builds from the class and loads the checkpoint's weights into
+    manager = trainer.configuration_manager
+    for_prediction = nnUNetTrainerAWSnet.build_network_architecture(
+        manager.network_arch_class_name, manager.network_arch_init_kwargs,
+        manager.network_arch_init_kwargs_req_import, trainer.num_input_channels,
+        trainer.label_manager.num_segmentation_heads, enable_deep_supervision=False)
+    for_prediction.load_state_dict(trainer.network.state_dict())
 
 
 class AWSnetTiny(TinySchedule, nnUNetTrainerAWSnet):

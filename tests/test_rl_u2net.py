@@ -223,6 +223,10 @@ def test_no_ppo_variant_keeps_rl_xalign_at_the_identity_without_an_agent(planned
         "nnUNetTrainer", "nnUNetTrainerRLU2Net", "nnUNetTrainerRLU2Net_noPPO"]
     with pytest.raises(NnunetRLError, match="unknown ablation variants: PPO; choose from noCMA, noRLXAlign"):
         ablation_trainers("full", sweep=False, variants=["noPPO", "PPO"])
+    from nnunet_rl.ablation import VARIANTS
+    from nnunet_rl.cli import build_parser
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["ablation"].format_help().split())
+    assert f"all of {', '.join(VARIANTS)})" in help_text  # the help (written without importing the trainers)
     assert all(hasattr(trainers, name) for name in ("nnUNetTrainerRLU2Net_noPPO",
                                                     "nnUNetTrainerRLU2Net_noPPO_3epochs_2iters",
                                                     "nnUNetTrainerRLU2Net_noPPO_10epochs_20iters"))
