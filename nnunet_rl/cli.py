@@ -47,8 +47,12 @@ def _compare(args):
 
 
 def _pretrained_weights(args):
-    from nnunet_rl.pretrained import convert_stock_checkpoint
-    out = convert_stock_checkpoint(args.dataset, args.c, args.tr, args.i, args.o, plans=args.p)
+    from nnunet_rl.pretrained import SHOWN_KEYS, convert_stock_checkpoint, modules_of
+    out, fresh = convert_stock_checkpoint(args.dataset, args.c, args.tr, args.i, args.o, plans=args.p)
+    modules = modules_of(fresh)
+    print(f"not taken from {args.i} (the trainer's own initialisation; nnU-Net's seg layers start afresh under any "
+          f"-pretrained_weights): {len(fresh)} entries of {len(modules)} modules ({', '.join(modules[:SHOWN_KEYS])}"
+          f"{', ...' if len(modules) > SHOWN_KEYS else ''})")
     print(f"wrote {out}; train with: nnUNetv2_train {args.dataset} {args.c} FOLD -tr {args.tr} -p {args.p} "
           f"-pretrained_weights {out}")
 
@@ -152,10 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_ablation)
 
     p = sub.add_parser("pretrained-weights",
-                       help="a stock nnUNetTrainer checkpoint as -pretrained_weights for nnUNetTrainerPixelRL or "
-                            "nnUNetTrainerMRLSeg (and their variants): its weights in the planned network, the agents "
-                            "freshly initialised (MRL-Seg's Reinforcement-Net encoder copied from the loaded "
-                            "Segmentation-Net)")
+                       help="a stock nnUNetTrainer checkpoint as -pretrained_weights for nnUNetTrainerPixelRL, "
+                            "nnUNetTrainerMRLSeg, nnUNetTrainerPAM or nnUNetTrainerAWSnet (and their variants): its "
+                            "weights in the planned network, the agents or PAM gates freshly initialised (MRL-Seg's "
+                            "Reinforcement-Net encoder copied from the loaded Segmentation-Net); says what it did not "
+                            "take from the checkpoint")
     p.add_argument("dataset", help="dataset name or ID")
     p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
     p.add_argument("-tr", required=True, help="the trainer to be trained, e.g. nnUNetTrainerPixelRL_pretrained")

@@ -15,6 +15,8 @@ decoder of ``dynamic_network_architectures`` concatenates ``[u, d]`` and feeds t
 is inserted by wrapping each decoder stage: the network, its deep supervision and nnU-Net's VRAM estimate
 (``compute_conv_feature_map_size``) are otherwise the planned ones.
 """
+import re
+
 import numpy as np
 import torch
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
@@ -76,3 +78,15 @@ def add_pixel_attention(decoder: UNetDecoder) -> UNetDecoder:
                                                     encoder.norm_op_kwargs or {}), channels)
         for stage, channels in zip(decoder.stages, skip_channels))
     return decoder
+
+
+GATED_STAGE_KEY = re.compile(r"^(decoder\.stages\.\d+)\.(stage|gate)\.")
+
+
+def stock_name(key: str) -> str | None:
+    """The planned (ungated) network's name of the state-dict entry ``key`` of a network with PAM; None for a gate's,
+    which the planned network does not have."""
+    match = GATED_STAGE_KEY.match(key)
+    if match is None:
+        return key
+    return None if match.group(2) == "gate" else f"{match.group(1)}.{key[match.end():]}"

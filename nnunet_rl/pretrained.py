@@ -1,5 +1,5 @@
-"""A stock nnU-Net checkpoint as ``-pretrained_weights`` for the per-voxel agents' trainers (``nnunet-rl
-pretrained-weights``).
+"""A stock nnU-Net checkpoint as ``-pretrained_weights`` for the trainers whose network extends the planned one
+(``nnunet-rl pretrained-weights``): the per-voxel agents' trainers and those with AWSnet's pixel attention.
 
 nnU-Net's ``nnUNetv2_train ... -pretrained_weights FILE`` (``nnunetv2/run/load_pretrained_weights.py``) requires every
 key of the trainer's network's state dict, except those containing ``.seg_layers.``, in the file's
@@ -11,9 +11,14 @@ accepts: the trainer's network built from the plans as ``nnUNetv2_predict`` buil
 but the seg layers present with the same shape; the seg layers not transferred, so ``nnUNetv2_train`` starts them
 afresh as it does for any ``-pretrained_weights``), the agents as freshly initialised, and for MRL-Seg the
 Reinforcement-Net's encoder copied from the loaded Segmentation-Net's as the in-run pre-training does at the first RL
-epoch (:meth:`~nnunet_rl.mrl_seg.ReinforcementEncoder.initialise_from`).
+epoch (:meth:`~nnunet_rl.mrl_seg.ReinforcementEncoder.initialise_from`). The networks of ``nnUNetTrainerPAM`` and
+``nnUNetTrainerAWSnet`` are the planned network with each decoder stage wrapped beside a gate
+(``decoder.stages.<s>.stage.``, ``decoder.stages.<s>.gate.``): the stock weights go to the wrapped stages under
+their stock names (:func:`nnunet_rl.pam.stock_name`), the gates stay as initialised. The conversion says which
+entries it did not take from the checkpoint.
 """
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -68,17 +73,34 @@ def check_compatible(planned: dict, stock: dict, source: str, target: str) -> No
                         f"with the same plans and configuration")
 
 
-def with_stock_weights(network: nn.Module, stock: dict, source: str, target: str) -> nn.Module:
-    """``network`` (a per-voxel agents' network: ``planned_network``, ``warm_start_from_planned``) with its planned
-    part loaded from the ``stock`` state dict under nnU-Net's rules (:func:`check_compatible`; the seg layers keep
-    their own weights) and the agents warm-started from it."""
-    planned = network.planned_network
-    state = planned.state_dict()
-    check_compatible(state, stock, source, target)
-    state.update({key: stock[key] for key in state if transferred(key)})
-    planned.load_state_dict(state)
+def load_stock_weights(network: nn.Module, stock: dict, stock_name: Callable[[str], str | None], source: str,
+                       target: str) -> list[str]:
+    """Load into ``network`` the ``stock`` state dict under nnU-Net's rules (:func:`check_compatible`; the seg layers
+    keep their own weights), entry ``key`` from ``stock[stock_name(key)]``; the entries whose ``stock_name`` is None
+    keep their weights. Returns the entries not taken from ``stock``."""
+    state = network.state_dict()
+    names = {key: stock_name(key) for key in state}
+    from_stock = {key: name for key, name in names.items() if name is not None and transferred(name)}
+    check_compatible({name: state[key] for key, name in from_stock.items()}, stock, source, target)
+    state.update({key: stock[name] for key, name in from_stock.items()})
+    network.load_state_dict(state)
+    return [key for key in state if key not in from_stock]
+
+
+def with_stock_weights(network: nn.Module, stock: dict, source: str, target: str) -> list[str]:
+    """``network`` with the ``stock`` weights in its planned part (:func:`load_stock_weights`): for a per-voxel agents'
+    network (``planned_network``, ``warm_start_from_planned``) the planned network's entries, then the agents
+    warm-started from it; for a network with pixel attention every entry but the gates'. Returns the entries not
+    taken from ``stock``."""
+    from nnunet_rl.pam import stock_name as gated_stock_name
+    planned = getattr(network, "planned_network", None)
+    if planned is None:
+        return load_stock_weights(network, stock, gated_stock_name, source, target)
+    prefix = next(name for name, module in network.named_modules() if module is planned) + "."
+    fresh = load_stock_weights(network, stock, lambda key: key.removeprefix(prefix) if key.startswith(prefix)
+                               else None, source, target)
     network.warm_start_from_planned()
-    return network
+    return fresh
 
 
 def build_network(dataset: str, configuration: str, trainer_name: str, plans: str) -> tuple[nn.Module, str]:
@@ -111,8 +133,9 @@ def build_network(dataset: str, configuration: str, trainer_name: str, plans: st
 
 def find_trainer(trainer_name: str) -> type:
     """The trainer class of that name: ours directly, any other by nnU-Net's search (``nnUNet_extTrainer`` included);
-    one of the per-voxel agents' trainers."""
+    one of the per-voxel agents' trainers or of those with pixel attention."""
     from nnunet_rl import trainers
+    from nnunet_rl.trainers.pam import nnUNetTrainerPAM
     from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer
     trainer_class = getattr(trainers, trainer_name, None)
     if trainer_class is None:
@@ -121,24 +144,30 @@ def find_trainer(trainer_name: str) -> type:
             trainer_class = recursive_find_trainer_class_by_name(trainer_name)
         except RuntimeError as error:
             raise NnunetRLError(f"no trainer {trainer_name!r}: {error}") from error
-    if not issubclass(trainer_class, VoxelAgentsTrainer):
-        raise NnunetRLError(f"{trainer_name} is not a per-voxel agents' trainer; pretrained-weights converts for "
-                            f"nnUNetTrainerPixelRL, nnUNetTrainerMRLSeg and their variants (nnU-Net's own trainers "
-                            f"take a stock checkpoint as -pretrained_weights unchanged)")
+    if not issubclass(trainer_class, (VoxelAgentsTrainer, nnUNetTrainerPAM)):
+        raise NnunetRLError(f"{trainer_name}'s network does not extend the planned one; pretrained-weights converts "
+                            f"for nnUNetTrainerPixelRL, nnUNetTrainerMRLSeg, nnUNetTrainerPAM, nnUNetTrainerAWSnet and "
+                            f"their variants (nnU-Net's own trainers and nnUNetTrainerRLDeepSup take a stock "
+                            f"checkpoint as -pretrained_weights unchanged)")
     return trainer_class
 
 
 def convert_stock_checkpoint(dataset: int | str, configuration: str, trainer_name: str, checkpoint: Path | str,
-                             output: Path | str, plans: str = "nnUNetPlans") -> Path:
+                             output: Path | str, plans: str = "nnUNetPlans") -> tuple[Path, list[str]]:
     """Write ``output`` = ``{"network_weights": ...}`` of TRAINER's network with the stock ``checkpoint``'s weights
     in its planned part (:func:`with_stock_weights`), for ``nnUNetv2_train ... -tr TRAINER -pretrained_weights
-    output``."""
+    output``. Returns ``output`` and the entries not taken from the checkpoint."""
     network, target = build_network(dataset, configuration, trainer_name, plans)
     checkpoint = Path(checkpoint)
     stock, origin = read_stock_weights(checkpoint)
     source = f"{checkpoint}" + (f" ({origin})" if origin else "")
-    with_stock_weights(network, stock, source, target)
+    fresh = with_stock_weights(network, stock, source, target)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"network_weights": network.state_dict()}, output)
-    return output
+    return output, fresh
+
+
+def modules_of(keys: list[str]) -> list[str]:
+    """The modules holding the state-dict entries ``keys`` (each entry's name without its last part), in order."""
+    return list(dict.fromkeys(key.rpartition(".")[0] for key in keys))

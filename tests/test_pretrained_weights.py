@@ -144,9 +144,37 @@ def test_cli_writes_the_file_and_refuses_another_architecture_or_trainer(planned
         main(["pretrained-weights", planned_dataset, "-c", CONFIGURATION, "-tr", "nnUNetTrainerPixelRL", "-i",
               str(other), "-o", str(tmp_path / "y.pth")])
     assert exit_info.value.code == 2 and "does not fit" in capsys.readouterr().err
-    with pytest.raises(NnunetRLError, match="not a per-voxel agents' trainer"):
-        convert_stock_checkpoint(planned_dataset, CONFIGURATION, "nnUNetTrainerPAM", stock_path, tmp_path / "z.pth")
+    with pytest.raises(NnunetRLError, match="does not extend the planned one"):
+        convert_stock_checkpoint(planned_dataset, CONFIGURATION, "nnUNetTrainerRLDeepSup", stock_path,
+                                 tmp_path / "z.pth")
     assert not (tmp_path / "x.pth").exists() and not (tmp_path / "y.pth").exists()
+
+
+@pytest.mark.parametrize("trainer_name", ["nnUNetTrainerPAM", "nnUNetTrainerAWSnet"])
+def test_pixel_attention_takes_the_stock_network_and_fresh_gates(planned_dataset, stock, tmp_path, capsys,
+                                                                  trainer_name):
+    """Every stock entry but the seg layers goes to the gated stage of its name; the gates stay as a fresh network
+    of the trainer has them, and the CLI names them; nnU-Net's own -pretrained_weights loads the file."""
+    from nnunet_rl import trainers
+    stock_path, stock_weights = stock
+    out = tmp_path / "pam.pth"
+    torch.manual_seed(0)
+    main(["pretrained-weights", planned_dataset, "-c", CONFIGURATION, "-tr", trainer_name, "-i", str(stock_path),
+          "-o", str(out)])
+    printed = capsys.readouterr().out
+    weights = torch.load(out, weights_only=False)["network_weights"]
+    torch.manual_seed(0)
+    fresh = build_network(planned_dataset, CONFIGURATION, trainer_name, "nnUNetPlans")[0].state_dict()
+    gates = [key for key in weights if ".gate." in key]
+    as_stock = {key.replace(".stage.", ".", 1): value for key, value in weights.items() if key not in gates}
+    assert gates and as_stock.keys() == stock_weights.keys()
+    assert all(torch.equal(value, stock_weights[key]) for key, value in as_stock.items() if transferred(key))
+    assert all(torch.equal(weights[key], fresh[key]) for key in gates)
+    assert "decoder.stages.0.gate.project_skip.0" in printed and "-pretrained_weights" in printed
+
+    trainer = loaded_into_trainer(planned_dataset, getattr(trainers, trainer_name), out)
+    loaded = trainer.network.state_dict()
+    assert all(torch.equal(loaded[key], weights[key]) for key in weights if transferred(key))
 
 
 def test_rl_deep_supervision_takes_a_stock_checkpoint_with_nnunets_own_flag(planned_dataset, stock):

@@ -78,9 +78,21 @@ def stock_alpha(trainer) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def clean_trained(planned_dataset):
-    """One finished CleanDeepSup run on 3d_fullres, read by the tests below (one training instead of three)."""
-    return trained(planned_dataset, CleanDeepSup)
+def training(planned_dataset):
+    """``training(trainer_class)``: one finished run of the class on 3d_fullres for the module, trained when a test
+    first asks for it and read by every test that asks again (the recording classes below serve several tests)."""
+    runs = {}
+
+    def run(trainer_class):
+        if trainer_class not in runs:
+            runs[trainer_class] = trained(planned_dataset, trainer_class)
+        return runs[trainer_class]
+    return run
+
+
+@pytest.fixture(scope="module")
+def clean_trained(training):
+    return training(LookAheadRecordsBatches)
 
 
 def test_learned_weights_are_written_and_logged(clean_trained):
@@ -125,8 +137,8 @@ def test_resume_restores_controllers_weights_and_baseline(planned_dataset, clean
     assert torch.equal(resumed.controllers.generator.get_state(), trainer.controllers.generator.get_state())
 
 
-def test_faithful_mode_trains_candidates_and_continues_from_the_best(planned_dataset):
-    trainer = trained(planned_dataset, FaithfulTwoCandidates)
+def test_faithful_mode_trains_candidates_and_continues_from_the_best(training):
+    trainer = training(FaithfulRecordsBatches)
     log = trainer.logger.local_logger.my_fantastic_logging
     assert len(log["train_losses"]) == FaithfulTwoCandidates.epochs and np.all(np.isfinite(log["train_losses"]))
     assert trainer.num_iterations_per_epoch == FaithfulTwoCandidates.iterations
@@ -164,8 +176,8 @@ def test_identical_short_horizon_candidates_score_alike(planned_dataset):
     trainer.on_train_end()
 
 
-def test_short_horizon_trials_share_their_batches_and_keep_the_epoch_length(planned_dataset):
-    trainer = trained(planned_dataset, ShortHorizonThreeCandidates)
+def test_short_horizon_trials_share_their_batches_and_keep_the_epoch_length(training):
+    trainer = training(ShortHorizonRecordsBatches)
     per_epoch = 3 * 2 + 1  # three candidates of two steps, then the epoch's one remaining step
     assert len(trainer.trained_on) == ShortHorizonThreeCandidates.epochs * per_epoch
     for epoch in range(ShortHorizonThreeCandidates.epochs):
@@ -215,16 +227,16 @@ class FaithfulRecordsBatches(RecordsBatches, FaithfulTwoCandidates):
     pass
 
 
-class ShortHorizonRecordsBatches(RecordsBatches, ShortHorizonTiny):
+class ShortHorizonRecordsBatches(RecordsBatches, ShortHorizonThreeCandidates):
     pass
 
 
 @pytest.mark.parametrize("trainer_class", [LookAheadRecordsBatches, FaithfulRecordsBatches,
                                            ShortHorizonRecordsBatches])
-def test_the_rl_never_loads_a_validation_case(planned_dataset, trainer_class):
+def test_the_rl_never_loads_a_validation_case(training, trainer_class):
     """The reward comes from cases carved out of the fold's training cases, written to the fold folder; nnU-Net trains
     on none of them, and no batch of the fold's validation cases is drawn while an RL round runs."""
-    trainer = trained(planned_dataset, trainer_class)
+    trainer = training(trainer_class)
     split = json.load(open(os.path.join(trainer.output_folder, REWARD_CASES_FILE)))
     folds = json.load(open(os.path.join(trainer.preprocessed_dataset_folder_base, "splits_final.json")))
     assert sorted(split["training"] + split["reward"]) == sorted(folds[0]["train"])
@@ -255,10 +267,8 @@ def test_awsnet_is_pam_and_das_in_one_trainer(planned_dataset):
     assert sum(learned["alpha"]) == pytest.approx(1.0) and learned["alpha"][-1] == 0
     assert trainer.logger.local_logger.my_fantastic_logging["rl_deep_supervision/reward"]
     # what nnUNetv2_predict builds from the class and loads the checkpoint's weights into
-    manager = trainer.configuration_manager
     for_prediction = nnUNetTrainerAWSnet.build_network_architecture(
-        manager.network_arch_class_name, manager.network_arch_init_kwargs,
-        manager.network_arch_init_kwargs_req_import, trainer.num_input_channels,
+        trainer.plans_manager, trainer.configuration_manager, trainer.num_input_channels,
         trainer.label_manager.num_segmentation_heads, enable_deep_supervision=False)
     for_prediction.load_state_dict(trainer.network.state_dict())
 
