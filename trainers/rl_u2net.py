@@ -69,6 +69,11 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
                  device: torch.device = torch.device("cuda")):
         self.check_channels(dataset_json)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_cascaded:
+            raise NnunetRLError(f"{type(self).__name__} does not train cascade stages: nnU-Net's cascade "
+                                f"({configuration}) adds the previous stage's segmentation to the input channels, "
+                                f"which the two branches (one modality each) do not take; use 3d_fullres, 3d_lowres "
+                                f"or 2d")
 
     def check_channels(self, dataset_json: dict) -> None:
         """Paired data: a primary and an auxiliary modality as channels of one dataset."""

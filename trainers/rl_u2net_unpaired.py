@@ -11,8 +11,8 @@ results go:
 
 - ``rl_overrides``: no alignment loss (λ₁ = 0 in eq. 20) and no S_similarity in the PPO reward (eq. 9): both compare
   sample i of the CT batch with sample i of the MRI batch voxel by voxel, and these are crops of different patients;
-- ``initialize``: the auxiliary dataset must exist, be preprocessed with the same plans and have the same labels; no
-  cascade (``3d_cascade_fullres``);
+- ``initialize``: the auxiliary dataset must exist, be preprocessed with the same plans and have the same labels (no
+  cascade, as for :class:`nnUNetTrainerRLU2Net`);
 - ``build_network_architecture``: :class:`~nnunet_rl.unpaired.UnpairedDualBranchUNet`, predicting the branch of the
   dataset whose plans it is built from;
 - ``get_dataloaders``: nnU-Net's own dataloaders and augmentation, once per dataset (each with its own fold split),
@@ -88,10 +88,6 @@ class nnUNetTrainerRLU2Net_unpaired(nnUNetTrainerRLU2Net):
 
     def initialize(self) -> None:
         if not self.was_initialized:
-            if self.is_cascaded:
-                raise NnunetRLError(f"{type(self).__name__} does not train cascade stages ({self.configuration_name} "
-                                    f"reads the previous stage's segmentations of one dataset); use 3d_fullres, "
-                                    f"3d_lowres or 2d")
             self.datasets = UnpairedDatasets.from_section(self.rl_hyperparameters(COMPONENT))
             self.auxiliary = self._auxiliary_view()
             self.reference_records: dict[str, dict] = {}
