@@ -93,10 +93,10 @@ def with_stock_weights(network: nn.Module, stock: dict, source: str, target: str
     warm-started from it; for a network with pixel attention every entry but the gates'. Returns the entries not
     taken from ``stock``."""
     from nnunet_rl.pam import stock_name as gated_stock_name
-    planned = getattr(network, "planned_network", None)
-    if planned is None:
+    from nnunet_rl.planned_network import AroundPlannedNetwork
+    if not isinstance(network, AroundPlannedNetwork):
         return load_stock_weights(network, stock, gated_stock_name, source, target)
-    prefix = next(name for name, module in network.named_modules() if module is planned) + "."
+    prefix = next(name for name, module in network.named_modules() if module is network.planned_network) + "."
     fresh = load_stock_weights(network, stock, lambda key: key.removeprefix(prefix) if key.startswith(prefix)
                                else None, source, target)
     network.warm_start_from_planned()
