@@ -26,13 +26,11 @@ OURS = "nnUNetTrainerPAM_3epochs_2iters"
 HIPPOCAMPUS = SHARED / "data" / "Task04_Hippocampus"
 
 
-def user_environment(base: Path, results: Path | None = None) -> dict:
-    """A user's shell: nnU-Net's folders under ``base`` exported (``nnUNet_results`` at ``results`` if given), CPU
-    settings; discovery comes from the installed hook or the export `nnunet-rl env` prints."""
+def user_environment(base: Path) -> dict:
+    """A user's shell: nnU-Net's folders under ``base`` exported, CPU settings; discovery comes from the installed
+    hook or the export `nnunet-rl env` prints."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
     env.update({name: str(base / name) for name in NNUNET_FOLDERS})
-    if results is not None:
-        env["nnUNet_results"] = str(results)
     env.update(nnUNet_compile="f", nnUNet_n_proc_DA="1", nnUNet_def_n_proc="2")
     exports = subprocess.run([BIN / "nnunet-rl", "env"], env=env, capture_output=True, text=True, check=True).stdout
     env["nnUNet_extTrainer"] = exports.split('nnUNet_extTrainer="')[1].split('"')[0]
@@ -51,22 +49,16 @@ def fold_folder(env: dict, trainer: str, dataset_id: str = DATASET_ID, configura
 
 
 @pytest.fixture(scope="module")
-def planned_by_cli(tmp_path_factory) -> Path:
-    """nnU-Net's raw and preprocessed folders with the two-modality phantoms (auxiliary modality rotated by a known
-    rotation, for RL-U2Net; the other trainers ignore it) made and planned for 3d_fullres and 2d through our CLI, once
-    for the module: each test trains into its own ``nnUNet_results`` (:func:`trainer_environment`)."""
-    base = tmp_path_factory.mktemp("planned_by_cli")
-    env = user_environment(base)
+def trainer_environment(tmp_path_factory) -> dict:
+    """A user's shell whose nnU-Net folders hold the two-modality phantoms (auxiliary modality rotated by a known
+    rotation, for RL-U2Net; the other trainers ignore it), made and planned for 3d_fullres and 2d through our CLI once
+    for the module. The tests train into the one results folder, as a user's runs accumulate (the RL-U2Net ablation
+    reuses the stock run of the PAM test, as it would a user's)."""
+    env = user_environment(tmp_path_factory.mktemp("e2e"))
     cli("nnunet-rl", "make-dataset", "--kind", "multimodal", "--id", DATASET_ID, "--cases", "6", "--size", "32",
         "--rotate-aux", "fixed", env=env)
     cli("nnunet-rl", "plan", DATASET_ID, "-c", CONFIGURATION, "2d", env=env)
-    return base
-
-
-@pytest.fixture
-def trainer_environment(planned_by_cli, tmp_path) -> dict:
-    """A user's shell on the module's planned dataset with an empty results folder of the test's own."""
-    return user_environment(planned_by_cli, results=tmp_path / "nnUNet_results")
+    return env
 
 
 def predict(env: dict, trainer: str, output: Path) -> None:
@@ -269,10 +261,10 @@ def msd_subset(msd: Path, cases: int, folder: Path) -> Path:
 
 @pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason=f"real MSD data not found at {HIPPOCAMPUS} (../shared)")
 def test_demo_quick_on_msd_hippocampus(tmp_path):
-    """The demo's real-data path on 15 of the 60 Hippocampus cases (the whole task takes minutes more here, spent in
+    """The demo's real-data path on 10 of the 60 Hippocampus cases (the whole task takes minutes more here, spent in
     nnU-Net's conversion, preprocessing and prediction, not in our code)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
-    msd = msd_subset(HIPPOCAMPUS, 15, tmp_path / "Task04_Hippocampus")
+    msd = msd_subset(HIPPOCAMPUS, 10, tmp_path / "Task04_Hippocampus")
     result = subprocess.run([str(BIN / "nnunet-rl"), "demo", "--quick", "--msd", str(msd), "-device",
                              "cpu"], env=env, cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -281,7 +273,7 @@ def test_demo_quick_on_msd_hippocampus(tmp_path):
     summary = json.loads((report / "summary.json").read_text())
     assert summary["trainers"] == ["nnUNetTrainer_3epochs_2iters", "nnUNetTrainerPAM_3epochs_2iters"]
     assert summary["classes"] == {"1": "Anterior", "2": "Posterior"}
-    assert len(summary["cases"]) == 3  # the held-out fifth of 15 cases, predicted with nnUNetv2_predict
+    assert len(summary["cases"]) == 2  # the held-out fifth of 10 cases, predicted with nnUNetv2_predict
 
 
 @pytest.mark.gpu

@@ -7,8 +7,8 @@ a user would (``nnUNetv2_plan_and_preprocess -gpu_memory_target 0.02``). The cas
 the cases' own preprocessed segmentations, written where nnU-Net's cascade reads the first stage's predictions
 (``<trainer>__<plans>__3d_lowres/predicted_next_stage/3d_cascade_fullres``): what is tested is the second stage.
 Each cell trains one epoch of two iterations with its RL from the first iteration, then nnU-Net's sliding-window
-predictor (``nnUNetPredictor``, as the final validation and ``nnUNetv2_predict`` use it) segments a whole validation
-case with the trained network.
+predictor (``nnUNetPredictor``, as the final validation and ``nnUNetv2_predict`` use it; step size 1, no mirroring)
+segments a whole validation case with the trained network.
 """
 import os
 from pathlib import Path
@@ -106,8 +106,8 @@ def predicted(trainer) -> tuple[np.ndarray, tuple]:
         data = np.vstack((data, first_stage))
     trainer.set_deep_supervision_enabled(False)
     trainer.network.eval()
-    predictor = nnUNetPredictor(use_mirroring=False, perform_everything_on_device=False, device=torch.device("cpu"),
-                                allow_tqdm=False)
+    predictor = nnUNetPredictor(tile_step_size=1, use_mirroring=False, perform_everything_on_device=False,
+                                device=torch.device("cpu"), allow_tqdm=False)  # windows side by side: fewer to run
     predictor.manual_initialization(trainer.network, trainer.plans_manager, trainer.configuration_manager, None,
                                     trainer.dataset_json, type(trainer).__name__,
                                     trainer.inference_allowed_mirroring_axes)
