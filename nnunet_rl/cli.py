@@ -47,12 +47,13 @@ def _compare(args):
 
 
 def _pretrained_weights(args):
-    from nnunet_rl.pretrained import SHOWN_KEYS, convert_stock_checkpoint, modules_of
+    from nnunet_rl.pretrained import SHOWN_KEYS, convert_stock_checkpoint, modules_of, transferred
     out, fresh = convert_stock_checkpoint(args.dataset, args.c, args.tr, args.i, args.o, plans=args.p)
-    modules = modules_of(fresh)
-    print(f"not taken from {args.i} (the trainer's own initialisation; nnU-Net's seg layers start afresh under any "
-          f"-pretrained_weights): {len(fresh)} entries of {len(modules)} modules ({', '.join(modules[:SHOWN_KEYS])}"
-          f"{', ...' if len(modules) > SHOWN_KEYS else ''})")
+    modules = modules_of([key for key in fresh if transferred(key)])
+    print(f"not taken from {args.i}: {len(modules)} modules of the trainer's own, as it initialises them "
+          f"({', '.join(modules[:SHOWN_KEYS])}{', ...' if len(modules) > SHOWN_KEYS else ''}), and the seg layers "
+          f"({len(modules_of([key for key in fresh if not transferred(key)]))} modules; nnU-Net starts them afresh "
+          f"under any -pretrained_weights)")
     print(f"wrote {out}; train with: nnUNetv2_train {args.dataset} {args.c} FOLD -tr {args.tr} -p {args.p} "
           f"-pretrained_weights {out}")
 
@@ -157,10 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrained-weights",
                        help="a stock nnUNetTrainer checkpoint as -pretrained_weights for nnUNetTrainerPixelRL, "
-                            "nnUNetTrainerMRLSeg, nnUNetTrainerPAM or nnUNetTrainerAWSnet (and their variants): its "
-                            "weights in the planned network, the agents or PAM gates freshly initialised (MRL-Seg's "
-                            "Reinforcement-Net encoder copied from the loaded Segmentation-Net); says what it did not "
-                            "take from the checkpoint")
+                            "nnUNetTrainerMRLSeg, nnUNetTrainerPAM, nnUNetTrainerAWSnet or nnUNetTrainerRLU2Net (and "
+                            "their variants): its weights in the planned network (in each RL-U2Net branch, its first "
+                            "convolution cut to the branch's channels), the agents, PAM gates or RL-XAlign modules "
+                            "freshly initialised (MRL-Seg's Reinforcement-Net encoder copied from the loaded "
+                            "Segmentation-Net); says what it did not take from the checkpoint")
     p.add_argument("dataset", help="dataset name or ID")
     p.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
     p.add_argument("-tr", required=True, help="the trainer to be trained, e.g. nnUNetTrainerPixelRL_pretrained")

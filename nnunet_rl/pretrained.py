@@ -14,7 +14,10 @@ Reinforcement-Net's encoder copied from the loaded Segmentation-Net's as the in-
 epoch (:meth:`~nnunet_rl.mrl_seg.ReinforcementEncoder.initialise_from`). The networks of ``nnUNetTrainerPAM`` and
 ``nnUNetTrainerAWSnet`` are the planned network with each decoder stage wrapped beside a gate
 (``decoder.stages.<s>.stage.``, ``decoder.stages.<s>.gate.``): the stock weights go to the wrapped stages under
-their stock names (:func:`nnunet_rl.pam.stock_name`), the gates stay as initialised. The conversion says which
+their stock names (:func:`nnunet_rl.pam.stock_name`), the gates stay as initialised. The network of
+``nnUNetTrainerRLU2Net`` is two planned networks, one per channel group (``primary_branch.``, ``auxiliary_branch.``),
+joined by RL-XAlign modules: each branch takes the stock weights, its first convolution only the input channels the
+branch sees (:func:`per_branch_stock_weights`), and the RL-XAlign modules stay as initialised. The conversion says which
 entries it did not take from the checkpoint.
 """
 import json
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.nnunet_folders import dataset_name as nnunet_dataset_name, require_nnunet_folders
@@ -87,13 +91,34 @@ def load_stock_weights(network: nn.Module, stock: dict, stock_name: Callable[[st
     return [key for key in state if key not in from_stock]
 
 
+def per_branch_stock_weights(network: nn.Module, stock: dict) -> dict:
+    """The ``stock`` state dict once under each branch's prefix of a dual-branch ``network``, the weight of the first
+    convolution (under each of its names in the state dict) cut to the input channels of the branch (stock's first
+    convolution sees every channel). A checkpoint
+    whose first convolution does not see them all is left as it is, for :func:`check_compatible` to report."""
+    weights = {}
+    for direction in ("primary", "auxiliary"):
+        branch, channels = getattr(network, f"{direction}_branch"), getattr(network, f"{direction}_channels")
+        first_conv = next(module for module in branch.modules() if isinstance(module, _ConvNd)).weight
+        names = {key for key, value in branch.state_dict().items() if value.data_ptr() == first_conv.data_ptr()}
+        for key, value in stock.items():
+            cut = key in names and value.ndim > 1 and value.shape[1] > max(channels)
+            weights[f"{direction}_branch.{key}"] = value[:, channels] if cut else value
+    return weights
+
+
 def with_stock_weights(network: nn.Module, stock: dict, source: str, target: str) -> list[str]:
     """``network`` with the ``stock`` weights in its planned part (:func:`load_stock_weights`): for a per-voxel agents'
     network (``planned_network``, ``warm_start_from_planned``) the planned network's entries, then the agents
-    warm-started from it; for a network with pixel attention every entry but the gates'. Returns the entries not
-    taken from ``stock``."""
+    warm-started from it; for a dual-branch network each branch's entries (:func:`per_branch_stock_weights`); for a
+    network with pixel attention every entry but the gates'. Returns the entries not taken from ``stock``."""
+    from nnunet_rl.dual_branch import DualBranchUNet
     from nnunet_rl.pam import stock_name as gated_stock_name
     from nnunet_rl.planned_network import AroundPlannedNetwork
+    if isinstance(network, DualBranchUNet):
+        branches = ("primary_branch.", "auxiliary_branch.")
+        return load_stock_weights(network, per_branch_stock_weights(network, stock),
+                                  lambda key: key if key.startswith(branches) else None, source, target)
     if not isinstance(network, AroundPlannedNetwork):
         return load_stock_weights(network, stock, gated_stock_name, source, target)
     prefix = next(name for name, module in network.named_modules() if module is network.planned_network) + "."
@@ -133,9 +158,11 @@ def build_network(dataset: str, configuration: str, trainer_name: str, plans: st
 
 def find_trainer(trainer_name: str) -> type:
     """The trainer class of that name: ours directly, any other by nnU-Net's search (``nnUNet_extTrainer`` included);
-    one of the per-voxel agents' trainers or of those with pixel attention."""
+    one of the per-voxel agents' trainers, of those with pixel attention, or paired RL-U2Net."""
     from nnunet_rl import trainers
     from nnunet_rl.trainers.pam import nnUNetTrainerPAM
+    from nnunet_rl.trainers.rl_u2net import nnUNetTrainerRLU2Net
+    from nnunet_rl.trainers.rl_u2net_unpaired import nnUNetTrainerRLU2Net_unpaired
     from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer
     trainer_class = getattr(trainers, trainer_name, None)
     if trainer_class is None:
@@ -144,11 +171,14 @@ def find_trainer(trainer_name: str) -> type:
             trainer_class = recursive_find_trainer_class_by_name(trainer_name)
         except RuntimeError as error:
             raise NnunetRLError(f"no trainer {trainer_name!r}: {error}") from error
-    if not issubclass(trainer_class, (VoxelAgentsTrainer, nnUNetTrainerPAM)):
+    if issubclass(trainer_class, nnUNetTrainerRLU2Net_unpaired):
+        raise NnunetRLError(f"{trainer_name}'s branches train on two datasets, one modality each: a stock checkpoint "
+                            f"of one dataset has no weights for the other branch's modality")
+    if not issubclass(trainer_class, (VoxelAgentsTrainer, nnUNetTrainerPAM, nnUNetTrainerRLU2Net)):
         raise NnunetRLError(f"{trainer_name}'s network does not extend the planned one; pretrained-weights converts "
-                            f"for nnUNetTrainerPixelRL, nnUNetTrainerMRLSeg, nnUNetTrainerPAM, nnUNetTrainerAWSnet and "
-                            f"their variants (nnU-Net's own trainers and nnUNetTrainerRLDeepSup take a stock "
-                            f"checkpoint as -pretrained_weights unchanged)")
+                            f"for nnUNetTrainerPixelRL, nnUNetTrainerMRLSeg, nnUNetTrainerPAM, nnUNetTrainerAWSnet, "
+                            f"nnUNetTrainerRLU2Net and their variants (nnU-Net's own trainers and "
+                            f"nnUNetTrainerRLDeepSup take a stock checkpoint as -pretrained_weights unchanged)")
     return trainer_class
 
 

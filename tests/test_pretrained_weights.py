@@ -186,3 +186,37 @@ def test_rl_deep_supervision_takes_a_stock_checkpoint_with_nnunets_own_flag(plan
     loaded = trainer.network.state_dict()
     assert set(loaded) == set(stock_weights)
     assert all(torch.equal(loaded[key], stock_weights[key]) for key in loaded if transferred(key))
+
+
+def test_rl_u2net_branches_take_the_stock_network_each_its_own_input_channels(planned_dataset, stock, tmp_path,
+                                                                               capsys):
+    """Each branch of the paired dual-branch network takes every stock entry but the seg layers, its first convolution
+    only the input channels the branch sees; the RL-XAlign modules stay fresh and the CLI names them; nnU-Net's own
+    -pretrained_weights loads the file. The unpaired trainer is refused."""
+    from nnunet_rl.trainers import nnUNetTrainerRLU2Net
+    stock_path, stock_weights = stock
+    out = tmp_path / "rl_u2net.pth"
+    main(["pretrained-weights", planned_dataset, "-c", CONFIGURATION, "-tr", "nnUNetTrainerRLU2Net", "-i",
+          str(stock_path), "-o", str(out)])
+    printed = capsys.readouterr().out
+    weights, fresh = converted(planned_dataset, nnUNetTrainerRLU2Net, stock_path, tmp_path / "again.pth")
+    first_conv = stock_weights["encoder.stages.0.0.convs.0.conv.weight"]
+    assert first_conv.shape[1] == 2
+    for direction, channel in (("primary", 0), ("auxiliary", 1)):
+        branch = {key.removeprefix(f"{direction}_branch."): value for key, value in weights.items()
+                  if key.startswith(f"{direction}_branch.")}
+        assert branch.keys() == stock_weights.keys()
+        for key, value in branch.items():  # the first convolution has several names (nnU-Net's aliases)
+            expected = first_conv[:, [channel]] if stock_weights[key].data_ptr() == first_conv.data_ptr() \
+                else stock_weights[key]
+            assert not transferred(key) or torch.equal(value, expected), key
+    xalign = [key for key in weights if key.startswith("xalign.")]
+    assert xalign and all(torch.equal(weights[key], fresh[key]) for key in xalign)
+    assert "xalign." in printed and "-pretrained_weights" in printed
+
+    trainer = loaded_into_trainer(planned_dataset, nnUNetTrainerRLU2Net, tmp_path / "again.pth")
+    loaded = trainer.network.state_dict()
+    assert all(torch.equal(loaded[key], weights[key]) for key in weights if transferred(key))
+    with pytest.raises(NnunetRLError, match="two datasets"):
+        convert_stock_checkpoint(planned_dataset, CONFIGURATION, "nnUNetTrainerRLU2Net_unpaired", stock_path,
+                                 tmp_path / "unpaired.pth")
