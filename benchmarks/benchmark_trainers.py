@@ -84,14 +84,9 @@ def _peak_rss_mib() -> float:
 
 def _shutdown_dataloaders(trainer) -> None:
     """Stop nnU-Net's background augmentation workers the way ``on_train_end`` does, without its checkpoint."""
+    from nnunet_rl.augmenters import stop_workers
     for loader in (trainer.dataloader_train, trainer.dataloader_val):
-        if loader is not None and hasattr(loader, "_finish"):
-            loader._finish()
-
-
-def _batch_generator(loader):
-    """The nnUNetDataLoader behind nnU-Net's (NonDet)MultiThreadedAugmenter or SingleThreadedAugmenter."""
-    return loader.generator if hasattr(loader, "generator") else loader.data_loader
+        stop_workers(loader)
 
 
 def synthetic_batches(trainer, seed: int):
@@ -149,7 +144,9 @@ def _time_faithful_rl_epoch(trainer, iterations: int, sync) -> dict:
 def _time_loader_batches(trainer, seed: int) -> dict:
     import numpy as np
     import torch
-    generator = _batch_generator(trainer.dataloader_train)
+
+    from nnunet_rl.augmenters import data_loader
+    generator = data_loader(trainer.dataloader_train)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a background worker
     np.random.seed(seed)  # the same sequence of samples and augmentations for every trainer

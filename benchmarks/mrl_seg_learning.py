@@ -65,6 +65,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_rl.plans.rl_block import MRLSegSettings
 from nnunet_rl.trainers import nnUNetTrainerMRLSeg, nnUNetTrainerMRLSeg_shuffledReward
+from nnunet_rl.trainers.base import RLTrainerBase
 from nnunet_rl.trainers.mrl_seg import COMPONENT
 from nnunet_rl.trainers.schedules import ShortSchedule
 from phantom_experiments import cpu_predictor, experiment_main, held_out_cases, mean_dice, seeded_arm, trained
@@ -94,7 +95,7 @@ class PretrainedSnapshot(Schedule):
 def held_out_dice(trainer, dataset: str) -> dict:
     """Mean foreground Dice on the held-out cases: the pre-trained and the final Segmentation-Net unmasked, and the
     final network after t greedy masking steps; for the stock arm its segmentation."""
-    network = getattr(trainer, "bare_network", trainer.network)  # stock: not compiled, no DDP on the CPU
+    network = trainer.bare_network if isinstance(trainer, RLTrainerBase) else trainer.network  # stock: not compiled
     labels = trainer.label_manager.foreground_labels
     cases, references = held_out_cases(dataset)
     final = copy.deepcopy(network.state_dict())  # the predictor loads its parameters into the network

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from nnunet_rl.trainer_from_plans import trainer_from_plans
+from nnunet_rl.trainers.base import RLTrainerBase
 
 
 def planned_phantoms(base: Path, kind: str, dataset_id: int, configurations: list[str],
@@ -37,11 +38,10 @@ def seeded_arm(arm: str, arms: dict, schedule: type, component: str, seed: int) 
     """The class of arm ``arm`` (a trainer of ``arms``) on ``schedule`` (a ``ShortSchedule`` mixin), its component's
     ``seed`` (the action sampler) set to ``seed`` (stock nnU-Net's trainer: the schedule alone)."""
     trainer = arms[arm]
-    overrides = getattr(trainer, "rl_overrides", None)
-    if overrides is None:  # stock nnU-Net: nothing to seed but torch, numpy and random
+    if not issubclass(trainer, RLTrainerBase):  # stock nnU-Net: nothing to seed but torch, numpy and random
         return type(f"{trainer.__name__}_{schedule.__name__}", (schedule, trainer), {})
     return type(f"{trainer.__name__}_{schedule.__name__}_seed{seed}", (schedule, trainer),
-                {"rl_overrides": {component: {**overrides.get(component, {}), "seed": seed}}})
+                {"rl_overrides": {component: {**trainer.rl_overrides.get(component, {}), "seed": seed}}})
 
 
 def trained(dataset: str, trainer_class: type, configuration: str, seed: int, fold: int = 0):

@@ -21,6 +21,7 @@ import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
+from nnunet_rl.augmenters import stop_workers
 from nnunet_rl.dual_branch import FUSION_DIRECTIONS, DualBranchUNet
 from nnunet_rl.dual_branch_loss import BranchTargets
 from nnunet_rl.errors import NnunetRLError
@@ -137,8 +138,7 @@ class JointLoader:
     def finish(self) -> None:
         """Stop the background workers of both augmenters (nnU-Net stops only its own augmenter classes)."""
         for loader in self.loaders.values():
-            if hasattr(loader, "_finish"):
-                loader._finish()
+            stop_workers(loader)
 
 
 class UnpairedDualBranchUNet(DualBranchUNet):

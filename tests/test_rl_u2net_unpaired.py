@@ -18,6 +18,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from test_e2e import cli, user_environment
 from test_rl_u2net import branch_kwargs
 
+from nnunet_rl.augmenters import data_loader
 from nnunet_rl.datasets.mmwhs import LABEL_MAP
 from nnunet_rl.datasets.synthetic import _heart_case
 from nnunet_rl.errors import NnunetRLError
@@ -85,11 +86,6 @@ def trainer(plans: dict, dataset_json: dict, configuration: str = CONFIGURATION)
 
 def fold(env: dict, dataset: str) -> dict:
     return load_json(str(Path(env["nnUNet_preprocessed"]) / dataset / "splits_final.json"))[0]
-
-
-def data_loader(augmenter):
-    """The nnUNetDataLoader inside nnU-Net's (single- or multi-process) augmenter."""
-    return augmenter.generator if hasattr(augmenter, "generator") else augmenter.data_loader
 
 
 def test_plans_share_the_topology_and_keep_each_modality_normalisation(nnunet_env):

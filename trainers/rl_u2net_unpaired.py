@@ -36,6 +36,7 @@ from nnunetv2.paths import nnUNet_preprocessed, nnUNet_results
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
+from nnunet_rl.augmenters import stop_workers
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
 from nnunet_rl.trainers.rl_u2net import COMPONENT, nnUNetTrainerRLU2Net
@@ -151,8 +152,7 @@ class nnUNetTrainerRLU2Net_unpaired(nnUNetTrainerRLU2Net):
         train, validation = super().get_dataloaders()
         with self.on_dataset(self.auxiliary):
             auxiliary_train, auxiliary_validation = super().get_dataloaders()
-        if hasattr(auxiliary_validation, "_finish"):
-            auxiliary_validation._finish()
+        stop_workers(auxiliary_validation)
         if not self.bare_network.has_references():  # a resumed run keeps those of its checkpoint
             self._choose_references()
         return JointLoader(train, auxiliary_train), validation

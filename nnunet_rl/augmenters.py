@@ -1,0 +1,23 @@
+"""nnU-Net's augmenters (batchgenerators' single- and multi-process ones), handled as ``nnUNetTrainer`` handles them:
+by their class."""
+from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+
+WITH_WORKERS = (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)
+"""The augmenters with background workers, which ``nnUNetTrainer.on_train_end`` stops."""
+
+
+def stop_workers(augmenter) -> None:
+    """Stop the augmenter's background workers as ``nnUNetTrainer.on_train_end`` does; others have none."""
+    if isinstance(augmenter, WITH_WORKERS):
+        augmenter._finish()
+
+
+def data_loader(augmenter):
+    """The ``nnUNetDataLoader`` that feeds nnU-Net's augmenter."""
+    if isinstance(augmenter, WITH_WORKERS):
+        return augmenter.generator
+    if isinstance(augmenter, SingleThreadedAugmenter):
+        return augmenter.data_loader
+    raise TypeError(f"not one of nnU-Net's augmenters: {type(augmenter).__name__}")
