@@ -25,14 +25,19 @@ def clean_environment(**extra) -> dict:
     return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **extra}
 
 
-def resolve_all_in_subprocess(env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", RESOLVE_ALL, *trainers.__all__], env=env, capture_output=True,
-                          text=True, cwd="/")
+# Each component's trainer and its generated test schedule (a class made by type()): enough to show that a discovery
+# mechanism works (nnU-Net's resolver walks its whole package once per name); the env export resolves every name.
+MECHANISM_PROBE = [name for name in trainers.__all__ if "_" not in name.removesuffix("_3epochs_2iters")]
+
+
+def resolve_in_subprocess(env: dict, names: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", RESOLVE_ALL, *names], env=env, capture_output=True, text=True,
+                          cwd="/")
 
 
 def test_env_export_makes_nnunet_find_every_trainer():
     variable = discovery.ext_trainer_value(None)
-    result = resolve_all_in_subprocess(clean_environment(nnUNet_extTrainer=variable))
+    result = resolve_in_subprocess(clean_environment(nnUNet_extTrainer=variable), trainers.__all__)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"resolved {len(trainers.__all__)}" in result.stdout
 
@@ -41,7 +46,7 @@ def test_startup_hook_makes_discovery_automatic():
     hook = discovery.Path(discovery.sysconfig.get_paths()["purelib"]) / discovery.STARTUP_HOOK_NAME
     if not hook.is_file():
         pytest.skip("the .pth hook is not installed in this environment (`make` / `nnunet-rl env --install-hook`)")
-    result = resolve_all_in_subprocess(clean_environment())
+    result = resolve_in_subprocess(clean_environment(), MECHANISM_PROBE)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -66,11 +71,11 @@ def test_ext_trainer_folder_holds_only_the_thin_module():
 
 
 @pytest.mark.e2e
-def test_the_built_wheel_in_a_fresh_environment_finds_every_trainer(tmp_path):
+def test_the_built_wheel_in_a_fresh_environment_finds_the_trainers(tmp_path):
     """The path of a user who installs the package instead of cloning it: pip builds the wheel, it is installed into
     a fresh venv (its dependencies taken from this environment's site-packages by a plain path entry, so this
     checkout's editable install is not seen), `nnunet-rl env --install-hook` runs there, and a new process of that
-    venv resolves every trainer, from the wheel's files."""
+    venv resolves each component's trainer (:data:`MECHANISM_PROBE`), from the wheel's files."""
     import shutil
     import sysconfig
     from pathlib import Path
@@ -92,6 +97,6 @@ def test_the_built_wheel_in_a_fresh_environment_finds_every_trainer(tmp_path):
     subprocess.run([python, "-c", "import sys; from nnunet_rl.cli import main; sys.argv = ['nnunet-rl', 'env', "
                     "'--install-hook']; main()"], check=True, env=env, cwd="/", capture_output=True)
     result = subprocess.run([python, "-c", "import nnunet_rl; print(nnunet_rl.__file__)\n" + RESOLVE_ALL,
-                             *trainers.__all__], env=env, capture_output=True, text=True, cwd="/")
+                             *MECHANISM_PROBE], env=env, capture_output=True, text=True, cwd="/")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.splitlines()[0].startswith(site) and f"resolved {len(trainers.__all__)}" in result.stdout
+    assert result.stdout.splitlines()[0].startswith(site) and f"resolved {len(MECHANISM_PROBE)}" in result.stdout
