@@ -69,6 +69,30 @@ def predict(env: dict, trainer: str, output: Path) -> None:
         "*.nii.gz"))
 
 
+def export_install_and_predict_with_the_api(env: dict, trainer: str, predictions: Path, tmp_path: Path) -> None:
+    """Exported as nnU-Net's zip, installed into a fresh results folder, predicting there through nnU-Net's Python
+    API: the same model gives the same segmentations as ``predictions`` (nnUNetv2_predict in the training folder)."""
+    archive = tmp_path / f"{trainer}.zip"
+    cli("nnUNetv2_export_model_to_zip", "-d", DATASET_ID, "-o", str(archive), "-c", CONFIGURATION, "-tr", trainer,
+        "-f", "0", env=env)
+    fresh = {**env, "nnUNet_results": str(tmp_path / "fresh_results")}
+    cli("nnUNetv2_install_pretrained_model_from_zip", str(archive), env=fresh)
+    raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*"))
+    api = ("import sys, torch\n"
+           "from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor\n"
+           "predictor = nnUNetPredictor(device=torch.device('cpu'), perform_everything_on_device=False)\n"
+           "predictor.initialize_from_trained_model_folder(sys.argv[1], use_folds=(0,))\n"
+           "predictor.predict_from_files(sys.argv[2], sys.argv[3], num_processes_preprocessing=1,\n"
+           "                             num_processes_segmentation_export=1)\n")
+    result = subprocess.run([sys.executable, "-c", api, str(fold_folder(fresh, trainer).parent),
+                             str(raw / "imagesTs"), str(tmp_path / "installed")], env=fresh, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for predicted in sorted(predictions.glob("*.nii.gz")):
+        assert (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "installed" / predicted.name))) ==
+                sitk.GetArrayFromImage(sitk.ReadImage(str(predicted)))).all()
+
+
 def train_until_second_epoch_then_kill(env: dict, trainer: str, dataset_id: str = DATASET_ID,
                                        configuration: str = CONFIGURATION) -> None:
     """Start nnUNetv2_train on fold 0, wait until epoch 1 has started (epoch 0's checkpoint is written), kill -9 it."""
@@ -135,25 +159,7 @@ def test_pam_trains_resumes_predicts_and_compares(trainer_environment, tmp_path)
     assert len(list((tmp_path / "postprocessed").glob("*.nii.gz"))) == len(list((tmp_path / "predictions").glob(
         "*.nii.gz")))
 
-    # exported as nnU-Net's zip, installed into a fresh results folder, predicting there through nnU-Net's Python API
-    archive = tmp_path / "pam.zip"
-    cli("nnUNetv2_export_model_to_zip", "-d", DATASET_ID, "-o", str(archive), "-c", CONFIGURATION, "-tr", OURS, "-f",
-        "0", env=env)
-    fresh = {**env, "nnUNet_results": str(tmp_path / "fresh_results")}
-    cli("nnUNetv2_install_pretrained_model_from_zip", str(archive), env=fresh)
-    raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*"))
-    api = ("import sys, torch\n"
-           "from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor\n"
-           "predictor = nnUNetPredictor(device=torch.device('cpu'), perform_everything_on_device=False)\n"
-           "predictor.initialize_from_trained_model_folder(sys.argv[1], use_folds=(0,))\n"
-           "predictor.predict_from_files(sys.argv[2], sys.argv[3], num_processes_preprocessing=1,\n"
-           "                             num_processes_segmentation_export=1)\n")
-    result = subprocess.run([sys.executable, "-c", api, str(fold_folder(fresh, OURS).parent), str(raw / "imagesTs"),
-                             str(tmp_path / "installed")], env=fresh, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for predicted in sorted((tmp_path / "predictions").glob("*.nii.gz")):  # the same model: the same segmentation
-        assert (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "installed" / predicted.name))) ==
-                sitk.GetArrayFromImage(sitk.ReadImage(str(predicted)))).all()
+    export_install_and_predict_with_the_api(env, OURS, tmp_path / "predictions", tmp_path)
 
 
 def test_rl_u2net_trains_resumes_predicts_and_runs_the_ablation(trainer_environment, tmp_path):
@@ -169,6 +175,7 @@ def test_rl_u2net_trains_resumes_predicts_and_runs_the_ablation(trainer_environm
     policy = json.loads((fold_folder(env, trainer) / "rl_policy.json").read_text())
     assert all(len(m["rotations"]) == 24 for m in policy["modules"].values())
     predict(env, trainer, tmp_path / "predictions")
+    export_install_and_predict_with_the_api(env, trainer, tmp_path / "predictions", tmp_path)
 
     out = cli("nnunet-rl", "ablation", DATASET_ID, "-c", CONFIGURATION, "-f", "0", "--schedule", "quick",
               "--variants", "noPPO", "-device", "cpu", env=env)
@@ -198,11 +205,12 @@ def test_rl_deep_supervision_trains_and_predicts_with_nnunet_commands(trainer_en
 
 
 def test_pixel_rl_trains_and_predicts_with_nnunet_commands(trainer_environment, tmp_path):
-    """Backbone phase (epoch 0) then RL phase (epochs 1-2); nnUNetv2_predict rebuilds the heads and refines. The
-    _noDC variant: the same code with undilated heads, because PyTorch's CPU backward of dilated 3D convolutions takes
-    minutes here (docs/pixel_rl.md)."""
+    """Backbone phase (epoch 0) then RL phase (epochs 1-2), with nnU-Net's W&B logger on (offline): the RL telemetry
+    reaches the W&B run; nnUNetv2_predict rebuilds the heads and refines. The _noDC variant: the same code with
+    undilated heads, because PyTorch's CPU backward of dilated 3D convolutions takes minutes here (docs/pixel_rl.md)."""
     trainer = "nnUNetTrainerPixelRL_noDC_3epochs_2iters"
-    env = trainer_environment
+    env = {**trainer_environment, "nnUNet_wandb_enabled": "1", "nnUNet_wandb_mode": "offline",
+           "WANDB_SILENT": "true"}
     cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", env=env)
     final = torch.load(fold_folder(env, trainer) / "checkpoint_final.pth", weights_only=False)
     assert any(key.startswith("actor_critic.returns.omega") for key in final["network_weights"])
@@ -210,6 +218,9 @@ def test_pixel_rl_trains_and_predicts_with_nnunet_commands(trainer_environment, 
     rewards = final["logging"]["pixel_rl/reward"]
     assert math.isnan(rewards[0]) and all(math.isfinite(r) for r in rewards[1:])
     assert final["logging"]["pixel_rl/skipped_updates"][1:] == [0, 0]
+    logged = wandb_history(next(fold_folder(env, trainer).glob("wandb/offline-run-*/run-*.wandb")))
+    assert [r for r in logged["pixel_rl/reward"] if isinstance(r, float) and math.isfinite(r)] == \
+        pytest.approx(rewards[1:])  # the RL epochs' mean rewards; epoch 0 (backbone phase) has none
     steps = json.loads((fold_folder(env, trainer) / "pixel_rl_steps.json").read_text())["dice_per_step"]
     assert sorted(steps) == ["1", "2"] and all(len(dice) == 11 for dice in steps.values())  # f(0) … f(10)
     assert (fold_folder(env, trainer) / "pixel_rl_steps.png").is_file()
