@@ -51,21 +51,12 @@ def stock_weights(num_outputs: int) -> np.ndarray:
 
 
 def num_controlled(num_outputs: int) -> int:
-    """How many outputs DAS weighs: those nnU-Net supervises, i.e. all but the zero-weight lowest one."""
-    return int(np.count_nonzero(stock_weights(num_outputs)))
+    """How many outputs DAS weighs: those nnU-Net supervises, i.e. all but the zero-weight lowest one.
 
-
-def expand_to_all_outputs(alpha_controlled: np.ndarray, num_outputs: int) -> np.ndarray:
-    """The loss weights of all ``num_outputs`` outputs: the controlled α, then 0 for the lowest output.
-
-    nnU-Net gives its lowest-resolution output weight 0, which softmax cannot produce; DAS therefore
-    controls only the supervised outputs and this output stays at 0 (see :func:`stock_weights`).
+    nnU-Net gives its lowest-resolution output weight 0, which softmax cannot produce; DAS therefore controls only the
+    supervised outputs, and the trainer keeps that output's stock weight (see :func:`stock_weights`).
     """
-    alpha_controlled = np.asarray(alpha_controlled, dtype=np.float64)
-    if alpha_controlled.shape != (num_controlled(num_outputs),):
-        raise ValueError(f"{num_outputs} outputs have {num_controlled(num_outputs)} controlled weights, "
-                         f"got shape {alpha_controlled.shape}")
-    return np.concatenate([alpha_controlled, np.zeros(num_outputs - alpha_controlled.size)])
+    return int(np.count_nonzero(stock_weights(num_outputs)))
 
 
 def alpha_from_beta(beta: np.ndarray) -> np.ndarray:
@@ -80,7 +71,7 @@ def beta_from_alpha(alpha: np.ndarray) -> np.ndarray:
 
     softmax is invariant to adding a constant to β; of all β with softmax(β) = α we return the one with
     Σ exp(β) = 1, i.e. log α. α must be a distribution with every entry > 0: a zero weight has no β
-    (that is why nnU-Net's zero-weight output is left out of DAS, see :func:`expand_to_all_outputs`).
+    (that is why nnU-Net's zero-weight output is left out of DAS, see :func:`num_controlled`).
     """
     alpha = np.asarray(alpha, dtype=np.float64)
     if np.any(alpha <= 0) or not math.isclose(alpha.sum(), 1.0, rel_tol=1e-9):
@@ -239,7 +230,7 @@ class DeepSupervisionWeights:
         return self.beta.size
 
     def alpha(self) -> np.ndarray:
-        """α of the controlled outputs; :func:`expand_to_all_outputs` gives the loss weights of all outputs."""
+        """α of the controlled outputs (the trainer appends the lowest output's stock weight)."""
         return alpha_from_beta(self.beta)
 
     def candidates(self, controllers: DASControllers, k: int) -> tuple[torch.Tensor, np.ndarray]:

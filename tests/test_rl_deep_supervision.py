@@ -10,10 +10,9 @@ import torch
 from helpers import on_two_gloo_ranks
 
 from nnunet_rl.plans.rl_block import DeepSupervisionSettings
-
 from nnunet_rl.rl_deep_supervision import (ACTIONS, DASControllers, DeepSupervisionWeights, MovingBaseline,
-                                           alpha_from_beta, beta_from_alpha, cubed_reward,
-                                           expand_to_all_outputs, num_controlled, stock_weights)
+                                           alpha_from_beta, beta_from_alpha, cubed_reward, num_controlled,
+                                           stock_weights)
 
 
 def nnunet_weights(num_outputs: int) -> np.ndarray:
@@ -63,16 +62,11 @@ def test_beta_refuses_what_is_not_a_positive_distribution(alpha):
 
 
 @pytest.mark.parametrize("num_outputs", [1, 2, 3, 5, 6])
-def test_stock_beta_reproduces_nnunet_and_expansion_restores_the_zero(num_outputs):
+def test_stock_beta_reproduces_nnunet_on_the_supervised_outputs(num_outputs):
     weights = DeepSupervisionWeights.stock(num_outputs)
     assert weights.num_controlled == num_controlled(num_outputs) == max(num_outputs - 1, 1)
     np.testing.assert_allclose(weights.alpha(), stock_weights(num_outputs)[:weights.num_controlled])
-    np.testing.assert_allclose(expand_to_all_outputs(weights.alpha(), num_outputs), stock_weights(num_outputs))
-
-
-def test_expand_refuses_the_wrong_length():
-    with pytest.raises(ValueError):
-        expand_to_all_outputs(np.array([0.5, 0.5]), 4)
+    assert np.all(stock_weights(num_outputs)[weights.num_controlled:] == 0)
 
 
 def test_cubed_reward():
