@@ -50,7 +50,7 @@ def _pretrained_weights(args):
     from nnunet_rl.pretrained import SHOWN_KEYS, convert_stock_checkpoint, modules_of, transferred
     out, fresh = convert_stock_checkpoint(args.dataset, args.c, args.tr, args.i, args.o, plans=args.p)
     modules = modules_of([key for key in fresh if transferred(key)])
-    print(f"not taken from {args.i}: {len(modules)} modules of the trainer's own, as it initialises them "
+    print(f"not taken from {args.i}: {len(modules)} modules of the trainer's own "
           f"({', '.join(modules[:SHOWN_KEYS])}{', ...' if len(modules) > SHOWN_KEYS else ''}), and the seg layers "
           f"({len(modules_of([key for key in fresh if not transferred(key)]))} modules; nnU-Net starts them afresh "
           f"under any -pretrained_weights)")

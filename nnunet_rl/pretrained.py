@@ -16,7 +16,7 @@ epoch (:meth:`~nnunet_rl.mrl_seg.ReinforcementEncoder.initialise_from`). The net
 (``decoder.stages.<s>.stage.``, ``decoder.stages.<s>.gate.``): the stock weights go to the wrapped stages under
 their stock names (:func:`nnunet_rl.pam.stock_name`), the gates stay as initialised. The network of
 ``nnUNetTrainerRLU2Net`` is two planned networks, one per channel group (``primary_branch.``, ``auxiliary_branch.``),
-joined by RL-XAlign modules: each branch takes the stock weights, its first convolution only the input channels the
+joined by RL-XAlign modules: each branch takes the stock weights, its input convolution only the input channels the
 branch sees (:func:`per_branch_stock_weights`), and the RL-XAlign modules stay as initialised. The conversion says which
 entries it did not take from the checkpoint.
 """
@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.modules.conv import _ConvNd
 
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.nnunet_folders import dataset_name as nnunet_dataset_name, require_nnunet_folders
@@ -91,19 +90,22 @@ def load_stock_weights(network: nn.Module, stock: dict, stock_name: Callable[[st
     return [key for key in state if key not in from_stock]
 
 
-def per_branch_stock_weights(network: nn.Module, stock: dict) -> dict:
-    """The ``stock`` state dict once under each branch's prefix of a dual-branch ``network``, the weight of the first
-    convolution (under each of its names in the state dict) cut to the input channels of the branch (stock's first
-    convolution sees every channel). A checkpoint
-    whose first convolution does not see them all is left as it is, for :func:`check_compatible` to report."""
+def per_branch_stock_weights(network: nn.Module, stock: dict, source: str) -> dict:
+    """The ``stock`` state dict once under each branch's prefix of a dual-branch ``network``, the weight of the input
+    convolution (the architecture's ``keys_to_in_proj``, under each of its names in the state dict) cut to the input
+    channels of the branch: stock's input convolution sees every channel of the dataset, a branch its own."""
     weights = {}
+    input_channels = len(network.primary_channels) + len(network.auxiliary_channels)
     for direction in ("primary", "auxiliary"):
         branch, channels = getattr(network, f"{direction}_branch"), getattr(network, f"{direction}_channels")
-        first_conv = next(module for module in branch.modules() if isinstance(module, _ConvNd)).weight
-        names = {key for key, value in branch.state_dict().items() if value.data_ptr() == first_conv.data_ptr()}
+        in_proj = branch.get_submodule(branch.keys_to_in_proj[0]).weight
+        names = {key for key, value in branch.state_dict().items() if value.data_ptr() == in_proj.data_ptr()}
         for key, value in stock.items():
-            cut = key in names and value.ndim > 1 and value.shape[1] > max(channels)
-            weights[f"{direction}_branch.{key}"] = value[:, channels] if cut else value
+            if key in names and value.shape[1] != input_channels:
+                raise NnunetRLError(f"{source}: its input convolution {key} sees {value.shape[1]} channels, the "
+                                    f"dataset has {input_channels}; convert a checkpoint trained on this dataset's "
+                                    f"channels (same plans and configuration)")
+            weights[f"{direction}_branch.{key}"] = value[:, channels] if key in names else value
     return weights
 
 
@@ -117,7 +119,7 @@ def with_stock_weights(network: nn.Module, stock: dict, source: str, target: str
     from nnunet_rl.planned_network import AroundPlannedNetwork
     if isinstance(network, DualBranchUNet):
         branches = ("primary_branch.", "auxiliary_branch.")
-        return load_stock_weights(network, per_branch_stock_weights(network, stock),
+        return load_stock_weights(network, per_branch_stock_weights(network, stock, source),
                                   lambda key: key if key.startswith(branches) else None, source, target)
     if not isinstance(network, AroundPlannedNetwork):
         return load_stock_weights(network, stock, gated_stock_name, source, target)

@@ -25,9 +25,17 @@ def clean_environment(**extra) -> dict:
     return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **extra}
 
 
-# Each component's trainer and its generated test schedule (a class made by type()): enough to show that a discovery
-# mechanism works (nnU-Net's resolver walks its whole package once per name); the env export resolves every name.
-MECHANISM_PROBE = [name for name in trainers.__all__ if "_" not in name.removesuffix("_3epochs_2iters")]
+def mechanism_probe() -> list[str]:
+    """Per module of ``nnunet_rl.trainers``, its first trainer and its first test schedule (a class made by type()):
+    enough to show that a discovery mechanism works (nnU-Net's resolver walks its whole package once per name, so
+    resolving all of them takes a while); the env-export test resolves every name."""
+    probe = {}
+    for name in trainers.__all__:
+        probe.setdefault((getattr(trainers, name).__module__, name.endswith("_3epochs_2iters")), name)
+    return sorted(probe.values())
+
+
+MECHANISM_PROBE = mechanism_probe()
 
 
 def resolve_in_subprocess(env: dict, names: list[str]) -> subprocess.CompletedProcess:
@@ -75,7 +83,7 @@ def test_the_built_wheel_in_a_fresh_environment_finds_the_trainers(tmp_path):
     """The path of a user who installs the package instead of cloning it: pip builds the wheel, it is installed into
     a fresh venv (its dependencies taken from this environment's site-packages by a plain path entry, so this
     checkout's editable install is not seen), `nnunet-rl env --install-hook` runs there, and a new process of that
-    venv resolves each component's trainer (:data:`MECHANISM_PROBE`), from the wheel's files."""
+    venv resolves the trainers of :func:`mechanism_probe`, from the wheel's files."""
     import shutil
     import sysconfig
     from pathlib import Path

@@ -24,6 +24,7 @@ CONFIGURATION = "3d_fullres"
 STOCK = "nnUNetTrainer_3epochs_2iters"
 OURS = "nnUNetTrainerPAM_3epochs_2iters"
 HIPPOCAMPUS = SHARED / "data" / "Task04_Hippocampus"
+WANDB_OFFLINE = {"nnUNet_wandb_enabled": "1", "nnUNet_wandb_mode": "offline", "WANDB_SILENT": "true"}
 
 
 def user_environment(base: Path) -> dict:
@@ -190,8 +191,7 @@ def test_rl_deep_supervision_trains_and_predicts_with_nnunet_commands(trainer_en
     nnUNetTrainerAWSnet (PAM and DAS in one network) trains in-process in tests/test_rl_deep_supervision_trainer.py:
     its PAM half goes through these commands in the PAM test, its DAS half here."""
     trainer = "nnUNetTrainerRLDeepSup_3epochs_2iters"
-    env = {**trainer_environment, "nnUNet_wandb_enabled": "1", "nnUNet_wandb_mode": "offline",
-           "WANDB_SILENT": "true"}
+    env = {**trainer_environment, **WANDB_OFFLINE}
     cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", env=env)
     learned = json.loads((fold_folder(env, trainer) / "rl_deep_supervision.json").read_text())
     assert sum(learned["alpha"]) == pytest.approx(1.0) and learned["alpha"][-1] == 0
@@ -209,8 +209,7 @@ def test_pixel_rl_trains_and_predicts_with_nnunet_commands(trainer_environment, 
     reaches the W&B run; nnUNetv2_predict rebuilds the heads and refines. The _noDC variant: the same code with
     undilated heads, because PyTorch's CPU backward of dilated 3D convolutions takes minutes here (docs/pixel_rl.md)."""
     trainer = "nnUNetTrainerPixelRL_noDC_3epochs_2iters"
-    env = {**trainer_environment, "nnUNet_wandb_enabled": "1", "nnUNet_wandb_mode": "offline",
-           "WANDB_SILENT": "true"}
+    env = {**trainer_environment, **WANDB_OFFLINE}
     cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", env=env)
     final = torch.load(fold_folder(env, trainer) / "checkpoint_final.pth", weights_only=False)
     assert any(key.startswith("actor_critic.returns.omega") for key in final["network_weights"])

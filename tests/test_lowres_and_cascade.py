@@ -26,6 +26,7 @@ from nnunet_rl.trainer_from_plans import trainer_from_plans
 from nnunet_rl.trainers import (nnUNetTrainerAllSliceFusion, nnUNetTrainerClassifierGuided, nnUNetTrainerMRLSeg,
                                 nnUNetTrainerPAM, nnUNetTrainerPixelRL_noDC, nnUNetTrainerRLDeepSup,
                                 nnUNetTrainerRLU2Net)
+from nnunet_rl.trainers.base import RLTrainerBase
 from nnunet_rl.trainers.schedules import ShortSchedule
 
 DATASET_ID = 952
@@ -51,7 +52,7 @@ def lowres_dataset(planned_dataset) -> str:
 def one_iteration_epoch(trainer_class: type, overrides: dict | None = None) -> type:
     """``trainer_class`` on one epoch of two training iterations and one validation iteration, its RL from the start
     (``overrides``: the rl-block keys that start it)."""
-    pinned = dict(getattr(trainer_class, "rl_overrides", {}))  # nnU-Net's own trainers have none
+    pinned = dict(trainer_class.rl_overrides) if issubclass(trainer_class, RLTrainerBase) else {}
     for component, keys in (overrides or {}).items():
         pinned[component] = {**pinned.get(component, {}), **keys}
     return type(f"{trainer_class.__name__}_cell", (ShortSchedule, trainer_class),

@@ -13,7 +13,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_rl.cli import main
 from nnunet_rl.errors import NnunetRLError
-from nnunet_rl.pretrained import NOT_TRANSFERRED, build_network, convert_stock_checkpoint
+from nnunet_rl.pretrained import NOT_TRANSFERRED, build_network, convert_stock_checkpoint, with_stock_weights
 from nnunet_rl.trainers import nnUNetTrainerMRLSeg_pretrained, nnUNetTrainerPixelRL_pretrained
 from nnunet_rl.trainer_from_plans import trainer_from_plans
 
@@ -217,6 +217,11 @@ def test_rl_u2net_branches_take_the_stock_network_each_its_own_input_channels(pl
     trainer = loaded_into_trainer(planned_dataset, nnUNetTrainerRLU2Net, tmp_path / "again.pth")
     loaded = trainer.network.state_dict()
     assert all(torch.equal(loaded[key], weights[key]) for key in weights if transferred(key))
+    network, _ = build_network(planned_dataset, CONFIGURATION, "nnUNetTrainerRLU2Net", "nnUNetPlans")
+    one_channel = {key: value[:, :1] if value.data_ptr() == first_conv.data_ptr() else value
+                   for key, value in stock_weights.items()}
+    with pytest.raises(NnunetRLError, match="sees 1 channels, the dataset has 2"):
+        with_stock_weights(network, one_channel, "one-channel.pth", "RL-U2Net")
     with pytest.raises(NnunetRLError, match="two datasets"):
         convert_stock_checkpoint(planned_dataset, CONFIGURATION, "nnUNetTrainerRLU2Net_unpaired", stock_path,
                                  tmp_path / "unpaired.pth")
