@@ -1,26 +1,29 @@
 """Does DAS's look-ahead rank candidate weightings as the bilevel scoring does, and does the bilevel ranking itself
-reproduce on other batches? Spearman ρ per round, with that noise ceiling beside it.
+reproduce on other batches? Spearman ρ per round, with that reproducibility beside it.
 
 Each round, from one training state S of nnU-Net's own training (its augmentation and patch sampling) of
 ``nnUNetTrainerRLDeepSup_shortHorizon`` at the plans' defaults:
 
 - the candidates are every distinct weighting the controllers can propose from the current β (the 3^L joint actions
   Δβ ∈ {−0.15, 0, +0.15}^L, deduplicated by α: 5 for two controlled outputs), so no two candidates of a round share
-  an α and no round has ties by construction;
+  an α (their scores can still tie; a round whose ρ is undefined is left out of that statistic);
 - bilevel scores on two independent sets of common batches, A and B: on each set every candidate trains
   ``trial_steps`` steps from S with nnU-Net's own ``train_step`` on the set's training batches and is scored (foreground
   Dice, as nnU-Net's pseudo Dice) on the set's ``trial_reward_batches`` reward batches — set A's score is exactly the
   ``_shortHorizon`` trainer's;
 - the look-ahead score (``look_ahead_dice``, the default trainer's) on a training batch and a reward batch of its own.
 
-Per round: ρ(A, B), the bilevel ranking's reproducibility across batches (the ceiling any proxy of it can reach), and
-ρ(look-ahead, A), ρ(look-ahead, B). The network then continues from set A's best candidate (as ``_shortHorizon``
-trains); the controllers are not updated (this measures scores, not learning). Rewards come from the fold's reward
-cases only (``rl_reward_cases.json``), never from its validation cases.
+Per round: ρ(A, B), the bilevel ranking's reproducibility across batches (a proxy's agreement with one noisy set is
+bounded by about √ρ(A, B)), and ρ(look-ahead, A), ρ(look-ahead, B). The network then continues from set A's best
+candidate, so consecutive rounds are ``trial_steps`` steps apart (``_shortHorizon`` runs one round per epoch): the
+rounds are strongly autocorrelated. The controllers are not updated (this measures scores, not learning). Rewards come
+from the fold's reward cases only (``rl_reward_cases.json``), never from its validation cases.
 
 Start state: with ``--checkpoint`` the rounds start from a finished DAS run's checkpoint (network, optimizer, β),
 with the learning rate nnU-Net's poly schedule gives at the start of the RL phase (epoch ⌊warmup_fraction·E⌋ of the
-checkpoint's E epochs), then ``--warmup`` training steps; without it, from scratch after ``--warmup`` steps.
+checkpoint's E epochs), then ``--warmup`` training steps: finished weights at the RL phase's learning rate, a state
+nnU-Net's own run never visits, chosen to look at a trained network at a learning rate where candidates still
+differ. Without it, from scratch after ``--warmup`` steps.
 
 Reading, fixed before the first run of this design (s.e. = sd/√rounds; the rounds follow one trajectory, so it is
 optimistic):
@@ -28,7 +31,7 @@ optimistic):
 - with power, the look-ahead agrees with the bilevel scoring iff the mean over rounds of ½(ρ(look-ahead, A) +
   ρ(look-ahead, B)) − 2 s.e. > 0; otherwise no agreement is shown. Without power nothing is concluded about it.
 
-    export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=...
+    export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=...  # the study's; its plans copy nnUNetPlans
     run=$nnUNet_results/Dataset004_Hippocampus/nnUNetTrainerRLDeepSup_30epochs_50iters__nnUNetPlans_repeat0__3d_fullres
     python benchmarks/das_ranking_agreement.py -d 4 --epochs 30 --checkpoint $run/fold_0/checkpoint_final.pth \\
         --warmup 20 --rounds 20 -o ranking.json
@@ -52,8 +55,7 @@ from nnunet_rl.trainers import nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_sh
 
 
 class RankingProbe(nnUNetTrainerRLDeepSup_shortHorizon):
-    """The short-horizon trainer, able to score the same candidates by the look-ahead too (results in a scratch
-    folder)."""
+    """The short-horizon trainer, able to score the same candidates by the look-ahead too."""
     look_ahead_dice = nnUNetTrainerRLDeepSup.look_ahead_dice
 
     def distinct_candidates(self) -> np.ndarray:
@@ -77,6 +79,7 @@ class RankingProbe(nnUNetTrainerRLDeepSup_shortHorizon):
         return scores
 
     def round_scores(self, betas: np.ndarray) -> dict[str, np.ndarray]:
+        """The look-ahead's and both sets' bilevel scores of the candidates ``betas``, all from the current state."""
         start = self._training_state()
         look_ahead = self.look_ahead_dice(next(self.dataloader_train), next(self.dataloader_reward), betas)
         set_b = self.bilevel_scores(betas, start)
