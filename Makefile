@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 BENCHMARK_ARGS ?= -d 4 -c 3d_fullres --prepare-msd ../shared/data/Task04_Hippocampus
+# Two test files at a time (pytest-xdist), each file in one worker so its module fixtures are built once: the suite's
+# nnU-Net processes spend much of their time starting up and waiting, which the other worker fills.
+PYTEST_PARALLEL ?= -n 2 --dist loadfile
 
 .PHONY: install demo demo-quick test test-fast benchmark clean
 
@@ -25,10 +28,10 @@ demo-quick: install
 
 test: install
 	$(BIN)/ruff check .  # rules in pyproject.toml
-	$(CPU_ENV) $(BIN)/python -m pytest -ra --durations=25  # the slowest tests, to keep the suite within 30 min
+	$(CPU_ENV) $(BIN)/python -m pytest $(PYTEST_PARALLEL) -ra --durations=25  # the slowest, to keep it within 30 min
 
 test-fast: install
-	$(CPU_ENV) $(BIN)/python -m pytest -ra -m "not e2e"
+	$(CPU_ENV) $(BIN)/python -m pytest $(PYTEST_PARALLEL) -ra -m "not e2e"
 
 benchmark: install  # needs nnU-Net's folder variables; converts and plans MSD Hippocampus there when missing
 	$(BIN)/python benchmarks/benchmark_trainers.py $(BENCHMARK_ARGS)
