@@ -23,3 +23,15 @@ def planned_dataset(tmp_path_factory) -> str:
     folder = make_dataset("multimodal", PLANNED_DATASET_ID, cases=6, size=32)
     plan_rl(folder.name, ["2d", "3d_fullres"])
     return folder.name
+
+
+# The longest test files (docs/benchmarks.md, "End to end"), run first: `make test` hands each file to one of two
+# pytest-xdist workers in collection order, so a long file collected late would run alone at the end.
+LONGEST_FIRST = ("test_e2e.py", "test_rl_deep_supervision_trainer.py", "test_das_learning.py", "test_two_stage_e2e.py",
+                 "test_rl_u2net_unpaired.py")
+
+
+def pytest_collection_modifyitems(items):
+    """The files of :data:`LONGEST_FIRST` first, in that order; every file keeps its own tests' order."""
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
