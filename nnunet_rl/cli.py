@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrained-weights",
                        help="a stock nnUNetTrainer checkpoint as -pretrained_weights for nnUNetTrainerPixelRL, "
                             "nnUNetTrainerMRLSeg, nnUNetTrainerPAM, nnUNetTrainerAWSnet or nnUNetTrainerRLU2Net (and "
-                            "their variants): its weights in the planned network (in each RL-U2Net branch, its first "
+                            "their variants): its weights in the planned network (in each RL-U2Net branch, its input "
                             "convolution cut to the branch's channels), the agents, PAM gates or RL-XAlign modules "
                             "freshly initialised (MRL-Seg's Reinforcement-Net encoder copied from the loaded "
                             "Segmentation-Net); says what it did not take from the checkpoint")
