@@ -84,14 +84,10 @@ def _peak_rss_mib() -> float:
 
 def _shutdown_dataloaders(trainer) -> None:
     """Stop nnU-Net's background augmentation workers the way ``on_train_end`` does, without its checkpoint (the
-    unpaired RL-U2Net's joint loader stops both datasets' augmenters)."""
+    unpaired RL-U2Net's joint loader: both datasets' augmenters)."""
     from nnunet_rl.augmenters import stop_workers
-    from nnunet_rl.unpaired import JointLoader
     for loader in (trainer.dataloader_train, trainer.dataloader_val):
-        if isinstance(loader, JointLoader):
-            loader.finish()
-        else:
-            stop_workers(loader)
+        stop_workers(loader)
 
 
 def synthetic_batches(trainer, seed: int):

@@ -8,9 +8,19 @@ WITH_WORKERS = (NonDetMultiThreadedAugmenter, MultiThreadedAugmenter)
 """The augmenters with background workers, which ``nnUNetTrainer.on_train_end`` stops."""
 
 
+class JoinedAugmenters:
+    """A loader that draws from several of nnU-Net's augmenters (``augmenters``); :func:`stop_workers` stops each."""
+
+    augmenters: tuple
+
+
 def stop_workers(augmenter) -> None:
-    """Stop the augmenter's background workers as ``nnUNetTrainer.on_train_end`` does; others have none."""
-    if isinstance(augmenter, WITH_WORKERS):
+    """Stop the augmenter's background workers as ``nnUNetTrainer.on_train_end`` does (every part of a
+    :class:`JoinedAugmenters`); others have none."""
+    if isinstance(augmenter, JoinedAugmenters):
+        for part in augmenter.augmenters:
+            stop_workers(part)
+    elif isinstance(augmenter, WITH_WORKERS):
         augmenter._finish()
 
 

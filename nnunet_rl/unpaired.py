@@ -21,7 +21,7 @@ import torch
 from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
-from nnunet_rl.augmenters import stop_workers
+from nnunet_rl.augmenters import JoinedAugmenters
 from nnunet_rl.dual_branch import FUSION_DIRECTIONS, DualBranchUNet
 from nnunet_rl.dual_branch_loss import BranchTargets
 from nnunet_rl.errors import NnunetRLError
@@ -113,7 +113,7 @@ def reference_patch(loader: nnUNetDataLoader, seed: int) -> tuple[torch.Tensor, 
                          "seed": seed}
 
 
-class JointLoader:
+class JointLoader(JoinedAugmenters):
     """Draws one batch from each branch's nnU-Net dataloader (each with its own dataset, fold split and nnU-Net's
     augmentation) and joins them: ``data`` = primary patches then auxiliary patches along the channel axis (sample i
     of the two comes from different patients), ``target`` = each branch's own labels, ``keys`` = each branch's case
@@ -121,6 +121,7 @@ class JointLoader:
 
     def __init__(self, primary, auxiliary):
         self.loaders = {"primary": primary, "auxiliary": auxiliary}
+        self.augmenters = (primary, auxiliary)
 
     def __iter__(self):
         return self
@@ -134,11 +135,6 @@ class JointLoader:
         return {"data": data,
                 "target": BranchTargets({b: batches[b]["target"] for b in FUSION_DIRECTIONS}),
                 "keys": {b: batches[b]["keys"] for b in FUSION_DIRECTIONS}}
-
-    def finish(self) -> None:
-        """Stop the background workers of both augmenters (nnU-Net stops only its own augmenter classes)."""
-        for loader in self.loaders.values():
-            stop_workers(loader)
 
 
 class UnpairedDualBranchUNet(DualBranchUNet):

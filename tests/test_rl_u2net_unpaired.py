@@ -18,7 +18,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from test_e2e import cli, user_environment
 from test_rl_u2net import branch_kwargs
 
-from nnunet_rl.augmenters import data_loader
+from nnunet_rl.augmenters import WITH_WORKERS, data_loader, stop_workers
 from nnunet_rl.datasets.mmwhs import LABEL_MAP
 from nnunet_rl.datasets.synthetic import _heart_case
 from nnunet_rl.errors import NnunetRLError
@@ -137,15 +137,18 @@ def test_each_branch_loads_its_fold_and_the_references_are_seeded_unaugmented_an
             assert {**again, "dataset": dataset} == record and torch.equal(patch, network.reference(branch).cpu())
             assert np.array_equal(np.random.get_state()[1], state)
     finally:
-        train.finish()
-        validation._finish()
+        stop_workers(train)
+        stop_workers(validation)
 
     unpaired.save_checkpoint(str(tmp_path / "checkpoint.pth"))  # as --c finds it: loaded before the dataloaders start
     resumed = trainer(*preprocessed(nnunet_env, CT))
     resumed.load_checkpoint(str(tmp_path / "checkpoint.pth"))
     train, validation = resumed.get_dataloaders()
-    train.finish()
-    validation._finish()
+    next(train)
+    stop_workers(train)  # the joint loader's: both datasets' augmenters
+    stop_workers(validation)
+    assert all(isinstance(part, WITH_WORKERS) and not any(p.is_alive() for p in part._processes)
+               for part in train.augmenters)
     for branch in ("primary", "auxiliary"):
         assert torch.equal(resumed.bare_network.reference(branch), unpaired.bare_network.reference(branch))
     assert resumed.reference_records == unpaired.reference_records

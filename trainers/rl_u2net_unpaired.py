@@ -197,7 +197,7 @@ class nnUNetTrainerRLU2Net_unpaired(nnUNetTrainerRLU2Net):
 
     def on_train_end(self) -> None:
         super().on_train_end()
-        self.dataloader_train.finish()
+        stop_workers(self.dataloader_train)  # nnU-Net stops only its own augmenter classes
 
     def save_checkpoint(self, filename: str) -> None:
         """The auxiliary dataset's model folder gets the final and the best checkpoint too (one network for both
