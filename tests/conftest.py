@@ -7,7 +7,7 @@ os.environ.setdefault("nnUNet_compile", "f")
 os.environ.setdefault("nnUNet_n_proc_DA", "1")
 os.environ.setdefault("nnUNet_def_n_proc", "2")  # nnU-Net's default spawns 8 export processes: minutes on 2 cores
 
-from helpers import PLANNED_DATASET_ID, set_nnunet_folders  # noqa: E402 (after the settings)
+from helpers import PLANNED_DATASET_ID, free_port, set_nnunet_folders  # noqa: E402 (after the settings)
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +29,15 @@ def planned_dataset(tmp_path_factory) -> str:
 # pytest-xdist workers in collection order, so a long file collected late would run alone at the end.
 LONGEST_FIRST = ("test_e2e.py", "test_rl_deep_supervision_trainer.py", "test_das_learning.py", "test_two_stage_e2e.py",
                  "test_rl_u2net_unpaired.py")
+
+
+@pytest.fixture
+def single_rank_process_group():
+    """A gloo process group of one CPU rank in this process, for nnU-Net's DDP wrapper."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
 
 
 def pytest_collection_modifyitems(items):

@@ -47,6 +47,17 @@ def on_two_gloo_ranks(work, folder: Path) -> list[dict]:
     return [torch.load(folder / f"rank{rank}.pt") for rank in (0, 1)]
 
 
+def ddp_steps(network, inputs, objective, steps: int = 2) -> None:
+    """nnU-Net's DDP wrapper (no find_unused_parameters) around ``network``; ``steps`` forward/backward passes on
+    ``inputs``, the loss being nnU-Net's outputs plus ``objective(bare network, outputs)`` computed outside forward,
+    as the trainers' losses do (in a process group: the ``single_rank_process_group`` fixture)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    wrapped = DDP(network)
+    for _ in range(steps):
+        outputs = wrapped(inputs)
+        (sum(output.mean() for output in outputs) + objective(network, outputs)).backward()
+
+
 def started_trainer(dataset: str, trainer_class, configuration: str):
     """For a module-scoped fixture: a :func:`trainer_from_plans` trainer, initialised and started as nnU-Net's
     ``run_training`` starts it, ended after the module."""

@@ -23,6 +23,10 @@ DATASET_ID = "961"
 CONFIGURATION = "3d_fullres"
 STOCK = "nnUNetTrainer_3epochs_2iters"
 OURS = "nnUNetTrainerPAM_3epochs_2iters"
+RL_U2NET = "nnUNetTrainerRLU2Net_3epochs_2iters"
+RL_DEEP_SUPERVISION = "nnUNetTrainerRLDeepSup_3epochs_2iters"
+PIXEL_RL = "nnUNetTrainerPixelRL_noDC_3epochs_2iters"
+MODEL_SELECTION = (STOCK, OURS, RL_U2NET, RL_DEEP_SUPERVISION, PIXEL_RL)
 HIPPOCAMPUS = SHARED / "data" / "Task04_Hippocampus"
 WANDB_OFFLINE = {"nnUNet_wandb_enabled": "1", "nnUNet_wandb_mode": "offline", "WANDB_SILENT": "true"}
 
@@ -62,36 +66,57 @@ def trainer_environment(tmp_path_factory) -> dict:
     return env
 
 
-def predict(env: dict, trainer: str, output: Path) -> None:
+def predict(env: dict, trainer: str, output: Path, configuration: str = CONFIGURATION) -> None:
     raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*"))
     cli("nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(output), "-d", DATASET_ID, "-c",
-        CONFIGURATION, "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", env=env)
+        configuration, "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", env=env)
     assert sorted(p.name for p in output.glob("*.nii.gz")) == sorted(p.name for p in (raw / "labelsTs").glob(
         "*.nii.gz"))
 
 
-def export_install_and_predict_with_the_api(env: dict, trainer: str, predictions: Path, tmp_path: Path) -> None:
+def export_install_and_predict_with_the_api(env: dict, trainer: str, predictions: Path, tmp_path: Path, *,
+                                           dataset_id: str = DATASET_ID, configuration: str = CONFIGURATION,
+                                           previous_stage: Path | None = None) -> None:
     """Exported as nnU-Net's zip, installed into a fresh results folder, predicting there through nnU-Net's Python
-    API: the same model gives the same segmentations as ``predictions`` (nnUNetv2_predict in the training folder)."""
+    API (a cascade stage from ``previous_stage``'s segmentations): the same model gives the same segmentations as
+    ``predictions`` (nnUNetv2_predict in the training folder)."""
     archive = tmp_path / f"{trainer}.zip"
-    cli("nnUNetv2_export_model_to_zip", "-d", DATASET_ID, "-o", str(archive), "-c", CONFIGURATION, "-tr", trainer,
+    cli("nnUNetv2_export_model_to_zip", "-d", dataset_id, "-o", str(archive), "-c", configuration, "-tr", trainer,
         "-f", "0", env=env)
     fresh = {**env, "nnUNet_results": str(tmp_path / "fresh_results")}
     cli("nnUNetv2_install_pretrained_model_from_zip", str(archive), env=fresh)
-    raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*"))
+    raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{dataset_id}_*"))
     api = ("import sys, torch\n"
            "from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor\n"
            "predictor = nnUNetPredictor(device=torch.device('cpu'), perform_everything_on_device=False)\n"
            "predictor.initialize_from_trained_model_folder(sys.argv[1], use_folds=(0,))\n"
            "predictor.predict_from_files(sys.argv[2], sys.argv[3], num_processes_preprocessing=1,\n"
-           "                             num_processes_segmentation_export=1)\n")
-    result = subprocess.run([sys.executable, "-c", api, str(fold_folder(fresh, trainer).parent),
-                             str(raw / "imagesTs"), str(tmp_path / "installed")], env=fresh, capture_output=True,
+           "                             num_processes_segmentation_export=1,\n"
+           "                             folder_with_segs_from_prev_stage=(sys.argv[4:] or [None])[0])\n")
+    installed, output = fold_folder(fresh, trainer, dataset_id, configuration).parent, tmp_path / f"api_{trainer}"
+    result = subprocess.run([sys.executable, "-c", api, str(installed), str(raw / "imagesTs"), str(output),
+                             *([str(previous_stage)] if previous_stage else [])], env=fresh, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    for predicted in sorted(predictions.glob("*.nii.gz")):
-        assert (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "installed" / predicted.name))) ==
+    expected = sorted(predictions.glob("*.nii.gz"))
+    assert expected and [p.name for p in expected] == sorted(p.name for p in output.glob("*.nii.gz"))
+    for predicted in expected:
+        assert (sitk.GetArrayFromImage(sitk.ReadImage(str(output / predicted.name))) ==
                 sitk.GetArrayFromImage(sitk.ReadImage(str(predicted)))).all()
+
+
+def assert_telemetry_reached_wandb(fold: Path, prefix: str) -> None:
+    """Each RL telemetry key under ``prefix`` with a value: the finite values nnU-Net's logger holds (the final
+    checkpoint) are what the run's offline W&B history received, epoch by epoch (NaN where a component had nothing
+    to report; a key a variant never reports, e.g. PPO's statistics without PPO, holds only NaN)."""
+    logging = torch.load(fold / "checkpoint_final.pth", weights_only=False)["logging"]
+    logged = wandb_history(next(fold.glob("wandb/offline-run-*/run-*.wandb")))
+    reported = {key: [v for v in values if math.isfinite(v)] for key, values in logging.items()
+                if key.startswith(prefix) and any(math.isfinite(v) for v in values)}
+    assert reported and set(reported) <= set(logged)
+    for key, values in reported.items():
+        received = [v for v in logged[key] if isinstance(v, (int, float)) and math.isfinite(v)]
+        assert received == pytest.approx(values), key
 
 
 def train_until_second_epoch_then_kill(env: dict, trainer: str, dataset_id: str = DATASET_ID,
@@ -147,19 +172,6 @@ def test_pam_trains_resumes_predicts_and_compares(trainer_environment, tmp_path)
     for name in ("report.md", "metrics.csv", "summary.json", "boxplot_Dice.png"):
         assert (report / name).is_file(), name
 
-    # nnU-Net's model selection ensembles the two trainers' cross-validation probabilities (nnUNetv2_ensemble)
-    cli("nnUNetv2_find_best_configuration", DATASET_ID, "-c", CONFIGURATION, "-tr", STOCK, OURS, "-f", "0",
-        "-np", "1", env=env)
-    dataset_results = fold_folder(env, OURS).parents[1]
-    best = json.loads((dataset_results / "inference_information.json").read_text())["best_model_or_ensemble"]
-    assert best["selected_model_or_models"]
-    assert {m["trainer"] for m in best["selected_model_or_models"]} <= {STOCK, OURS}
-    # ... whose postprocessing applies to our predictions
-    cli("nnUNetv2_apply_postprocessing", "-i", str(tmp_path / "predictions"), "-o", str(tmp_path / "postprocessed"),
-        "-pp_pkl_file", best["postprocessing_file"], "-np", "1", "-plans_json", best["some_plans_file"], env=env)
-    assert len(list((tmp_path / "postprocessed").glob("*.nii.gz"))) == len(list((tmp_path / "predictions").glob(
-        "*.nii.gz")))
-
     export_install_and_predict_with_the_api(env, OURS, tmp_path / "predictions", tmp_path)
 
 
@@ -167,20 +179,21 @@ def test_rl_u2net_trains_resumes_predicts_and_runs_the_ablation(trainer_environm
     """RL-U2Net through nnU-Net's commands (kill -9, --c, predict), then `nnunet-rl ablation --schedule quick`,
     which reuses that run and trains stock nnU-Net and, to keep the suite short, one ablation (`--variants`; the
     other four train a step and resume in tests/test_rl_u2net.py)."""
-    trainer = "nnUNetTrainerRLU2Net_3epochs_2iters"
+    trainer = RL_U2NET
     env = trainer_environment
     train_until_second_epoch_then_kill(env, trainer)
     interrupted = torch.load(fold_folder(env, trainer) / "checkpoint_latest.pth", weights_only=False)
     assert set(interrupted["nnunet_rl"]["agents"]) == set(interrupted["nnunet_rl"]["buffers"])
-    cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", "--c", env=env)
+    cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", "--npz", "--c", env=env)
     policy = json.loads((fold_folder(env, trainer) / "rl_policy.json").read_text())
     assert all(len(m["rotations"]) == 24 for m in policy["modules"].values())
     predict(env, trainer, tmp_path / "predictions")
     export_install_and_predict_with_the_api(env, trainer, tmp_path / "predictions", tmp_path)
 
     out = cli("nnunet-rl", "ablation", DATASET_ID, "-c", CONFIGURATION, "-f", "0", "--schedule", "quick",
-              "--variants", "noPPO", "-device", "cpu", env=env)
+              "--variants", "noPPO", "-device", "cpu", env={**env, **WANDB_OFFLINE})
     assert f"reusing {fold_folder(env, trainer)}" in out
+    assert_telemetry_reached_wandb(fold_folder(env, "nnUNetTrainerRLU2Net_noPPO_3epochs_2iters"), "rl_u2net/")
     table = next(Path(env["nnUNet_results"]).glob(f"Dataset{DATASET_ID}_*/ablation__*/table2.md")).read_text()
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
     assert rows[1:] == ["nnU-Net (stock)", "RL-U2Net", "w/o PPO (identity rotation)"]  # rows[0]: the header
@@ -190,9 +203,9 @@ def test_rl_deep_supervision_trains_and_predicts_with_nnunet_commands(trainer_en
     """Trained with nnU-Net's W&B logger on (offline, the `wandb` extra): the RL telemetry reaches the W&B run.
     nnUNetTrainerAWSnet (PAM and DAS in one network) trains in-process in tests/test_rl_deep_supervision_trainer.py:
     its PAM half goes through these commands in the PAM test, its DAS half here."""
-    trainer = "nnUNetTrainerRLDeepSup_3epochs_2iters"
+    trainer = RL_DEEP_SUPERVISION
     env = {**trainer_environment, **WANDB_OFFLINE}
-    cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", env=env)
+    cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", "--npz", env=env)
     learned = json.loads((fold_folder(env, trainer) / "rl_deep_supervision.json").read_text())
     assert sum(learned["alpha"]) == pytest.approx(1.0) and learned["alpha"][-1] == 0
     logged = wandb_history(next(fold_folder(env, trainer).glob("wandb/offline-run-*/run-*.wandb")))
@@ -202,39 +215,39 @@ def test_rl_deep_supervision_trains_and_predicts_with_nnunet_commands(trainer_en
     split = json.loads((fold_folder(env, trainer) / "rl_reward_cases.json").read_text())
     assert split["reward"] and not set(split["reward"]) & set(split["validation"])
     predict(env, trainer, tmp_path / "predictions")
+    export_install_and_predict_with_the_api(env, trainer, tmp_path / "predictions", tmp_path)
 
 
 def test_pixel_rl_trains_and_predicts_with_nnunet_commands(trainer_environment, tmp_path):
     """Backbone phase (epoch 0) then RL phase (epochs 1-2), with nnU-Net's W&B logger on (offline): the RL telemetry
     reaches the W&B run; nnUNetv2_predict rebuilds the heads and refines. The _noDC variant: the same code with
     undilated heads, because PyTorch's CPU backward of dilated 3D convolutions takes minutes here (docs/pixel_rl.md)."""
-    trainer = "nnUNetTrainerPixelRL_noDC_3epochs_2iters"
+    trainer = PIXEL_RL
     env = {**trainer_environment, **WANDB_OFFLINE}
-    cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", env=env)
+    cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", "--npz", env=env)
     final = torch.load(fold_folder(env, trainer) / "checkpoint_final.pth", weights_only=False)
     assert any(key.startswith("actor_critic.returns.omega") for key in final["network_weights"])
     assert "action_generator" in final["nnunet_rl"]
     rewards = final["logging"]["pixel_rl/reward"]
     assert math.isnan(rewards[0]) and all(math.isfinite(r) for r in rewards[1:])
     assert final["logging"]["pixel_rl/skipped_updates"][1:] == [0, 0]
-    logged = wandb_history(next(fold_folder(env, trainer).glob("wandb/offline-run-*/run-*.wandb")))
-    assert [r for r in logged["pixel_rl/reward"] if isinstance(r, float) and math.isfinite(r)] == \
-        pytest.approx(rewards[1:])  # the RL epochs' mean rewards; epoch 0 (backbone phase) has none
+    assert_telemetry_reached_wandb(fold_folder(env, trainer), "pixel_rl/")
     steps = json.loads((fold_folder(env, trainer) / "pixel_rl_steps.json").read_text())["dice_per_step"]
     assert sorted(steps) == ["1", "2"] and all(len(dice) == 11 for dice in steps.values())  # f(0) … f(10)
     assert (fold_folder(env, trainer) / "pixel_rl_steps.png").is_file()
     predict(env, trainer, tmp_path / "predictions")
+    export_install_and_predict_with_the_api(env, trainer, tmp_path / "predictions", tmp_path)
 
 
 def test_mrl_seg_trains_and_predicts_with_nnunet_commands(trainer_environment, tmp_path):
     """Segmentation-Net pre-training (epoch 0), then the RL phase (epochs 1-2) with the Reinforcement-Net initialised
     from it; nnUNetv2_predict rebuilds both and segments the greedily masked input. In 2d: the same code as 3d, whose
-    final validation and prediction (eight mirrorings of five networks per window) take minutes on these CPUs."""
+    final validation and prediction (eight mirrorings of five networks per window) take minutes on these CPUs. With
+    nnU-Net's W&B logger on (offline)."""
     trainer, configuration = "nnUNetTrainerMRLSeg_3epochs_2iters", "2d"
-    env = trainer_environment
+    env = {**trainer_environment, **WANDB_OFFLINE}
     cli("nnUNetv2_train", DATASET_ID, configuration, "0", "-tr", trainer, "-device", "cpu", env=env)
-    fold = next(Path(env["nnUNet_results"]).glob(f"Dataset{DATASET_ID}_*")) / \
-        f"{trainer}__nnUNetPlans__{configuration}" / "fold_0"
+    fold = fold_folder(env, trainer, configuration=configuration)
     final = torch.load(fold / "checkpoint_final.pth", weights_only=False)
     assert any(key.startswith("reinforcement.actor_critic.returns.omega") for key in final["network_weights"])
     assert "action_generator" in final["nnunet_rl"]
@@ -245,12 +258,35 @@ def test_mrl_seg_trains_and_predicts_with_nnunet_commands(trainer_environment, t
     assert sorted(steps) == ["1", "2"] and all(len(dice) == 5 for dice in steps.values())  # s(0) … s(4)
     for figure in ("mrl_seg_steps.png", "mrl_seg_masks.png"):
         assert (fold / figure).is_file(), figure
-    raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*"))
-    output = tmp_path / "predictions"
-    cli("nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(output), "-d", DATASET_ID, "-c", configuration,
-        "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", env=env)
-    assert sorted(p.name for p in output.glob("*.nii.gz")) == sorted(p.name for p in (raw / "labelsTs").glob(
-        "*.nii.gz"))
+    assert_telemetry_reached_wandb(fold, "mrl_seg/")
+    predict(env, trainer, tmp_path / "predictions", configuration)
+    export_install_and_predict_with_the_api(env, trainer, tmp_path / "predictions", tmp_path,
+                                            configuration=configuration)
+
+
+def test_model_selection_ensembles_stock_and_every_rl_trainer(trainer_environment, tmp_path):
+    """nnU-Net's model selection over stock nnU-Net and every 3d_fullres trainer of this module (reusing their runs,
+    trained here with ``--npz`` when this test runs alone): nnUNetv2_find_best_configuration ensembles each pair's
+    cross-validation probabilities (nnUNetv2_ensemble), picks a model or an ensemble and its postprocessing, which
+    nnUNetv2_apply_postprocessing applies to each trainer's own validation segmentations."""
+    env = trainer_environment
+    for trainer in MODEL_SELECTION:
+        if not (fold_folder(env, trainer) / "checkpoint_final.pth").is_file():
+            cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", "--npz", env=env)
+    cli("nnUNetv2_find_best_configuration", DATASET_ID, "-c", CONFIGURATION, "-tr", *MODEL_SELECTION, "-f", "0",
+        "-np", "1", env=env)
+    dataset_results = fold_folder(env, STOCK).parents[1]
+    information = json.loads((dataset_results / "inference_information.json").read_text())
+    pairs = [name for name in information["all_results"] if name.startswith("ensemble___")]
+    assert len(pairs) == len(MODEL_SELECTION) * (len(MODEL_SELECTION) - 1) // 2
+    best = information["best_model_or_ensemble"]
+    assert {m["trainer"] for m in best["selected_model_or_models"]} <= set(MODEL_SELECTION)
+    for trainer in MODEL_SELECTION:
+        model, validation = fold_folder(env, trainer).parent, fold_folder(env, trainer) / "validation"
+        cli("nnUNetv2_apply_postprocessing", "-i", str(validation), "-o", str(tmp_path / trainer), "-pp_pkl_file",
+            best["postprocessing_file"], "-np", "1", "-plans_json", str(model / "plans.json"), "-dataset_json",
+            str(model / "dataset.json"), env=env)
+        assert len(list((tmp_path / trainer).glob("*.nii.gz"))) == len(list(validation.glob("*.nii.gz")))
 
 
 def msd_subset(msd: Path, cases: int, folder: Path) -> Path:

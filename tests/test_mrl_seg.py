@@ -8,7 +8,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from helpers import cloned_state, started_trainer
+from helpers import cloned_state, ddp_steps, started_trainer
 from nnunet_rl import mrl_seg
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.mrl_seg import (MASK, RETAIN, RewardSettings, build_mrl_seg_network, cross_entropy_reward,
@@ -536,3 +536,17 @@ def test_region_based_datasets_are_refused(trainer, monkeypatch):
     monkeypatch.setattr(type(trainer.label_manager), "has_regions", property(lambda self: True))
     with pytest.raises(NnunetRLError, match="regions"):
         type(trainer).initialize(trainer)
+
+
+def test_ddp_accepts_the_reinforcement_net_trained_in_the_loss_and_idle_with_a_zero_gradient(
+        single_rank_process_group):
+    """As PixelRL's heads: the episode runs in the wrapped forward, its A2C losses join the loss outside it; before
+    the RL phase the Reinforcement-Net is unused and gets its gradient from the zero term."""
+    from nnunet_rl.trainers.base import RLTrainerBase
+    network, inputs = small_network(2), torch.randn(2, 2, 16, 16)
+    with network.training_episodes(torch.randint(0, 3, (2, 16, 16)), None, SETTINGS, None) as episodes:
+        ddp_steps(network, inputs, lambda network, outputs: episodes[-1].losses.total)
+    ddp_steps(small_network(2), inputs,
+              lambda network, outputs: RLTrainerBase.zero_gradient_term(network.reinforcement))
+    with pytest.raises(RuntimeError, match="reduction"):  # the pre-training phase without the term
+        ddp_steps(small_network(2), inputs, lambda network, outputs: 0.0)

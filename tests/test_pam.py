@@ -8,6 +8,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet, Resi
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 
+from helpers import ddp_steps
 from nnunet_rl.pam import GatedDecoderStage, PixelAttentionGate, add_pixel_attention
 from nnunet_rl.trainers import nnUNetTrainerPAM
 from nnunet_rl.trainer_from_plans import trainer_from_plans
@@ -79,6 +80,15 @@ def test_pam_keeps_shapes_and_deep_supervision(dim, architecture):
     assert all(s.gate.project[0].weight.grad is not None and s.gate.project_skip[0].weight.grad is not None
                for s in gated.decoder.stages)
     assert all(isinstance(s.gate.project[1], type(gated.encoder.norm_op(1))) for s in gated.decoder.stages)
+
+
+def test_ddp_trains_the_gates_inside_the_wrapped_forward(single_rank_process_group):
+    """nnU-Net's DDP wrapper (no find_unused_parameters) needs a gradient for every parameter: the gates run in the
+    network's forward, so nothing outside it is needed."""
+    kwargs = {**unet_kwargs(2), "n_conv_per_stage": 1, "n_conv_per_stage_decoder": 1}
+    gated = PlainConvUNet(**kwargs)
+    add_pixel_attention(gated.decoder)
+    ddp_steps(gated, torch.randn(2, 2, 16, 16), lambda network, outputs: 0.0)
 
 
 @pytest.mark.parametrize("configuration", ["2d", "3d_fullres"])

@@ -8,7 +8,7 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from helpers import cloned_state, started_trainer
+from helpers import cloned_state, ddp_steps, started_trainer
 from nnunet_rl import agent_figures, pixel_rl
 from nnunet_rl.pixel_rl import KEEP, SET_TO_BACKGROUND, build_pixel_rl_network, squared_error_reward
 from nnunet_rl.plans.rl_block import PixelRLSettings
@@ -483,29 +483,6 @@ def test_an_untrained_sampled_episode_keeps_a_label_with_the_episode_probability
     assert float(keep.detach()) ** HP.t_max == pytest.approx(HP.initial_episode_keep_probability)
 
 
-@pytest.fixture
-def single_rank_process_group():
-    import socket
-    import torch.distributed as dist
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-def ddp_steps(network, objective, steps: int = 2) -> None:
-    """nnU-Net's DDP wrapper (no find_unused_parameters) around ``network``; ``steps`` forward/backward passes, the
-    loss being nnU-Net's output plus ``objective(bare network, outputs)`` computed outside forward, as the trainer's
-    loss does."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    wrapped = DDP(network)
-    for _ in range(steps):
-        outputs = wrapped(torch.randn(2, 1, 16, 16))
-        (sum(output.mean() for output in outputs) + objective(network, outputs)).backward()
-
-
 def episode_objective(network, outputs):
     reference = torch.randint(0, 3, (2, 16, 16))
     return network.training_episode(outputs[0].argmax(dim=1), network.take_features(), reference, 0.95,
@@ -514,10 +491,12 @@ def episode_objective(network, outputs):
 
 def test_ddp_accepts_heads_trained_in_the_loss_and_idle_heads_with_a_zero_gradient(single_rank_process_group):
     from nnunet_rl.trainers.base import RLTrainerBase
-    ddp_steps(small_network(2), episode_objective)  # the RL phase: heads used outside forward
-    ddp_steps(small_network(2), lambda network, outputs: RLTrainerBase.zero_gradient_term(network.actor_critic))
+    inputs = torch.randn(2, 1, 16, 16)
+    ddp_steps(small_network(2), inputs, episode_objective)  # the RL phase: heads used outside forward
+    ddp_steps(small_network(2), inputs,
+              lambda network, outputs: RLTrainerBase.zero_gradient_term(network.actor_critic))
     with pytest.raises(RuntimeError, match="reduction"):  # the backbone phase without the term
-        ddp_steps(small_network(2), lambda network, outputs: 0.0)
+        ddp_steps(small_network(2), inputs, lambda network, outputs: 0.0)
 
 
 def test_step_study_variants_pin_t_max():

@@ -3,8 +3,9 @@ nnunet-rl plan -c 2d_allslice_refine --previous-stage-trainer <all-slice trainer
 every fold (nnUNetTrainerAllSliceFusion, fold 0 killed with SIGKILL and resumed with --c; each fold writes its
 validation cases' predictions for the next stage) ->
 nnUNetv2_train 2d_allslice_refine (nnUNetTrainerClassifierGuided; killed with SIGKILL, resumed with --c) ->
-nnUNetv2_predict of both stages, chained with -prev_stage_predictions -> nnunet-rl compare of the refinement against
-its first stage -> nnUNetv2_find_best_configuration on the refinement.
+nnUNetv2_predict of both stages, chained with -prev_stage_predictions (and each stage exported as nnU-Net's zip,
+installed into a fresh results folder and predicting there through nnU-Net's Python API) -> nnunet-rl compare of the
+refinement against its first stage -> nnUNetv2_find_best_configuration on the refinement.
 
 Two folds (a splits_final.json, as a user may write) instead of nnU-Net's five keep it within a minute or two."""
 import json
@@ -15,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from test_e2e import cli, train_until_second_epoch_then_kill, user_environment
+from test_e2e import cli, export_install_and_predict_with_the_api, train_until_second_epoch_then_kill, user_environment
 
 pytestmark = pytest.mark.e2e
 
@@ -90,6 +91,10 @@ def test_all_slice_first_stage_then_classifier_guided_refinement(tmp_path):
     raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*"))
     predict(env, raw, tmp_path / "stage1", FIRST_STAGE, FIRST_TRAINER)
     predict(env, raw, tmp_path / "stage2", REFINE, REFINE_TRAINER, "-prev_stage_predictions", str(tmp_path / "stage1"))
+    for trainer, configuration, stage, previous in ((FIRST_TRAINER, FIRST_STAGE, "stage1", None),
+                                                    (REFINE_TRAINER, REFINE, "stage2", tmp_path / "stage1")):
+        export_install_and_predict_with_the_api(env, trainer, tmp_path / stage, tmp_path, dataset_id=DATASET_ID,
+                                                configuration=configuration, previous_stage=previous)
 
     report = cli("nnunet-rl", "compare", DATASET_ID, "-c", FIRST_STAGE, "-tr", FIRST_TRAINER,
                  f"{REFINE_TRAINER}__nnUNetPlans__{REFINE}", "-f", "0", "-o", str(tmp_path / "comparison"), env=env)

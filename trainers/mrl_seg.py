@@ -43,6 +43,7 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
     """Planned U-Net as Segmentation-Net + MRL-Seg's Reinforcement-Net masking its input, trained by A2C after an
     nnU-Net pre-training phase."""
     component = COMPONENT
+    acts_on_label_maps = "rewards the cross-entropy of label maps (eq. 4)"
     shuffle_rewards = False
 
     @classmethod
@@ -51,9 +52,6 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
         return build_mrl_seg_network(planned, num_input_channels, hyperparameters)
 
     def initialize(self) -> None:
-        if self.label_manager.has_regions:
-            raise NnunetRLError(f"{type(self).__name__} rewards the cross-entropy of label maps; this dataset is "
-                                f"trained on regions (overlapping labels), for which eq. 4 is not defined")
         super().initialize()
         hp = self.rl_hyperparameters(COMPONENT)
         self.pretrain = hp.pretrain

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from nnunet_rl.agent_figures import actions_patch, plot_actions
-from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.pixel_rl import Episode, PixelRLNetwork, build_pixel_rl_network
 from nnunet_rl.plans.rl_block import PixelRLSettings
 from nnunet_rl.trainers.schedules import short_schedule_variants
@@ -43,6 +42,7 @@ ACTIONS_FIGURE = "pixel_rl_actions.png"
 class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
     """Planned U-Net + PixelDRL-MG's policy/value heads with SAM and DC, trained by A2C after an nnU-Net phase."""
     component = COMPONENT
+    acts_on_label_maps = "refines label maps with the actions {background, keep}"
     shuffle_rewards = False
     _figure_patch: dict | None = None  # the last RL validation epoch's first patch (agent_figures.actions_patch)
 
@@ -57,9 +57,6 @@ class nnUNetTrainerPixelRL(VoxelAgentsTrainer):
         return self.pixel_rl_network.actor_critic
 
     def initialize(self) -> None:
-        if self.label_manager.has_regions:
-            raise NnunetRLError(f"{type(self).__name__} refines label maps; this dataset is trained on regions "
-                                f"(overlapping labels), for which the actions {{background, keep}} are not defined")
         super().initialize()
         hp = self.rl_hyperparameters(COMPONENT)
         self.gamma = hp.gamma

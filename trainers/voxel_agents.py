@@ -71,6 +71,7 @@ class VoxelAgentsTrainer(RLTrainerBase):
     sampler ``self.action_generator`` and the per-step validation Dice ``self.step_dice_history``, which subclasses
     set up in ``initialize``; the agents' weights and optimiser state are in nnU-Net's own entries)."""
     component: str  # the rl block's section, with the keys ``heads_optimizer`` and ``heads_lr``
+    acts_on_label_maps: str  # what the agents do that region-based training (overlapping labels) leaves undefined
     rl_start_epoch: int  # the first epoch of the RL phase, set by the subclass's ``initialize``
     action_generator: torch.Generator
     step_dice_history: dict[int, list[float]]
@@ -91,6 +92,13 @@ class VoxelAgentsTrainer(RLTrainerBase):
                     hyperparameters: dict) -> nn.Module:
         """The component's network around ``planned`` (nnU-Net's planned network), from its ``hyperparameters``."""
         raise NotImplementedError
+
+    def initialize(self) -> None:
+        """Refuses region-based training before nnU-Net builds the network: the agents act on label maps."""
+        if self.label_manager.has_regions:
+            raise NnunetRLError(f"{type(self).__name__} {self.acts_on_label_maps}; this dataset is trained on regions "
+                                f"(overlapping labels), for which that is not defined")
+        super().initialize()
 
     def _do_i_compile(self) -> bool:
         """Not compiled: the episode's loop and sampling run outside the planned network's graph."""
