@@ -68,6 +68,35 @@ def started_trainer(dataset: str, trainer_class, configuration: str):
     trainer.on_train_end()
 
 
+def resumed_after_an_rl_step(trainer, dataset: str, folder: Path, fallback: int):
+    """A per-voxel agents' trainer (PixelRL, MRL-Seg) after one training step of its RL phase, saved as nnU-Net's
+    checkpoint and loaded into a fresh trainer of its class, as ``--c`` does: the agents' module (``rl_module``), their
+    Adam moments and the action sampler's next draw (``fallback``: the action of a tied draw) come back exactly.
+    Returns the resumed trainer for the component's own checks."""
+    import torch
+
+    from nnunet_rl.voxel_actor_critic import sample_actions
+    trainer.current_epoch = 1
+    trainer.on_train_epoch_start()
+    trainer.train_step(next(trainer.dataloader_train))
+    path = str(folder / "checkpoint.pth")
+    trainer.save_checkpoint(path)
+    resumed = trainer_from_plans(dataset, type(trainer), trainer.configuration_name)
+    resumed.load_checkpoint(path)
+    for key, value in trainer.rl_module.state_dict().items():
+        assert torch.equal(value, resumed.rl_module.state_dict()[key]), key
+    saved_adam = trainer.optimizer.adam.state_dict()["state"]
+    resumed_adam = resumed.optimizer.adam.state_dict()["state"]
+    assert saved_adam and saved_adam.keys() == resumed_adam.keys()
+    for index, moments in saved_adam.items():
+        assert torch.equal(moments["exp_avg"], resumed_adam[index]["exp_avg"])
+        assert torch.equal(moments["exp_avg_sq"], resumed_adam[index]["exp_avg_sq"])
+    logits = torch.zeros(1, 2, 32, 32)
+    assert torch.equal(sample_actions(logits, trainer.action_generator, fallback=fallback),
+                       sample_actions(logits, resumed.action_generator, fallback=fallback))
+    return resumed
+
+
 def cloned_state(module) -> dict:
     """A copy of ``module``'s state dict, to compare with after a step."""
     return {key: value.clone() for key, value in module.state_dict().items()}

@@ -8,13 +8,12 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from helpers import cloned_state, ddp_steps, started_trainer
+from helpers import cloned_state, ddp_steps, resumed_after_an_rl_step, started_trainer
 from nnunet_rl import agent_figures, pixel_rl
 from nnunet_rl.pixel_rl import KEEP, SET_TO_BACKGROUND, build_pixel_rl_network, squared_error_reward
 from nnunet_rl.plans.rl_block import PixelRLSettings
 from nnunet_rl.voxel_actor_critic import (NeighbourReturns, VoxelActorCritic, a2c_losses, greedy_rollout,
                                           sample_actions)
-from nnunet_rl.trainer_from_plans import trainer_from_plans
 
 HP = PixelRLSettings(t_max=3)
 HP_TRAINER_STEPS = PixelRLSettings().t_max
@@ -335,15 +334,11 @@ def trainer(planned_dataset):
     yield from started_trainer(planned_dataset, nnUNetTrainerPixelRL_3epochs_2iters, "2d")
 
 
-def heads_state(trainer) -> dict:
-    return cloned_state(trainer.bare_network.actor_critic)
-
-
 def test_trainer_rl_phase_follows_the_backbone_phase(trainer):
     assert trainer.rl_start_epoch == 1  # floor(0.5 · 3)
     trainer.current_epoch = 0
     assert not trainer.in_rl_phase()
-    before = heads_state(trainer)
+    before = cloned_state(trainer.rl_module)
     trainer.on_train_epoch_start()
     trainer.train_step(next(trainer.dataloader_train))
     assert all(torch.equal(before[k], v) for k, v in trainer.bare_network.actor_critic.state_dict().items())
@@ -440,7 +435,7 @@ def test_trainer_skips_the_update_on_non_finite_rewards(trainer, monkeypatch):
     monkeypatch.setattr(pixel_rl, "squared_error_reward", nan_reward)
     trainer.current_epoch = 1
     trainer.on_train_epoch_start()
-    before = heads_state(trainer)
+    before = cloned_state(trainer.rl_module)
     trainer.train_step(next(trainer.dataloader_train))
     assert all(torch.equal(before[k], v) for k, v in trainer.bare_network.actor_critic.state_dict().items())
     trainer.on_train_epoch_end([{"loss": 0.0}])
@@ -458,23 +453,8 @@ def test_reward_telemetry_averages_the_finite_episodes(trainer):
 
 
 def test_checkpoint_round_trip_restores_heads_omega_and_sampler(trainer, tmp_path, planned_dataset):
-    from nnunet_rl.trainers import nnUNetTrainerPixelRL_3epochs_2iters
-    trainer.current_epoch = 1
-    trainer.on_train_epoch_start()
-    trainer.train_step(next(trainer.dataloader_train))
-    path = str(tmp_path / "checkpoint.pth")
-    trainer.save_checkpoint(path)
-    resumed = trainer_from_plans(planned_dataset, nnUNetTrainerPixelRL_3epochs_2iters, "2d")
-    resumed.load_checkpoint(path)
-    for key, value in trainer.bare_network.actor_critic.state_dict().items():
-        assert torch.equal(value, resumed.bare_network.actor_critic.state_dict()[key]), key
+    resumed = resumed_after_an_rl_step(trainer, planned_dataset, tmp_path, fallback=KEEP)
     assert torch.equal(trainer.action_generator.get_state(), resumed.action_generator.get_state())
-    resumed_adam = resumed.optimizer.adam.state_dict()["state"]
-    for index, moments in trainer.optimizer.adam.state_dict()["state"].items():
-        assert torch.equal(moments["exp_avg"], resumed_adam[index]["exp_avg"])
-    logits = torch.zeros(1, 2, 32, 32)
-    assert torch.equal(sample_actions(logits, trainer.action_generator, fallback=KEEP),
-                       sample_actions(logits, resumed.action_generator, fallback=KEEP))
 
 
 def test_an_untrained_sampled_episode_keeps_a_label_with_the_episode_probability():
