@@ -51,6 +51,7 @@ from scipy.stats import spearmanr
 
 from benchmark_trainers import resolve_dataset
 from nnunet_rl.rl_deep_supervision import ACTIONS, alpha_from_beta
+from nnunet_rl.trainer_from_plans import trainer_from_plans
 from nnunet_rl.trainers import nnUNetTrainerRLDeepSup, nnUNetTrainerRLDeepSup_shortHorizon
 
 
@@ -124,10 +125,7 @@ def summarise(rounds: list[dict]) -> dict:
 
 
 def measure(dataset: str, args) -> dict:
-    folder = Path(os.environ["nnUNet_preprocessed"]) / dataset
-    plans = {**load_json(str(folder / f"{args.plans}.json")), "continue_training": False}  # as nnUNetv2_train sets it
-    trainer = RankingProbe(plans, args.c, args.fold, load_json(str(folder / "dataset.json")),
-                           torch.device(args.device))
+    trainer = trainer_from_plans(dataset, RankingProbe, args.c, args.fold, args.plans, args.device)
     trainer.output_folder = trainer.output_folder_base = str(Path(args.scratch).resolve())
     trainer.on_train_start()
     trainer._scheduled_iterations = trainer.num_iterations_per_epoch  # as on_train_epoch_start sets it

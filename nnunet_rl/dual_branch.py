@@ -77,14 +77,13 @@ class Alignment:
         The activity map, not the features, is turned, at 1/C of the cost. Where the rotation maps the grid onto
         itself (always on cubes) it commutes with the channel norm, so this is exactly
         the correlation of the activity maps of the turned features; where the map is resampled, the
-        activity map is interpolated instead of the features (on random features the correlations then differ by
-        up to 0.09). With K_sel > 1 draws it correlates with the mean of the turned activity maps (turning every
-        channel would give the activity of the mean of the turned features; the two agree when the draws do).
+        activity map is interpolated instead of the features. With K_sel > 1 draws it correlates with the mean of the
+        turned activity maps (turning every channel would give the activity of the mean of the turned features; the two
+        agree when the draws do).
 
-        Measured at stage 0 because feature maps of deeper stages are not rotation-covariant: on untrained networks
-        and 32³ phantoms the rotation that re-aligns the modalities ranks first at stage 0 for all seeds tried but
-        anywhere from 1st to 18th at the 8³ and 4³ stages (docs/rl_u2net.md), so a similarity measured there would
-        not reward the right rotation.
+        Measured at stage 0 because feature maps of deeper stages are not rotation-covariant, so a similarity
+        measured there would not reward the right rotation (docs/rl_u2net.md, "Why S_similarity is measured at
+        stage 0").
         """
         other = FUSION_DIRECTIONS[1 - FUSION_DIRECTIONS.index(self.direction)]
         with torch.no_grad():

@@ -102,9 +102,9 @@ class MovingBaseline:
     own mean (its K candidates are scored from the same state): with 0.99 the 1 % lag behind a Dice that rises from
     round to round outweighs the spread of the candidates' rewards and gives them all advantages of one sign.
 
-    The paper's formula is lost in our copy; read as B_t = γ·B_{t−1} + (1 − γ)·r_t (γ weighting the old value) the
-    baseline lags rewards that rise from round to round, every advantage comes out positive and the controllers
-    learn from sampling noise (measured in docs/rl_deep_supervision.md, "Baseline").
+    Read as B_t = γ·B_{t−1} + (1 − γ)·r_t instead (γ weighting the old value), the baseline lags rewards that rise from
+    round to round, every advantage comes out positive and the controllers learn from sampling noise (measured in
+    docs/rl_deep_supervision.md, "Baseline").
     """
 
     def __init__(self, gamma: float = 0.99):

@@ -117,7 +117,7 @@ def alignment_loss(own: Sequence[torch.Tensor], aligned: Sequence[torch.Tensor],
     similarity matrix: InfoNCE needs a bounded token set (a 256² logit matrix by default), and the cosine term over
     a uniform random subset is an unbiased estimate of its mean over all voxels at a cost that does not grow with
     the map (docs/rl_u2net.md). Pairs of one shape (the two directions of a stage) share their voxels and are computed
-    as one batch: for four stages 41 % fewer operators, hence GPU kernels, than pair by pair. Our defaults α = β = 1:
+    as one batch: fewer operators, hence GPU kernels, than pair by pair. Our defaults α = β = 1:
     the paper calls them equilibrium weights without values; both terms are O(1) at the start
     (InfoNCE ≤ log(max_tokens), cosine ≤ 2).
     """

@@ -52,9 +52,9 @@ class RLU2NetSettings:
     use_cma: bool = True
     min_greedy_probability: float = 0.5      # ours: after the RL phase and at inference the most probable rotation
                                              # is applied only where π on it is at least this, else the identity
-    policy_lr: float = 1e-3                  # PPO (eqs. 10-13, Algorithm 1); ours: the paper's 5e-5 moves θ by at
-                                             # most ~0.1 in a default run's RL phase (2000 Adam steps), π stays < 0.25
-                                             # (docs/rl_u2net.md); the rest of this group: the paper's settings
+    policy_lr: float = 1e-3                  # PPO (eqs. 10-13, Algorithm 1); ours: the paper's 5e-5 barely moves θ
+                                             # in a default run's RL phase (docs/rl_u2net.md); the rest of this
+                                             # group: the paper's settings
     value_lr: float = 2e-4
     clip: float = 0.2                        # ε of eq. 11; ours (PPO's usual value)
     gamma: float = 0.0                       # γ of eqs. 10, 13; ours: each sample is a one-step episode (its s' is

@@ -267,8 +267,9 @@ def test_mrl_seg_trains_and_predicts_with_nnunet_commands(trainer_environment, t
 def test_model_selection_ensembles_stock_and_every_rl_trainer(trainer_environment, tmp_path):
     """nnU-Net's model selection over stock nnU-Net and every 3d_fullres trainer of this module (reusing their runs,
     trained here with ``--npz`` when this test runs alone): nnUNetv2_find_best_configuration ensembles each pair's
-    cross-validation probabilities (nnUNetv2_ensemble), picks a model or an ensemble and its postprocessing, which
-    nnUNetv2_apply_postprocessing applies to each trainer's own validation segmentations."""
+    cross-validation probabilities, picks a model or an ensemble and its postprocessing, which
+    nnUNetv2_apply_postprocessing applies to each trainer's own validation segmentations; nnUNetv2_ensemble averages
+    stock's and PixelRL's validation probabilities."""
     env = trainer_environment
     for trainer in MODEL_SELECTION:
         if not (fold_folder(env, trainer) / "checkpoint_final.pth").is_file():
@@ -281,6 +282,9 @@ def test_model_selection_ensembles_stock_and_every_rl_trainer(trainer_environmen
     assert len(pairs) == len(MODEL_SELECTION) * (len(MODEL_SELECTION) - 1) // 2
     best = information["best_model_or_ensemble"]
     assert {m["trainer"] for m in best["selected_model_or_models"]} <= set(MODEL_SELECTION)
+    ensemble = [str(fold_folder(env, trainer) / "validation") for trainer in (STOCK, PIXEL_RL)]
+    cli("nnUNetv2_ensemble", "-i", *ensemble, "-o", str(tmp_path / "ensemble"), "-np", "1", env=env)
+    assert len(list((tmp_path / "ensemble").glob("*.nii.gz"))) == len(list(Path(ensemble[0]).glob("*.nii.gz")))
     for trainer in MODEL_SELECTION:
         model, validation = fold_folder(env, trainer).parent, fold_folder(env, trainer) / "validation"
         cli("nnUNetv2_apply_postprocessing", "-i", str(validation), "-o", str(tmp_path / trainer), "-pp_pkl_file",

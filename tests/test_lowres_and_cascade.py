@@ -1,5 +1,6 @@
-"""Every trainer on nnU-Net's 3d_lowres and 3d_cascade_fullres configurations: it trains and predicts, or refuses
-the configuration with one clear error (the matrix in docs/trainers.md).
+"""Every trainer on nnU-Net's 2d, 3d_lowres and 3d_cascade_fullres configurations (and MRL-Seg, whose end-to-end
+test runs 2d, on 3d_fullres): it trains and predicts, or refuses the configuration with one clear error (the matrix in
+docs/trainers.md).
 
 nnU-Net plans 3d_lowres (and the cascade on top of it) only when the 3d_fullres patch covers less than a quarter of
 the median image; here nnU-Net's own planner gets there on 48³ phantoms with its ``-gpu_memory_target`` lowered, as
@@ -30,7 +31,7 @@ from nnunet_rl.trainers.base import RLTrainerBase
 from nnunet_rl.trainers.schedules import ShortSchedule
 
 DATASET_ID = 952
-LOWRES, CASCADE = "3d_lowres", "3d_cascade_fullres"
+LOWRES, CASCADE, TWO_D, FULLRES = "3d_lowres", "3d_cascade_fullres", "2d", "3d_fullres"
 GPU_MEMORY_TARGET_GB = 0.02
 
 
@@ -45,7 +46,7 @@ def lowres_dataset(planned_dataset) -> str:
     name = make_dataset("multimodal", DATASET_ID, cases=5, size=48).name
     extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True)
     plan_experiments([DATASET_ID], gpu_memory_target_in_gb=GPU_MEMORY_TARGET_GB)
-    plan_rl(name, [LOWRES, CASCADE])
+    plan_rl(name, [LOWRES, CASCADE, TWO_D])  # the cascade's preprocessed data is 3d_fullres's
     return name
 
 
@@ -71,9 +72,10 @@ TRAINS = {
 REFUSED = {  # (trainer, configuration): what the error says
     ("RLU2Net", CASCADE): "does not train cascade stages",
     ("ClassifierGuided", LOWRES): "refines a first stage's segmentation",
+    ("ClassifierGuided", TWO_D): "refines a first stage's segmentation",
 }
-CELLS = [(name, configuration) for name in TRAINS for configuration in (LOWRES, CASCADE)
-         if (name, configuration) not in REFUSED]
+CELLS = [(name, configuration) for name in TRAINS for configuration in (TWO_D, LOWRES, CASCADE)
+         if (name, configuration) not in REFUSED] + [("MRLSeg", FULLRES)]
 
 
 def stand_in_first_stage(trainer) -> None:
