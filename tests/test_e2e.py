@@ -66,10 +66,10 @@ def trainer_environment(tmp_path_factory) -> dict:
     return env
 
 
-def predict(env: dict, trainer: str, output: Path, configuration: str = CONFIGURATION) -> None:
+def predict(env: dict, trainer: str, output: Path, configuration: str = CONFIGURATION, *options: str) -> None:
     raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{DATASET_ID}_*"))
     cli("nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(output), "-d", DATASET_ID, "-c",
-        configuration, "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", env=env)
+        configuration, "-tr", trainer, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", *options, env=env)
     assert sorted(p.name for p in output.glob("*.nii.gz")) == sorted(p.name for p in (raw / "labelsTs").glob(
         "*.nii.gz"))
 
@@ -269,7 +269,7 @@ def test_model_selection_ensembles_stock_and_every_rl_trainer(trainer_environmen
     trained here with ``--npz`` when this test runs alone): nnUNetv2_find_best_configuration ensembles each pair's
     cross-validation probabilities, picks a model or an ensemble and its postprocessing, which
     nnUNetv2_apply_postprocessing applies to each trainer's own validation segmentations; nnUNetv2_ensemble averages
-    stock's and PixelRL's validation probabilities."""
+    stock's and PixelRL's probabilities of the test cases (nnUNetv2_predict --save_probabilities)."""
     env = trainer_environment
     for trainer in MODEL_SELECTION:
         if not (fold_folder(env, trainer) / "checkpoint_final.pth").is_file():
@@ -282,9 +282,11 @@ def test_model_selection_ensembles_stock_and_every_rl_trainer(trainer_environmen
     assert len(pairs) == len(MODEL_SELECTION) * (len(MODEL_SELECTION) - 1) // 2
     best = information["best_model_or_ensemble"]
     assert {m["trainer"] for m in best["selected_model_or_models"]} <= set(MODEL_SELECTION)
-    ensemble = [str(fold_folder(env, trainer) / "validation") for trainer in (STOCK, PIXEL_RL)]
-    cli("nnUNetv2_ensemble", "-i", *ensemble, "-o", str(tmp_path / "ensemble"), "-np", "1", env=env)
-    assert len(list((tmp_path / "ensemble").glob("*.nii.gz"))) == len(list(Path(ensemble[0]).glob("*.nii.gz")))
+    members = [tmp_path / f"probabilities_{trainer}" for trainer in (STOCK, PIXEL_RL)]
+    for trainer, member in zip((STOCK, PIXEL_RL), members):  # as find_best's inference instructions say
+        predict(env, trainer, member, CONFIGURATION, "--save_probabilities")
+    cli("nnUNetv2_ensemble", "-i", *map(str, members), "-o", str(tmp_path / "ensemble"), "-np", "1", env=env)
+    assert len(list((tmp_path / "ensemble").glob("*.nii.gz"))) == len(list(members[0].glob("*.nii.gz")))
     for trainer in MODEL_SELECTION:
         model, validation = fold_folder(env, trainer).parent, fold_folder(env, trainer) / "validation"
         cli("nnUNetv2_apply_postprocessing", "-i", str(validation), "-o", str(tmp_path / trainer), "-pp_pkl_file",
