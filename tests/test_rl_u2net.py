@@ -277,7 +277,9 @@ def test_ppo_updates_the_policy_in_the_rl_phase_and_freezes_it_after(trained_sho
     modules = trained_short_rl.bare_network.xalign
     assert all(not torch.equal(m.pose.theta, torch.zeros_like(m.pose.theta)) for m in modules.values())
     assert np.isfinite(log["rl_u2net/reward"][0]) and np.isnan(log["rl_u2net/reward"][1])
-    assert np.isfinite(log["rl_u2net/value_loss"][0])
+    from nnunet_rl.trainers.rl_u2net import PPO_STATISTICS
+    for name in PPO_STATISTICS:  # logged per PPO update, as Stable-Baselines3 logs them; none after the RL phase
+        assert np.isfinite(log[f"rl_u2net/{name}"][0]) and np.isnan(log[f"rl_u2net/{name}"][1]), name
     for key in modules:
         probabilities = log[f"rl_u2net/{key}/top_probability"]
         assert probabilities[0] == probabilities[1] > 1 / 24
