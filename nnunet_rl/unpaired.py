@@ -121,7 +121,10 @@ class JointLoader(JoinedAugmenters):
 
     def __init__(self, primary, auxiliary):
         self.loaders = {"primary": primary, "auxiliary": auxiliary}
-        self.augmenters = (primary, auxiliary)
+
+    @property
+    def augmenters(self) -> tuple:
+        return tuple(self.loaders.values())
 
     def __iter__(self):
         return self
