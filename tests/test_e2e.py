@@ -74,6 +74,15 @@ def predict(env: dict, trainer: str, output: Path, configuration: str = CONFIGUR
         "*.nii.gz"))
 
 
+def predicted_test_cases(env: dict, trainer: str) -> Path:
+    """nnUNetv2_predict of the test cases with ``--save_probabilities`` into a folder the module's tests share (as a
+    user keeps them for nnUNetv2_ensemble), predicted on first use."""
+    output = Path(env["nnUNet_results"]).parent / "predictions" / trainer
+    if not output.is_dir():
+        predict(env, trainer, output, CONFIGURATION, "--save_probabilities")
+    return output
+
+
 def export_install_and_predict_with_the_api(env: dict, trainer: str, predictions: Path, tmp_path: Path, *,
                                            dataset_id: str = DATASET_ID, configuration: str = CONFIGURATION,
                                            previous_stage: Path | None = None) -> None:
@@ -160,7 +169,7 @@ def test_pam_trains_resumes_predicts_and_compares(trainer_environment, tmp_path)
 
     cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", STOCK, "-device", "cpu", "--npz", env=env)
 
-    predict(env, OURS, tmp_path / "predictions")
+    predictions = predicted_test_cases(env, OURS)
 
     report = tmp_path / "report"
     out = cli("nnunet-rl", "compare", DATASET_ID, "-c", CONFIGURATION, "-tr", STOCK, OURS, "-f", "0", "-o",
@@ -172,7 +181,7 @@ def test_pam_trains_resumes_predicts_and_compares(trainer_environment, tmp_path)
     for name in ("report.md", "metrics.csv", "summary.json", "boxplot_Dice.png"):
         assert (report / name).is_file(), name
 
-    export_install_and_predict_with_the_api(env, OURS, tmp_path / "predictions", tmp_path)
+    export_install_and_predict_with_the_api(env, OURS, predictions, tmp_path)
 
 
 def test_rl_u2net_trains_resumes_predicts_and_runs_the_ablation(trainer_environment, tmp_path):
@@ -235,8 +244,7 @@ def test_pixel_rl_trains_and_predicts_with_nnunet_commands(trainer_environment, 
     steps = json.loads((fold_folder(env, trainer) / "pixel_rl_steps.json").read_text())["dice_per_step"]
     assert sorted(steps) == ["1", "2"] and all(len(dice) == 11 for dice in steps.values())  # f(0) … f(10)
     assert (fold_folder(env, trainer) / "pixel_rl_steps.png").is_file()
-    predict(env, trainer, tmp_path / "predictions")
-    export_install_and_predict_with_the_api(env, trainer, tmp_path / "predictions", tmp_path)
+    export_install_and_predict_with_the_api(env, trainer, predicted_test_cases(env, trainer), tmp_path)
 
 
 def test_mrl_seg_trains_and_predicts_with_nnunet_commands(trainer_environment, tmp_path):
@@ -269,7 +277,7 @@ def test_model_selection_ensembles_stock_and_every_rl_trainer(trainer_environmen
     trained here with ``--npz`` when this test runs alone): nnUNetv2_find_best_configuration ensembles each pair's
     cross-validation probabilities, picks a model or an ensemble and its postprocessing, which
     nnUNetv2_apply_postprocessing applies to each trainer's own validation segmentations; nnUNetv2_ensemble averages
-    stock's and PixelRL's probabilities of the test cases (nnUNetv2_predict --save_probabilities)."""
+    PAM's and PixelRL's probabilities of the test cases (nnUNetv2_predict --save_probabilities)."""
     env = trainer_environment
     for trainer in MODEL_SELECTION:
         if not (fold_folder(env, trainer) / "checkpoint_final.pth").is_file():
@@ -282,9 +290,7 @@ def test_model_selection_ensembles_stock_and_every_rl_trainer(trainer_environmen
     assert len(pairs) == len(MODEL_SELECTION) * (len(MODEL_SELECTION) - 1) // 2
     best = information["best_model_or_ensemble"]
     assert {m["trainer"] for m in best["selected_model_or_models"]} <= set(MODEL_SELECTION)
-    members = [tmp_path / f"probabilities_{trainer}" for trainer in (STOCK, PIXEL_RL)]
-    for trainer, member in zip((STOCK, PIXEL_RL), members):  # as find_best's inference instructions say
-        predict(env, trainer, member, CONFIGURATION, "--save_probabilities")
+    members = [predicted_test_cases(env, trainer) for trainer in (OURS, PIXEL_RL)]  # as find_best's instructions say
     cli("nnUNetv2_ensemble", "-i", *map(str, members), "-o", str(tmp_path / "ensemble"), "-np", "1", env=env)
     assert len(list((tmp_path / "ensemble").glob("*.nii.gz"))) == len(list(members[0].glob("*.nii.gz")))
     for trainer in MODEL_SELECTION:
