@@ -217,10 +217,11 @@ def test_rl_deep_supervision_trains_and_predicts_with_nnunet_commands(trainer_en
     cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", "--npz", env=env)
     learned = json.loads((fold_folder(env, trainer) / "rl_deep_supervision.json").read_text())
     assert sum(learned["alpha"]) == pytest.approx(1.0) and learned["alpha"][-1] == 0
-    logged = wandb_history(next(fold_folder(env, trainer).glob("wandb/offline-run-*/run-*.wandb")))
+    assert_telemetry_reached_wandb(fold_folder(env, trainer), "rl_deep_supervision/")
+    logging = torch.load(fold_folder(env, trainer) / "checkpoint_final.pth", weights_only=False)["logging"]
     for i, alpha in enumerate(learned["alpha"]):  # one value per epoch, the last the learned weight
-        assert len(logged[f"rl_deep_supervision/alpha_{i}"]) == 3
-        assert logged[f"rl_deep_supervision/alpha_{i}"][-1] == pytest.approx(alpha)
+        assert len(logging[f"rl_deep_supervision/alpha_{i}"]) == 3
+        assert logging[f"rl_deep_supervision/alpha_{i}"][-1] == pytest.approx(alpha)
     split = json.loads((fold_folder(env, trainer) / "rl_reward_cases.json").read_text())
     assert split["reward"] and not set(split["reward"]) & set(split["validation"])
     predict(env, trainer, tmp_path / "predictions")
