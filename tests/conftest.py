@@ -10,6 +10,22 @@ os.environ.setdefault("nnUNet_def_n_proc", "2")  # nnU-Net's default spawns 8 ex
 from helpers import PLANNED_DATASET_ID, free_port, set_nnunet_folders  # noqa: E402 (after the settings)
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker's torch gets its share of the cores.
+
+    torch's default, one thread per core in every process, oversubscribes the cores when `make test` runs two workers
+    side by side: on 2 cores two training processes ran 2x slower each than with one thread each (docs/benchmarks.md).
+    The nnU-Net commands the tests start (`nnUNetv2_train -device cpu`, `nnUNetv2_predict -device cpu`) set their own
+    count, a thread per core, as they do for users; other subprocesses inherit ``OMP_NUM_THREADS``.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def planned_dataset(tmp_path_factory) -> str:
     """A 6-case 32^3 two-channel synthetic dataset, planned and preprocessed for 2d and 3d_fullres.
