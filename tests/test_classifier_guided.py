@@ -189,6 +189,15 @@ def test_the_trainer_refuses_a_configuration_without_a_first_stage(refine_plans,
         trainer.require_previous_stage_predictions()
 
 
+def test_the_trainer_refuses_region_based_labels(refine_plans, planned_dataset, monkeypatch):
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    dataset_json = load_json(str(Path(os.environ["nnUNet_preprocessed"]) / planned_dataset / "dataset.json"))
+    monkeypatch.setattr(LabelManager, "has_regions", property(lambda self: True))
+    with pytest.raises(NnunetRLError, match="region-based labels are not supported"):
+        nnUNetTrainerClassifierGuided({**refine_plans.plans, "continue_training": False}, "2d_allslice_refine", 0,
+                                      dataset_json, torch.device("cpu"))
+
+
 def test_a_gated_pass_outweighs_an_ungated_one_in_nnunets_averaging():
     """nnU-Net averages logits over mirrored passes and Gaussian-weighted windows: a pass or window that gates a class
     keeps it out even beside a confident ungated one."""

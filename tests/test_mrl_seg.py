@@ -517,6 +517,20 @@ def test_region_based_datasets_are_refused(trainer, monkeypatch):
         type(trainer).initialize(trainer)
 
 
+@pytest.mark.parametrize("fractions, message", [(None, "rerun `nnunet-rl plan"), ({"1": 0.6, "2": 0.4}, "0 < sum < 1")])
+def test_missing_or_invalid_label_fractions_are_refused(trainer, monkeypatch, fractions, message):
+    block = {**trainer.rl_block, "dataset": {**trainer.rl_block["dataset"], "label_fractions": fractions}}
+    monkeypatch.setattr(type(trainer), "rl_block", property(lambda self: block))
+    with pytest.raises(NnunetRLError, match=message):
+        trainer._dataset_foreground_ratio(MRLSegSettings())
+
+
+def test_an_unknown_heads_optimizer_is_refused(trainer, monkeypatch):
+    monkeypatch.setattr(trainer, "rl_hyperparameters", lambda component: MRLSegSettings(heads_optimizer="rmsprop"))
+    with pytest.raises(NnunetRLError, match="'adam' or 'sgd', not 'rmsprop'"):
+        trainer.configure_optimizers()
+
+
 def test_ddp_accepts_the_reinforcement_net_trained_in_the_loss_and_idle_with_a_zero_gradient(
         single_rank_process_group):
     """As PixelRL's heads: the episode runs in the wrapped forward, its A2C losses join the loss outside it; before

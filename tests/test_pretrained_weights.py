@@ -13,7 +13,8 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from nnunet_rl.cli import main
 from nnunet_rl.errors import NnunetRLError
-from nnunet_rl.pretrained import NOT_TRANSFERRED, build_network, convert_stock_checkpoint, with_stock_weights
+from nnunet_rl.pretrained import (NOT_TRANSFERRED, build_network, convert_stock_checkpoint, find_trainer,
+                                  with_stock_weights)
 from nnunet_rl.trainers import nnUNetTrainerMRLSeg_pretrained, nnUNetTrainerPixelRL_pretrained
 from nnunet_rl.trainer_from_plans import trainer_from_plans
 
@@ -225,3 +226,10 @@ def test_rl_u2net_branches_take_the_stock_network_each_its_own_input_channels(pl
     with pytest.raises(NnunetRLError, match="two datasets"):
         convert_stock_checkpoint(planned_dataset, CONFIGURATION, "nnUNetTrainerRLU2Net_unpaired", stock_path,
                                  tmp_path / "unpaired.pth")
+
+
+@pytest.mark.parametrize("trainer_name", ["nnUNetTrainerAllSliceFusion", "nnUNetTrainerClassifierGuided"])
+def test_two_stage_trainers_are_refused_with_the_trainers_it_converts(trainer_name):
+    """Their networks take other inputs than the planned network's (all slices; the first stage's maps)."""
+    with pytest.raises(NnunetRLError, match="does not extend the planned one.*nnUNetTrainerPixelRL"):
+        find_trainer(trainer_name)

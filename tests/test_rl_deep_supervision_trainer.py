@@ -356,3 +356,10 @@ def synthetic_batch(trainer, labels: int, channels: int = 1) -> dict:
         shape = (2, channels, *np.round(np.multiply(patch, scale)).astype(int))
         targets.append(torch.randint(0, labels, shape, generator=generator).float())
     return {"data": data, "target": targets, "keys": ["synthetic"] * 2}
+
+
+def test_a_configuration_without_deep_supervision_is_refused(planned_dataset):
+    trainer = trainer_from_plans(planned_dataset, nnUNetTrainerRLDeepSup)
+    trainer.enable_deep_supervision = False  # nnU-Net's loss then has no DeepSupervisionWrapper
+    with pytest.raises(NnunetRLError, match="trains without deep supervision"):
+        trainer.initialize()
