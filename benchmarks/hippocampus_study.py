@@ -1,7 +1,9 @@
 """Our trainers beside stock nnU-Net on real data (MSD Hippocampus), held-out Dice per class, mean ± sd over repeats.
 
 ``--study das`` (default): stock nnU-Net, PAM, RLDeepSup, its random-search control and AWSnet, 3d_fullres,
-``_30epochs_50iters``. ``--study pixel_rl``: stock nnU-Net and PixelRL, 2d, ``_30epochs_50iters``. One schedule and
+``_30epochs_50iters``. ``--study voxel_agents``: stock nnU-Net, PixelRL and MRL-Seg, 2d, ``_30epochs_50iters``
+(the per-voxel agents train on 2d: on a CPU the backward pass of PixelRL's dilated 3D heads takes seconds per layer,
+docs/pixel_rl.md). One schedule and
 configuration for all trainers of a study, fold 0, ``--repeats`` runs of each trainer (repeat r: plans
 ``nnUNetPlans_repeat<r>``, the same preprocessed data, every RL component's ``seed`` set to r; nnU-Net's own training
 is not seeded).
@@ -16,7 +18,11 @@ the second once the first has planned).
     export nnUNet_raw=... nnUNet_preprocessed=... nnUNet_results=...
     python benchmarks/hippocampus_study.py --msd ../shared/data/Task04_Hippocampus -d 4 --repeats 2 \
         --record benchmarks/results/hippocampus_das -o study.md
-    python benchmarks/hippocampus_study.py --study pixel_rl --msd ../shared/data/Task04_Hippocampus -d 4 --repeats 2
+    python benchmarks/hippocampus_study.py --study voxel_agents --msd ../shared/data/Task04_Hippocampus -d 4 \
+        --repeats 2 --record benchmarks/results/hippocampus_voxel_agents -o voxel_agents.md
+
+The repeat plans seed every configuration's RL components, so the two studies, run side by side on one dataset,
+write the same ``nnUNetPlans_repeat<r>`` files.
 """
 import argparse
 import os
@@ -46,7 +52,7 @@ class Study(NamedTuple):
 STUDIES = {
     "das": Study(("nnUNetTrainer", "nnUNetTrainerPAM", "nnUNetTrainerRLDeepSup", "nnUNetTrainerRLDeepSup_randomSearch",
                   "nnUNetTrainerAWSnet"), "3d_fullres", "_30epochs_50iters"),
-    "pixel_rl": Study(("nnUNetTrainer", "nnUNetTrainerPixelRL"), "2d", "_30epochs_50iters"),
+    "voxel_agents": Study(("nnUNetTrainer", "nnUNetTrainerPixelRL", "nnUNetTrainerMRLSeg"), "2d", "_30epochs_50iters"),
 }
 
 
@@ -60,15 +66,16 @@ def prepared_dataset(dataset_id: int, msd_folder: str, configuration: str) -> st
     return name
 
 
-def repeat_plans(name: str, repeat: int, configuration: str) -> str:
-    """``nnUNetPlans_repeat<r>``: nnU-Net's plans with every RL component seeded by ``repeat`` (same preprocessed
-    data)."""
+def repeat_plans(name: str, repeat: int) -> str:
+    """``nnUNetPlans_repeat<r>``: nnU-Net's plans with every RL component of every configuration seeded by
+    ``repeat`` (same preprocessed data)."""
     folder = Path(os.environ["nnUNet_preprocessed"]) / name
     plans = load_json(str(folder / "nnUNetPlans.json"))
     plans["plans_name"] = f"{REPEAT_PLANS}{repeat}"
-    for section in plans["configurations"][configuration][RL_BLOCK_KEY].values():
-        if isinstance(section, dict) and "seed" in section:
-            section["seed"] = repeat
+    for configuration in plans["configurations"].values():
+        for section in configuration.get(RL_BLOCK_KEY, {}).values():
+            if isinstance(section, dict) and "seed" in section:
+                section["seed"] = repeat
     file = folder / f"{plans['plans_name']}.json"
     if not file.is_file() or load_json(str(file)) != plans:  # never rewritten under a running training
         save_json(plans, str(file), sort_keys=False)
@@ -171,7 +178,7 @@ def main() -> None:
     folder = Path(os.environ["nnUNet_results"]) / name / f"{args.study}_study{schedule}"
     record = args.record or folder / "records"
     for repeat in range(args.repeats):
-        plans = repeat_plans(name, repeat, study.configuration)
+        plans = repeat_plans(name, repeat)
         for trainer in [f"{trainer}{schedule}" for trainer in args.trainers or study.trainers]:
             file = record_file(record, repeat, trainer, study.configuration)
             if not file.is_file():
