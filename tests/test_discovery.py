@@ -80,7 +80,8 @@ def test_ext_trainer_folder_holds_only_the_thin_module():
 
 @pytest.mark.e2e
 def test_the_built_wheel_in_a_fresh_environment_finds_the_trainers(tmp_path):
-    """The path of a user who installs the package instead of cloning it: pip builds the wheel, it is installed into
+    """The path of a user who installs the package instead of cloning it: `python -m build` builds the wheel (without
+    build isolation: this environment has the build requirements), it is installed into
     a fresh venv (its dependencies taken from this environment's site-packages by a plain path entry, so this
     checkout's editable install is not seen), `nnunet-rl env --install-hook` runs there, and a new process of that
     venv resolves the trainers of :func:`mechanism_probe`, from the wheel's files."""
@@ -90,8 +91,8 @@ def test_the_built_wheel_in_a_fresh_environment_finds_the_trainers(tmp_path):
     source = tmp_path / "source"  # a copy: setuptools writes build/ and *.egg-info/ beside the sources
     shutil.copytree(Path(__file__).resolve().parents[1], source, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "*.egg-info", "__pycache__", "nnunet_rl_data", ".pytest_cache"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(source)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"),
+                    str(source)], check=True, capture_output=True)
     wheel = next((tmp_path / "dist").glob("nnunet_rl-*.whl"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
