@@ -28,8 +28,8 @@ from torch import nn
 from nnunet_rl.pixel_rl import one_hot, shuffled_over_voxels
 from nnunet_rl.planned_network import AroundPlannedNetwork
 from nnunet_rl.plans.rl_block import MRLSegSettings
-from nnunet_rl.voxel_actor_critic import (A2CLosses, VoxelActorCritic, a2c_losses, full_resolution, greedy_actions,
-                                          greedy_rollout, sample_actions)
+from nnunet_rl.voxel_actor_critic import (A2CLosses, EpisodeFeatures, VoxelActorCritic, a2c_losses, full_resolution,
+                                          greedy_actions, greedy_rollout, sample_actions)
 
 MASK, RETAIN = 0, 1
 NUM_ACTIONS = 2
@@ -202,8 +202,11 @@ class ReinforcementNet(nn.Module):
         self.encoder = encoder
         self.actor_critic = actor_critic
 
-    def _state(self, representation: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encoder(representation), torch.cat((representation, masked.to(representation.dtype)), dim=1)
+    def _state(self, representation: torch.Tensor, masked: torch.Tensor) -> tuple[EpisodeFeatures, torch.Tensor]:
+        """The encoder's features of s(t) (they change every step, so the heads respond to them every step) and
+        [s(t), mask(t)]."""
+        return (self.actor_critic.attend(self.encoder(representation)),
+                torch.cat((representation, masked.to(representation.dtype)), dim=1))
 
     def forward(self, representation: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Action logits (B, 2, *spatial) and values (B, 1, *spatial)."""

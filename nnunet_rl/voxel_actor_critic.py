@@ -7,7 +7,8 @@ what both need:
 - :class:`SelfAttentionModule`: PixelDRL-MG's SAM, eq. 1;
 - :class:`VoxelHead`: a stack of (dilated) convolutions ending in a 1×1 convolution, the paper's DC;
 - :class:`VoxelActorCritic`: SAM on the fixed features, then a policy head (action logits per voxel) and a value head
-  (V per voxel) on [features, extra state channels], with the neighbour-value convolution ω of the returns;
+  (V per voxel) on [features, extra state channels], with the neighbour-value convolution ω of the returns; the
+  heads' response to the fixed features is computed once per episode (:class:`EpisodeFeatures`);
 - :class:`NeighbourReturns`: the learned neighbour weighting ω of eq. 8 and PixelDRL-MG's discounted returns
   (Algorithm 1), R(t) = r(t) + γ R(t+1) with R(T) = ω ∗ V(s(T)); MRL-Seg's returns (its eqs. 11-12, ω applied at
   every step, with its difficulty term) are :func:`nnunet_rl.mrl_seg.difficulty_returns` on the same ``omega``;
@@ -60,14 +61,21 @@ class SelfAttentionModule(nn.Module):
 class VoxelHead(nn.Module):
     """conv(k=3, dilation d) → norm → nonlinearity for each d in ``dilations``, then a 1×1 convolution to
     ``out_channels``: an output per voxel at the input's resolution (padding = dilation). PixelDRL-MG puts dilated
-    convolutions (DC) in every layer of both heads; dilations of 1 give the same head without DC."""
+    convolutions (DC) in every layer of both heads; dilations of 1 give the same head without DC.
 
-    def __init__(self, in_channels: int, hidden_channels: int, out_channels: int, dilations: Sequence[int],
-                 conv_op: type[nn.Module], norm_op: type[nn.Module] | None, norm_op_kwargs: dict | None,
-                 nonlin: type[nn.Module] | None, nonlin_kwargs: dict | None):
+    The head's input is [fixed, state]: ``fixed_channels`` features that stay the same over an episode, then
+    ``state_channels`` that change every step. A convolution is linear in its input channels, so the first one splits
+    into conv_fixed(fixed) + conv_state(state): :meth:`respond` computes the fixed share (with the bias) once per
+    episode, :meth:`forward` adds the state's share every step. That is the convolution of the concatenation (same
+    parameters, same function, up to rounding), at a fraction of its cost per step when the state has few channels.
+    """
+
+    def __init__(self, fixed_channels: int, state_channels: int, hidden_channels: int, out_channels: int,
+                 dilations: Sequence[int], conv_op: type[nn.Module], norm_op: type[nn.Module] | None,
+                 norm_op_kwargs: dict | None, nonlin: type[nn.Module] | None, nonlin_kwargs: dict | None):
         super().__init__()
         layers: list[nn.Module] = []
-        channels = in_channels
+        channels = fixed_channels + state_channels
         for dilation in dilations:
             layers.append(conv_op(channels, hidden_channels, kernel_size=3, padding=dilation, dilation=dilation))
             if norm_op is not None:
@@ -77,10 +85,18 @@ class VoxelHead(nn.Module):
             channels = hidden_channels
         self.body = nn.Sequential(*layers)
         self.out = conv_op(channels, out_channels, kernel_size=1, bias=True)
-        self.hidden_channels, self.num_layers = hidden_channels, len(dilations)
+        self.fixed_channels, self.hidden_channels, self.num_layers = fixed_channels, hidden_channels, len(dilations)
 
-    def forward(self, state: torch.Tensor) -> torch.Tensor:
-        return self.out(self.body(state))
+    def respond(self, fixed: torch.Tensor) -> torch.Tensor:
+        """The first convolution's response to the fixed features, bias included: once per episode."""
+        first = self.body[0]
+        return first._conv_forward(fixed, first.weight[:, :self.fixed_channels], first.bias)
+
+    def forward(self, fixed_response: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """The head's output for the fixed features (as :meth:`respond` gave them) and this step's ``state``."""
+        first = self.body[0]
+        hidden = fixed_response + first._conv_forward(state, first.weight[:, self.fixed_channels:], None)
+        return self.out(self.body[1:](hidden))
 
     def compute_conv_feature_map_size(self, input_size) -> int:
         """Voxels of the feature maps one forward stores: conv, norm and nonlinearity per layer, and the output."""
@@ -117,12 +133,19 @@ class NeighbourReturns(nn.Module):
         return returns[::-1]
 
 
+@dataclass
+class EpisodeFeatures:
+    """Each head's first-layer response to an episode's fixed features (:meth:`VoxelActorCritic.attend`)."""
+    policy: torch.Tensor
+    value: torch.Tensor
+
+
 class VoxelActorCritic(nn.Module):
     """SAM (optional) on fixed features, then policy and value heads on [SAM(features), state channels].
 
-    ``features`` come from a segmentation network and stay fixed over an episode, so SAM runs once per episode
-    (:meth:`attend`); the ``state`` channels (e.g. the current label map, one-hot) change every step, and only the
-    heads run per step (:meth:`forward`).
+    ``features`` come from a segmentation network and stay fixed over an episode, so SAM and the heads' share of
+    them run once per episode (:meth:`attend`); the ``state`` channels (e.g. the current label map, one-hot) change
+    every step, and only their share and the rest of the heads run per step (:meth:`forward`).
     """
 
     def __init__(self, feature_channels: int, state_channels: int, num_actions: int, conv_op: type[nn.Module],
@@ -132,7 +155,7 @@ class VoxelActorCritic(nn.Module):
                  omega_kernel_size: int = 3):
         super().__init__()
         self.sam = SelfAttentionModule(feature_channels, conv_op) if use_sam else None
-        head = dict(in_channels=feature_channels + state_channels, hidden_channels=head_channels,
+        head = dict(fixed_channels=feature_channels, state_channels=state_channels, hidden_channels=head_channels,
                     dilations=dilations, conv_op=conv_op, norm_op=norm_op, norm_op_kwargs=norm_op_kwargs,
                     nonlin=nonlin, nonlin_kwargs=nonlin_kwargs)
         self.policy = VoxelHead(out_channels=num_actions, **head)
@@ -149,21 +172,22 @@ class VoxelActorCritic(nn.Module):
             self.policy.out.weight.zero_()
             self.policy.out.bias.copy_(torch.log(torch.as_tensor(probabilities, dtype=torch.float32)))
 
-    def attend(self, features: torch.Tensor) -> torch.Tensor:
-        return features if self.sam is None else self.sam(features)
+    def attend(self, features: torch.Tensor) -> EpisodeFeatures:
+        """SAM(``features``) as both heads' first layers see it: what an episode computes once."""
+        attended = features if self.sam is None else self.sam(features)
+        return EpisodeFeatures(self.policy.respond(attended), self.value.respond(attended))
 
-    def forward(self, attended: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, features: EpisodeFeatures, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Action logits (B, actions, *spatial) and values (B, 1, *spatial)."""
-        joint = torch.cat((attended, state.to(attended.dtype)), dim=1)
-        return self.policy(joint), self.value(joint)
+        return self.action_logits(features, state), self.state_value(features, state)
 
-    def state_value(self, attended: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    def state_value(self, features: EpisodeFeatures, state: torch.Tensor) -> torch.Tensor:
         """V alone (B, 1, *spatial), e.g. to bootstrap the returns at the end of an episode."""
-        return self.value(torch.cat((attended, state.to(attended.dtype)), dim=1))
+        return self.value(features.value, state.to(features.value.dtype))
 
-    def action_logits(self, attended: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    def action_logits(self, features: EpisodeFeatures, state: torch.Tensor) -> torch.Tensor:
         """The policy head alone (B, actions, *spatial): all a greedy step needs."""
-        return self.policy(torch.cat((attended, state.to(attended.dtype)), dim=1))
+        return self.policy(features.policy, state.to(features.policy.dtype))
 
     def compute_conv_feature_map_size(self, input_size, steps: int) -> int:
         """Feature-map voxels of SAM once and both heads ``steps`` times (what a training episode keeps for the

@@ -12,7 +12,7 @@ from helpers import cloned_state, ddp_steps, resumed_after_an_rl_step, started_t
 from nnunet_rl import agent_figures, pixel_rl
 from nnunet_rl.pixel_rl import KEEP, SET_TO_BACKGROUND, build_pixel_rl_network, squared_error_reward
 from nnunet_rl.plans.rl_block import PixelRLSettings
-from nnunet_rl.voxel_actor_critic import (NeighbourReturns, VoxelActorCritic, a2c_losses, greedy_rollout,
+from nnunet_rl.voxel_actor_critic import (NeighbourReturns, VoxelActorCritic, VoxelHead, a2c_losses, greedy_rollout,
                                           sample_actions)
 
 HP = PixelRLSettings(t_max=3)
@@ -92,6 +92,26 @@ def test_heads_output_one_value_per_voxel(dim, spatial, use_sam, dilations):
     logits, values = heads(heads.attend(features), state)
     assert logits.shape == (2, 2, *spatial) and values.shape == (2, 1, *spatial)
     assert sample_actions(logits, fallback=1).shape == (2, *spatial)
+
+
+@pytest.mark.parametrize("dim, spatial", [(2, (13, 17)), (3, (5, 7, 9))])
+def test_heads_respond_to_the_fixed_features_once_as_to_the_concatenated_input(dim, spatial):
+    """The first convolution split into the fixed features' share (once per episode) and the state's (every step) is
+    the convolution of [features, state], in its output and in every parameter's gradient."""
+    conv_op, norm_op = OPS[dim]
+    head = VoxelHead(fixed_channels=6, state_channels=3, hidden_channels=8, out_channels=2, dilations=(1, 2),
+                     conv_op=conv_op, norm_op=norm_op, norm_op_kwargs={"affine": True}, nonlin=nn.LeakyReLU,
+                     nonlin_kwargs=None).double()  # in float64, so that rounding cannot hide a difference
+    with torch.no_grad():
+        head.out.weight.normal_()
+    features, state = torch.randn(2, 6, *spatial, dtype=torch.float64), torch.randn(2, 3, *spatial, dtype=torch.float64)
+    split = head(head.respond(features), state)
+    split_gradients = torch.autograd.grad(split.square().sum(), list(head.parameters()))
+    whole = head.out(head.body(torch.cat((features, state), dim=1)))
+    whole_gradients = torch.autograd.grad(whole.square().sum(), list(head.parameters()))
+    torch.testing.assert_close(split, whole)
+    for a, b in zip(split_gradients, whole_gradients):
+        torch.testing.assert_close(a, b)
 
 
 def test_sam_is_a_softmax_over_the_patch():
