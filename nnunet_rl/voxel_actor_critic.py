@@ -74,6 +74,8 @@ class VoxelHead(nn.Module):
                  dilations: Sequence[int], conv_op: type[nn.Module], norm_op: type[nn.Module] | None,
                  norm_op_kwargs: dict | None, nonlin: type[nn.Module] | None, nonlin_kwargs: dict | None):
         super().__init__()
+        if not dilations:
+            raise ValueError("a head needs at least one 3^d convolution (head_dilations / head_layers ≥ 1)")
         layers: list[nn.Module] = []
         channels = fixed_channels + state_channels
         for dilation in dilations:
@@ -133,11 +135,19 @@ class NeighbourReturns(nn.Module):
         return returns[::-1]
 
 
-@dataclass
 class EpisodeFeatures:
-    """Each head's first-layer response to an episode's fixed features (:meth:`VoxelActorCritic.attend`)."""
-    policy: torch.Tensor
-    value: torch.Tensor
+    """SAM(features) of one episode, and each head's first-layer response to them (:meth:`VoxelHead.respond`),
+    computed the first time the head runs on them: a greedy step asks the policy head alone, a bootstrap the value
+    head alone."""
+
+    def __init__(self, attended: torch.Tensor):
+        self.attended = attended
+        self._responses: dict[int, torch.Tensor] = {}
+
+    def response(self, head: "VoxelHead") -> torch.Tensor:
+        if id(head) not in self._responses:
+            self._responses[id(head)] = head.respond(self.attended)
+        return self._responses[id(head)]
 
 
 class VoxelActorCritic(nn.Module):
@@ -173,9 +183,8 @@ class VoxelActorCritic(nn.Module):
             self.policy.out.bias.copy_(torch.log(torch.as_tensor(probabilities, dtype=torch.float32)))
 
     def attend(self, features: torch.Tensor) -> EpisodeFeatures:
-        """SAM(``features``) as both heads' first layers see it: what an episode computes once."""
-        attended = features if self.sam is None else self.sam(features)
-        return EpisodeFeatures(self.policy.respond(attended), self.value.respond(attended))
+        """SAM(``features``), with what the heads compute from it once per episode."""
+        return EpisodeFeatures(features if self.sam is None else self.sam(features))
 
     def forward(self, features: EpisodeFeatures, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Action logits (B, actions, *spatial) and values (B, 1, *spatial)."""
@@ -183,11 +192,11 @@ class VoxelActorCritic(nn.Module):
 
     def state_value(self, features: EpisodeFeatures, state: torch.Tensor) -> torch.Tensor:
         """V alone (B, 1, *spatial), e.g. to bootstrap the returns at the end of an episode."""
-        return self.value(features.value, state.to(features.value.dtype))
+        return self.value(features.response(self.value), state.to(features.attended.dtype))
 
     def action_logits(self, features: EpisodeFeatures, state: torch.Tensor) -> torch.Tensor:
         """The policy head alone (B, actions, *spatial): all a greedy step needs."""
-        return self.policy(features.policy, state.to(features.policy.dtype))
+        return self.policy(features.response(self.policy), state.to(features.attended.dtype))
 
     def compute_conv_feature_map_size(self, input_size, steps: int) -> int:
         """Feature-map voxels of SAM once and both heads ``steps`` times (what a training episode keeps for the

@@ -12,7 +12,7 @@ from helpers import cloned_state, ddp_steps, resumed_after_an_rl_step, started_t
 from nnunet_rl import agent_figures, pixel_rl
 from nnunet_rl.pixel_rl import KEEP, SET_TO_BACKGROUND, build_pixel_rl_network, squared_error_reward
 from nnunet_rl.plans.rl_block import PixelRLSettings
-from nnunet_rl.voxel_actor_critic import (NeighbourReturns, VoxelActorCritic, VoxelHead, a2c_losses, greedy_rollout,
+from nnunet_rl.voxel_actor_critic import (NeighbourReturns, VoxelActorCritic, a2c_losses, greedy_rollout,
                                           sample_actions)
 
 HP = PixelRLSettings(t_max=3)
@@ -94,24 +94,44 @@ def test_heads_output_one_value_per_voxel(dim, spatial, use_sam, dilations):
     assert sample_actions(logits, fallback=1).shape == (2, *spatial)
 
 
+def concatenated_input_heads(heads: VoxelActorCritic, features: torch.Tensor, state: torch.Tensor):
+    """Both heads run on the concatenation [SAM(features), state], written out layer by layer."""
+    joint = torch.cat((heads.sam(features), state), dim=1)
+    return tuple(head.out(head.body(joint)) for head in (heads.policy, heads.value))
+
+
 @pytest.mark.parametrize("dim, spatial", [(2, (13, 17)), (3, (5, 7, 9))])
-def test_heads_respond_to_the_fixed_features_once_as_to_the_concatenated_input(dim, spatial):
+@pytest.mark.parametrize("norm", [True, False])
+def test_heads_respond_to_the_fixed_features_once_as_to_the_concatenated_input(dim, spatial, norm):
     """The first convolution split into the fixed features' share (once per episode) and the state's (every step) is
-    the convolution of [features, state], in its output and in every parameter's gradient."""
+    the convolution of [features, state]: the same logits and values, and the same gradients for every parameter and
+    for the features. In float64, so that rounding cannot hide a difference; without a norm too, which would hide a
+    constant added to the first layer."""
     conv_op, norm_op = OPS[dim]
-    head = VoxelHead(fixed_channels=6, state_channels=3, hidden_channels=8, out_channels=2, dilations=(1, 2),
-                     conv_op=conv_op, norm_op=norm_op, norm_op_kwargs={"affine": True}, nonlin=nn.LeakyReLU,
-                     nonlin_kwargs=None).double()  # in float64, so that rounding cannot hide a difference
+    heads = VoxelActorCritic(feature_channels=6, state_channels=3, num_actions=2, conv_op=conv_op,
+                             norm_op=norm_op if norm else None, norm_op_kwargs={"affine": True},
+                             dilations=(1, 2)).double()
     with torch.no_grad():
-        head.out.weight.normal_()
-    features, state = torch.randn(2, 6, *spatial, dtype=torch.float64), torch.randn(2, 3, *spatial, dtype=torch.float64)
-    split = head(head.respond(features), state)
-    split_gradients = torch.autograd.grad(split.square().sum(), list(head.parameters()))
-    whole = head.out(head.body(torch.cat((features, state), dim=1)))
-    whole_gradients = torch.autograd.grad(whole.square().sum(), list(head.parameters()))
-    torch.testing.assert_close(split, whole)
-    for a, b in zip(split_gradients, whole_gradients):
-        torch.testing.assert_close(a, b)
+        for head in (heads.policy, heads.value):
+            head.out.weight.normal_()
+    features = torch.randn(2, 6, *spatial, dtype=torch.float64, requires_grad=True)
+    state = torch.randn(2, 3, *spatial, dtype=torch.float64)
+    inputs = [*heads.parameters(), features]
+    episode = heads.attend(features)
+    split = (heads.action_logits(episode, state), heads.state_value(episode, state))
+    whole = concatenated_input_heads(heads, features, state)
+    for ours, reference in zip(split, whole):
+        torch.testing.assert_close(ours, reference)
+        for a, b in zip(torch.autograd.grad(ours.square().sum(), inputs, retain_graph=True, allow_unused=True),
+                        torch.autograd.grad(reference.square().sum(), inputs, retain_graph=True, allow_unused=True)):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b)
+
+
+def test_a_head_without_a_convolution_is_refused():
+    with pytest.raises(ValueError, match="at least one 3"):
+        VoxelActorCritic(feature_channels=6, state_channels=3, num_actions=2, conv_op=nn.Conv2d, dilations=())
 
 
 def test_sam_is_a_softmax_over_the_patch():
