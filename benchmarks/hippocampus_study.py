@@ -21,8 +21,9 @@ the second once the first has planned).
     python benchmarks/hippocampus_study.py --study voxel_agents --msd ../shared/data/Task04_Hippocampus -d 4 \
         --repeats 2 --record benchmarks/results/hippocampus_voxel_agents -o voxel_agents.md
 
-The repeat plans seed every configuration's RL components, so the two studies, run side by side on one dataset,
-write the same ``nnUNetPlans_repeat<r>`` files.
+The repeat plans seed every configuration's RL components, so two studies run side by side on one dataset write the
+same ``nnUNetPlans_repeat<r>`` files once both have planned (until then the second to plan rewrites them, with its
+configuration's rl block added and the first one's unchanged).
 """
 import argparse
 import os
@@ -77,8 +78,12 @@ def repeat_plans(name: str, repeat: int) -> str:
             if isinstance(section, dict) and "seed" in section:
                 section["seed"] = repeat
     file = folder / f"{plans['plans_name']}.json"
-    if not file.is_file() or load_json(str(file)) != plans:  # never rewritten under a running training
-        save_json(plans, str(file), sort_keys=False)
+    if not file.is_file() or load_json(str(file)) != plans:
+        # rewritten when the plans change, e.g. when a second study adds its configuration's rl block: whole or not
+        # at all (os.replace), since a training of the other study may be starting and reading it
+        partial = file.with_name(f"{file.name}.partial")
+        save_json(plans, str(partial), sort_keys=False)
+        os.replace(partial, file)
     return plans["plans_name"]
 
 

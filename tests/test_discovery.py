@@ -91,8 +91,9 @@ def test_the_built_wheel_in_a_fresh_environment_finds_the_trainers(tmp_path):
     source = tmp_path / "source"  # a copy: setuptools writes build/ and *.egg-info/ beside the sources
     shutil.copytree(Path(__file__).resolve().parents[1], source, ignore=shutil.ignore_patterns(
         ".git", ".venv", "build", "*.egg-info", "__pycache__", "nnunet_rl_data", ".pytest_cache"))
-    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"),
-                    str(source)], check=True, capture_output=True)
+    built = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir",
+                            str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     wheel = next((tmp_path / "dist").glob("nnunet_rl-*.whl"))
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
