@@ -13,7 +13,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.plans.rl_block import channel_split, label_fractions, read_rl_block
 from nnunet_rl.telemetry import RLLocalLogger, magnitude, scale_groups
-from nnunet_rl.trainers.base import CHECKPOINT_KEY, RLTrainerBase
+from nnunet_rl.trainers.base import CHECKPOINT_KEY, AtomicCheckpointTrainer, RLTrainerBase
 from nnunet_rl.trainer_from_plans import trainer_from_plans
 
 
@@ -221,3 +221,26 @@ def test_plan_reports_a_bad_dataset_in_one_line_before_any_work(planned_dataset,
     with pytest.raises(NnunetRLError, match=f"{folder.name} fails nnU-Net's dataset integrity check: .*{expected}"):
         plan_rl(folder.name, ["2d"])
     assert not (Path(os.environ["nnUNet_preprocessed"]) / folder.name / "dataset_fingerprint.json").exists()
+
+
+@pytest.mark.parametrize("trainer_class", [CountingTrainer, AtomicCheckpointTrainer])
+def test_a_save_interrupted_while_writing_keeps_the_last_complete_checkpoint(planned_dataset, tmp_path,
+                                                                             monkeypatch, trainer_class):
+    """A run killed while torch.save writes checkpoint_latest.pth must stay resumable with --c."""
+    trainer = trainer_from_plans(planned_dataset, trainer_class)
+    trainer.initialize()
+    file = tmp_path / "checkpoint_latest.pth"
+    trainer.save_checkpoint(str(file))
+    complete = file.read_bytes()
+
+    def torn_save(obj, filename, *args, **kwargs):
+        with open(filename, "wb") as handle:
+            handle.write(complete[:100])
+        raise KeyboardInterrupt  # the process dies in the middle of the write
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    trainer.current_epoch = 1
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(str(file))
+    assert file.read_bytes() == complete
+    assert torch.load(file, weights_only=False)["current_epoch"] == 1  # nnU-Net stores the epoch to resume at

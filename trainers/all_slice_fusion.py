@@ -16,6 +16,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunet_rl.all_slice_fusion import build_all_slice_fusion_network
+from nnunet_rl.trainers.base import AtomicCheckpointTrainer
 from nnunet_rl.trainers.schedules import short_schedule_variants
 
 
@@ -32,7 +33,7 @@ def in_plane_configuration(trainer: nnUNetTrainer):
         trainer.configuration_manager = stacks
 
 
-class nnUNetTrainerAllSliceFusion(nnUNetTrainer):
+class nnUNetTrainerAllSliceFusion(AtomicCheckpointTrainer):
     """nnU-Net's trainer on stacks: the :class:`~nnunet_rl.all_slice_fusion.AllSliceFusionNetwork` (planned 2D U-Net
     per slice, inter- then intra-slice attention on the bottleneck), in-plane deep supervision and augmentation.
 

@@ -18,18 +18,15 @@ CHECKPOINT_KEY = "nnunet_rl"
 
 @contextmanager
 def extra_checkpoint_entries(entries: dict):
-    """Add ``entries`` to the dict nnU-Net's ``save_checkpoint`` passes to ``torch.save``, written atomically.
+    """Add ``entries`` to the dict nnU-Net's ``save_checkpoint`` passes to ``torch.save``.
 
     nnU-Net builds and writes its checkpoint dict in one method with no hook; intercepting the single
-    ``torch.save`` call keeps one write, one file and nnU-Net's own checkpoint layout. The file is written
-    next to its target and moved into place, so an interrupted save never leaves a truncated checkpoint.
+    ``torch.save`` call keeps one write, one file and nnU-Net's own checkpoint layout.
     """
     save = torch.save
 
     def save_with_entries(obj, filename, *args, **kwargs):
-        partial = f"{filename}.partial"
-        save({**obj, **entries}, partial, *args, **kwargs)
-        os.replace(partial, filename)
+        save({**obj, **entries}, filename, *args, **kwargs)
 
     with mock.patch.object(torch, "save", save_with_entries):
         yield
@@ -46,8 +43,24 @@ def checkpoint_already_loaded(checkpoint: dict):
         yield
 
 
-class RLTrainerBase(nnUNetTrainer):
-    """Base of our trainers. Subclasses declare their state and telemetry; nnU-Net's loop does the rest.
+class AtomicCheckpointTrainer(nnUNetTrainer):
+    """nnU-Net's trainer whose checkpoints are written whole or not at all.
+
+    nnU-Net saves ``checkpoint_latest.pth`` in place, so a run killed while ``torch.save`` writes it leaves a torn
+    file that ``--c`` cannot load: the run is lost, not interrupted. Here nnU-Net writes the checkpoint beside the
+    target and it is moved over it in one step (``os.replace``), so an interrupted run keeps its last complete
+    checkpoint. The base of all our trainers.
+    """
+
+    def save_checkpoint(self, filename: str) -> None:
+        partial = f"{filename}.partial"
+        super().save_checkpoint(partial)
+        if os.path.isfile(partial):  # nnU-Net writes on rank 0 only, and nothing with checkpointing disabled
+            os.replace(partial, filename)
+
+
+class RLTrainerBase(AtomicCheckpointTrainer):
+    """Base of our RL trainers. Subclasses declare their state and telemetry; nnU-Net's loop does the rest.
 
     - ``self.rl_block``: the configuration's ``rl`` block from the plans (derived when absent);
       ``rl_hyperparameters(component)``: one component's section, paper defaults overridden by the plans, then by

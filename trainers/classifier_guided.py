@@ -25,6 +25,7 @@ from torch import nn
 from nnunet_rl.classifier_guided import ClassifierGuidedNetwork, PresenceGatedLoss, presence_labels
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.plans.classifier_guided import previous_stage_trainer
+from nnunet_rl.trainers.base import AtomicCheckpointTrainer
 from nnunet_rl.trainers.schedules import short_schedule_variants
 from nnunet_rl.voxel_actor_critic import full_resolution
 
@@ -38,7 +39,7 @@ def previous_stage_predictions(plans_manager: PlansManager, configuration_manage
     return Path(str(nnUNet_results)) / plans_manager.dataset_name / model / "predicted_next_stage" / configuration_name
 
 
-class nnUNetTrainerClassifierGuided(nnUNetTrainer):
+class nnUNetTrainerClassifierGuided(AtomicCheckpointTrainer):
     """nnU-Net's trainer of a cascade stage, with the presence head's network and loss. Refused, with an
     :class:`~nnunet_rl.errors.NnunetRLError`, on a configuration without a previous stage, on region-based labels,
     and when the first stage has not predicted every training case."""
