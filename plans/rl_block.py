@@ -14,10 +14,11 @@ Layout (version 1)::
         "<component>": {...}                  # one section per RL component, paper defaults
     }
 
-Trainers read the block once; when a plans file has none (stock ``nnUNetPlans``), they derive the same
+Each section is read as a frozen dataclass (:class:`DatasetFacts`, :data:`COMPONENT_SETTINGS`) that refuses keys it
+does not know. Trainers read the block once; when a plans file has none (stock ``nnUNetPlans``), they derive the same
 block on the fly, so stock plans work unchanged and a planned block only pins the values.
 """
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -158,6 +159,32 @@ def paper_defaults(component: str) -> dict:
     return asdict(COMPONENT_SETTINGS[component]())
 
 
+@dataclass(frozen=True)
+class DatasetFacts:
+    """The ``dataset`` section: what planning derived from the data (:func:`derive_rl_block`), never a paper default.
+
+    The channel split by name and by input index (the indices are what a network needs: ``build_network_architecture``
+    sees the plans but not dataset.json), and the mean voxel fraction of each foreground label (None where planning
+    read no reference segmentations; MRL-Seg's eq. 3 needs it).
+    """
+    primary_channels: list[str]
+    auxiliary_channels: list[str]
+    primary_indices: list[int]
+    auxiliary_indices: list[int]
+    label_fractions: dict[str, float] | None = None
+
+    @classmethod
+    def from_block(cls, block: dict) -> "DatasetFacts":
+        """The block's section; one with unknown or missing keys (an edited or foreign block) is refused."""
+        given = block.get("dataset", {})
+        known = {entry.name for entry in fields(cls)}
+        required = {entry.name for entry in fields(cls) if entry.default is MISSING}
+        if set(given) - known or required - set(given):
+            raise NnunetRLError(f"the dataset section of the plans' rl block has the keys {sorted(given)}; it needs "
+                                f"{sorted(required)} (and may have label_fractions): rerun `nnunet-rl plan`")
+        return cls(**given)
+
+
 def channel_split(channel_names: dict, auxiliary: list[str] | None = None) -> dict:
     """Primary/auxiliary channel groups by name and by input index; default: channel 0 primary, the rest auxiliary.
 
@@ -227,17 +254,15 @@ def read_rl_block(configuration_manager: ConfigurationManager, dataset_json: dic
     if block.get("version") != RL_BLOCK_VERSION:
         raise NnunetRLError(f"the plans' rl block has version {block.get('version')}, this nnunet_rl reads "
                             f"version {RL_BLOCK_VERSION}: rerun `nnunet-rl plan`")
-    _check_channel_indices(block["dataset"], dataset_json)
+    _check_channel_indices(DatasetFacts.from_block(block), dataset_json)
     return block
 
 
-def _check_channel_indices(split: dict, dataset_json: dict) -> None:
+def _check_channel_indices(facts: DatasetFacts, dataset_json: dict) -> None:
     """The channel names and indices of an (edited) block must name the same channels."""
-    if "primary_indices" not in split:
-        return
-    expected = channel_split(dataset_json["channel_names"], split["auxiliary_channels"])
-    if [split["primary_indices"], split["auxiliary_indices"]] != \
+    expected = channel_split(dataset_json["channel_names"], facts.auxiliary_channels)
+    if [facts.primary_indices, facts.auxiliary_indices] != \
             [expected["primary_indices"], expected["auxiliary_indices"]]:
-        raise NnunetRLError(f"the plans' rl block names auxiliary channels {split['auxiliary_channels']} but lists "
-                            f"indices {split['auxiliary_indices']}; for these names they are "
+        raise NnunetRLError(f"the plans' rl block names auxiliary channels {facts.auxiliary_channels} but lists "
+                            f"indices {facts.auxiliary_indices}; for these names they are "
                             f"{expected['auxiliary_indices']} (primary {expected['primary_indices']})")

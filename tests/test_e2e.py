@@ -26,6 +26,7 @@ OURS = "nnUNetTrainerPAM_3epochs_2iters"
 RL_U2NET = "nnUNetTrainerRLU2Net_3epochs_2iters"
 RL_DEEP_SUPERVISION = "nnUNetTrainerRLDeepSup_3epochs_2iters"
 PIXEL_RL = "nnUNetTrainerPixelRL_noDC_3epochs_2iters"
+MRL_SEG, MRL_SEG_CONFIGURATION = "nnUNetTrainerMRLSeg_3epochs_2iters", "2d"
 MODEL_SELECTION = (STOCK, OURS, RL_U2NET, RL_DEEP_SUPERVISION, PIXEL_RL)
 HIPPOCAMPUS = SHARED / "data" / "Task04_Hippocampus"
 WANDB_OFFLINE = {"nnUNet_wandb_enabled": "1", "nnUNet_wandb_mode": "offline", "WANDB_SILENT": "true"}
@@ -74,13 +75,30 @@ def predict(env: dict, trainer: str, output: Path, configuration: str = CONFIGUR
         "*.nii.gz"))
 
 
-def predicted_test_cases(env: dict, trainer: str) -> Path:
+def predicted_test_cases(env: dict, trainer: str, configuration: str = CONFIGURATION) -> Path:
     """nnUNetv2_predict of the test cases with ``--save_probabilities`` into a folder the module's tests share (as a
     user keeps them for nnUNetv2_ensemble), predicted on first use."""
-    output = Path(env["nnUNet_results"]).parent / "predictions" / trainer
+    output = Path(env["nnUNet_results"]).parent / "predictions" / f"{trainer}__{configuration}"
     if not output.is_dir():
-        predict(env, trainer, output, CONFIGURATION, "--save_probabilities")
+        predict(env, trainer, output, configuration, "--save_probabilities")
     return output
+
+
+def select_and_postprocess(env: dict, dataset_id: str, configuration: str, trainer: str, predictions: Path,
+                           output: Path) -> None:
+    """nnUNetv2_find_best_configuration on one model's fold-0 cross-validation (it selects that model and determines
+    its postprocessing), then nnUNetv2_apply_postprocessing on ``predictions`` with what it determined, as its
+    instructions say."""
+    cli("nnUNetv2_find_best_configuration", dataset_id, "-c", configuration, "-tr", trainer, "-f", "0", "-np", "1",
+        env=env)
+    model = fold_folder(env, trainer, dataset_id, configuration).parent
+    best = json.loads((model.parent / "inference_information.json").read_text())["best_model_or_ensemble"]
+    assert best["selected_model_or_models"] == [
+        {"configuration": configuration, "trainer": trainer, "plans_identifier": "nnUNetPlans"}]
+    cli("nnUNetv2_apply_postprocessing", "-i", str(predictions), "-o", str(output), "-pp_pkl_file",
+        best["postprocessing_file"], "-np", "1", "-plans_json", str(model / "plans.json"), "-dataset_json",
+        str(model / "dataset.json"), env=env)
+    assert sorted(p.name for p in output.glob("*.nii.gz")) == sorted(p.name for p in predictions.glob("*.nii.gz"))
 
 
 def export_install_and_predict_with_the_api(env: dict, trainer: str, predictions: Path, tmp_path: Path, *,
@@ -253,9 +271,9 @@ def test_mrl_seg_trains_and_predicts_with_nnunet_commands(trainer_environment, t
     from it; nnUNetv2_predict rebuilds both and segments the greedily masked input. In 2d: the same code as 3d, whose
     final validation and prediction (eight mirrorings of five networks per window) take minutes on these CPUs. With
     nnU-Net's W&B logger on (offline)."""
-    trainer, configuration = "nnUNetTrainerMRLSeg_3epochs_2iters", "2d"
+    trainer, configuration = MRL_SEG, MRL_SEG_CONFIGURATION
     env = {**trainer_environment, **WANDB_OFFLINE}
-    cli("nnUNetv2_train", DATASET_ID, configuration, "0", "-tr", trainer, "-device", "cpu", env=env)
+    cli("nnUNetv2_train", DATASET_ID, configuration, "0", "-tr", trainer, "-device", "cpu", "--npz", env=env)
     fold = fold_folder(env, trainer, configuration=configuration)
     final = torch.load(fold / "checkpoint_final.pth", weights_only=False)
     assert any(key.startswith("reinforcement.actor_critic.returns.omega") for key in final["network_weights"])
@@ -268,9 +286,9 @@ def test_mrl_seg_trains_and_predicts_with_nnunet_commands(trainer_environment, t
     for figure in ("mrl_seg_steps.png", "mrl_seg_masks.png"):
         assert (fold / figure).is_file(), figure
     assert_telemetry_reached_wandb(fold, "mrl_seg/")
-    predict(env, trainer, tmp_path / "predictions", configuration)
-    export_install_and_predict_with_the_api(env, trainer, tmp_path / "predictions", tmp_path,
-                                            configuration=configuration)
+    predictions = predicted_test_cases(env, trainer, configuration)
+    export_install_and_predict_with_the_api(env, trainer, predictions, tmp_path, configuration=configuration)
+    select_and_postprocess(env, DATASET_ID, configuration, trainer, predictions, tmp_path / "postprocessed")
 
 
 def test_model_selection_ensembles_stock_and_every_rl_trainer(trainer_environment, tmp_path):
@@ -278,11 +296,12 @@ def test_model_selection_ensembles_stock_and_every_rl_trainer(trainer_environmen
     trained here with ``--npz`` when this test runs alone): nnUNetv2_find_best_configuration ensembles each pair's
     cross-validation probabilities, picks a model or an ensemble and its postprocessing, which
     nnUNetv2_apply_postprocessing applies to each trainer's own validation segmentations; nnUNetv2_ensemble averages
-    PAM's and PixelRL's probabilities of the test cases (nnUNetv2_predict --save_probabilities)."""
+    PAM's, PixelRL's and MRL-Seg's (2d) probabilities of the test cases (nnUNetv2_predict --save_probabilities)."""
     env = trainer_environment
-    for trainer in MODEL_SELECTION:
-        if not (fold_folder(env, trainer) / "checkpoint_final.pth").is_file():
-            cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", "--npz", env=env)
+    for trainer, configuration in (*((trainer, CONFIGURATION) for trainer in MODEL_SELECTION),
+                                   (MRL_SEG, MRL_SEG_CONFIGURATION)):
+        if not (fold_folder(env, trainer, configuration=configuration) / "checkpoint_final.pth").is_file():
+            cli("nnUNetv2_train", DATASET_ID, configuration, "0", "-tr", trainer, "-device", "cpu", "--npz", env=env)
     cli("nnUNetv2_find_best_configuration", DATASET_ID, "-c", CONFIGURATION, "-tr", *MODEL_SELECTION, "-f", "0",
         "-np", "1", env=env)
     dataset_results = fold_folder(env, STOCK).parents[1]
@@ -292,6 +311,7 @@ def test_model_selection_ensembles_stock_and_every_rl_trainer(trainer_environmen
     best = information["best_model_or_ensemble"]
     assert {m["trainer"] for m in best["selected_model_or_models"]} <= set(MODEL_SELECTION)
     members = [predicted_test_cases(env, trainer) for trainer in (OURS, PIXEL_RL)]  # as find_best's instructions say
+    members.append(predicted_test_cases(env, MRL_SEG, MRL_SEG_CONFIGURATION))  # a 2d model in the 3d ensemble
     cli("nnUNetv2_ensemble", "-i", *map(str, members), "-o", str(tmp_path / "ensemble"), "-np", "1", env=env)
     assert len(list((tmp_path / "ensemble").glob("*.nii.gz"))) == len(list(members[0].glob("*.nii.gz")))
     for trainer in MODEL_SELECTION:

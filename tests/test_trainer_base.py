@@ -11,7 +11,7 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 
 
 from nnunet_rl.errors import NnunetRLError
-from nnunet_rl.plans.rl_block import channel_split, label_fractions, read_rl_block
+from nnunet_rl.plans.rl_block import DatasetFacts, channel_split, label_fractions, read_rl_block
 from nnunet_rl.telemetry import RLLocalLogger, magnitude, scale_groups
 from nnunet_rl.trainers.base import CHECKPOINT_KEY, AtomicCheckpointTrainer, RLTrainerBase
 from nnunet_rl.trainer_from_plans import trainer_from_plans
@@ -174,6 +174,16 @@ def test_channel_split_by_name():
                                                "primary_indices": [1, 2], "auxiliary_indices": [0]}
     with pytest.raises(NnunetRLError, match="FLAIR"):
         channel_split(channels, ["FLAIR"])
+
+
+def test_the_dataset_section_is_typed_and_refuses_unknown_or_missing_keys():
+    split = channel_split({"0": "CT", "1": "MRI"})
+    facts = DatasetFacts.from_block({"dataset": {**split, "label_fractions": {"LV": 0.04}}})
+    assert (facts.primary_indices, facts.auxiliary_indices, facts.label_fractions) == ([0], [1], {"LV": 0.04})
+    assert DatasetFacts.from_block({"dataset": split}).label_fractions is None
+    for section in ({**split, "label_fraction": {"LV": 0.04}}, {"primary_channels": ["CT"]}):
+        with pytest.raises(NnunetRLError, match="rerun `nnunet-rl plan`"):
+            DatasetFacts.from_block({"dataset": section})
 
 
 def test_label_fractions_are_mean_voxel_fractions(tmp_path):

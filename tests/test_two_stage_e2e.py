@@ -5,7 +5,8 @@ validation cases' predictions for the next stage) ->
 nnUNetv2_train 2d_allslice_refine (nnUNetTrainerClassifierGuided; killed with SIGKILL, resumed with --c) ->
 nnUNetv2_predict of both stages, chained with -prev_stage_predictions (and each stage exported as nnU-Net's zip,
 installed into a fresh results folder and predicting there through nnU-Net's Python API) -> nnunet-rl compare of the
-refinement against its first stage -> nnUNetv2_find_best_configuration on the refinement.
+refinement against its first stage -> nnUNetv2_find_best_configuration on each stage and
+nnUNetv2_apply_postprocessing on its predictions.
 
 Two folds (a splits_final.json, as a user may write) instead of nnU-Net's five keep it within a minute or two."""
 import json
@@ -16,7 +17,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from test_e2e import cli, export_install_and_predict_with_the_api, train_until_second_epoch_then_kill, user_environment
+from test_e2e import (cli, export_install_and_predict_with_the_api, select_and_postprocess,
+                      train_until_second_epoch_then_kill, user_environment)
 
 pytestmark = pytest.mark.e2e
 
@@ -100,10 +102,7 @@ def test_all_slice_first_stage_then_classifier_guided_refinement(tmp_path):
                  f"{REFINE_TRAINER}__nnUNetPlans__{REFINE}", "-f", "0", "-o", str(tmp_path / "comparison"), env=env)
     assert f"{len(cases[::2])} paired cases" in report
 
-    # nnU-Net's model selection on the refinement's cross-validation (it takes every -c × -tr pair, so a first stage
-    # with another trainer is selected in a run of its own; docs/classifier_guided.md)
-    cli("nnUNetv2_find_best_configuration", DATASET_ID, "-c", REFINE, "-tr", REFINE_TRAINER, "-f", "0", "-np", "1",
-        env=env)
-    best = json.loads((results / "inference_information.json").read_text())
-    assert best["best_model_or_ensemble"]["selected_model_or_models"] == [
-        {"configuration": REFINE, "trainer": REFINE_TRAINER, "plans_identifier": "nnUNetPlans"}]
+    # nnU-Net's model selection on each stage's cross-validation (it takes every -c × -tr pair, so two stages with
+    # different trainers are selected in runs of their own; docs/classifier_guided.md), then its postprocessing
+    for trainer, configuration, stage in ((FIRST_TRAINER, FIRST_STAGE, "stage1"), (REFINE_TRAINER, REFINE, "stage2")):
+        select_and_postprocess(env, DATASET_ID, configuration, trainer, tmp_path / stage, tmp_path / f"{stage}_pp")

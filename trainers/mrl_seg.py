@@ -31,7 +31,7 @@ from nnunet_rl.agent_figures import middle_plane, plot_panels
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.mrl_seg import (Episode, GreedyEpisode, MRLSegNetwork, RewardSettings, build_mrl_seg_network,
                                dataset_foreground_ratio, masked_input)
-from nnunet_rl.plans.rl_block import MRLSegSettings
+from nnunet_rl.plans.rl_block import DatasetFacts, MRLSegSettings
 from nnunet_rl.trainers.schedules import short_schedule_variants
 from nnunet_rl.trainers.voxel_agents import VoxelAgentsTrainer, finite_mean
 
@@ -73,7 +73,7 @@ class nnUNetTrainerMRLSeg(VoxelAgentsTrainer):
         foreground."""
         if not hp.use_prior:
             return None
-        fractions = self.rl_block["dataset"].get("label_fractions")
+        fractions = DatasetFacts.from_block(self.rl_block).label_fractions
         if not fractions:
             raise NnunetRLError(f"{type(self).__name__} needs the dataset's label fractions in the plans' rl block "
                                 f"(derived from gt_segmentations); rerun `nnunet-rl plan "

@@ -33,7 +33,7 @@ from nnunet_rl.dual_branch import DualBranchUNet
 from nnunet_rl.dual_branch_loss import BranchTargets, DualBranchLoss, Measurement
 from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.mirroring import commuting_axes, draw_mirroring, mirror_batch
-from nnunet_rl.plans.rl_block import RL_BLOCK_KEY
+from nnunet_rl.plans.rl_block import RL_BLOCK_KEY, DatasetFacts
 from nnunet_rl.ppo import PPOAgent, RolloutBuffer, Transition, rollout_iterations, state_vector
 from nnunet_rl.trainers.base import RLTrainerBase
 from nnunet_rl.u2net_losses import AGWD
@@ -46,10 +46,10 @@ PPO_STATISTICS = ("value_loss", "policy_loss", "entropy", "approx_kl", "clip_fra
 
 def channel_indices(block: dict, num_input_channels: int) -> tuple[list[int], list[int]]:
     """Primary and auxiliary input channels from the rl block; channel 0 and the rest when the plans have none."""
-    split = block.get("dataset", {})
-    if "primary_indices" in split:
-        return split["primary_indices"], split["auxiliary_indices"]
-    return [0], list(range(1, num_input_channels))
+    if not block:
+        return [0], list(range(1, num_input_channels))
+    facts = DatasetFacts.from_block(block)
+    return facts.primary_indices, facts.auxiliary_indices
 
 
 @contextmanager
