@@ -113,8 +113,11 @@ def export_install_and_predict_with_the_api(env: dict, trainer: str, predictions
     fresh = {**env, "nnUNet_results": str(tmp_path / "fresh_results")}
     cli("nnUNetv2_install_pretrained_model_from_zip", str(archive), env=fresh)
     raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{dataset_id}_*"))
-    api = ("import sys, torch\n"
+    # the thread count nnUNetv2_predict -device cpu sets (one per core): with another count the float sums of an
+    # untrained network's near-tied logits can round differently and flip a voxel's argmax
+    api = ("import multiprocessing, sys, torch\n"
            "from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor\n"
+           "torch.set_num_threads(multiprocessing.cpu_count())\n"
            "predictor = nnUNetPredictor(device=torch.device('cpu'), perform_everything_on_device=False)\n"
            "predictor.initialize_from_trained_model_folder(sys.argv[1], use_folds=(0,))\n"
            "predictor.predict_from_files(sys.argv[2], sys.argv[3], num_processes_preprocessing=1,\n"
