@@ -164,13 +164,14 @@ class DatasetFacts:
     """The ``dataset`` section: what planning derived from the data (:func:`derive_rl_block`), never a paper default.
 
     The channel split by name and by input index (the indices are what a network needs: ``build_network_architecture``
-    sees the plans but not dataset.json), and the mean voxel fraction of each foreground label (None where planning
-    read no reference segmentations; MRL-Seg's eq. 3 needs it).
+    sees the plans but not dataset.json; None in blocks planned before they were added: networks then take channel 0
+    and the rest), and the mean voxel fraction of each foreground label (None where planning read no reference
+    segmentations; MRL-Seg's eq. 3 needs it).
     """
     primary_channels: list[str]
     auxiliary_channels: list[str]
-    primary_indices: list[int]
-    auxiliary_indices: list[int]
+    primary_indices: list[int] | None = None
+    auxiliary_indices: list[int] | None = None
     label_fractions: dict[str, float] | None = None
 
     @classmethod
@@ -178,10 +179,11 @@ class DatasetFacts:
         """The block's section; one with unknown or missing keys (an edited or foreign block) is refused."""
         given = block.get("dataset", {})
         known = {entry.name for entry in fields(cls)}
-        required = {entry.name for entry in fields(cls) if entry.default is MISSING}
+        required = {entry.name for entry in fields(cls)
+                    if entry.default is MISSING and entry.default_factory is MISSING}
         if set(given) - known or required - set(given):
             raise NnunetRLError(f"the dataset section of the plans' rl block has the keys {sorted(given)}; it needs "
-                                f"{sorted(required)} (and may have label_fractions): rerun `nnunet-rl plan`")
+                                f"{sorted(required)} and may have {sorted(known - required)}: rerun `nnunet-rl plan`")
         return cls(**given)
 
 
@@ -260,6 +262,8 @@ def read_rl_block(configuration_manager: ConfigurationManager, dataset_json: dic
 
 def _check_channel_indices(facts: DatasetFacts, dataset_json: dict) -> None:
     """The channel names and indices of an (edited) block must name the same channels."""
+    if facts.primary_indices is None:
+        return
     expected = channel_split(dataset_json["channel_names"], facts.auxiliary_channels)
     if [facts.primary_indices, facts.auxiliary_indices] != \
             [expected["primary_indices"], expected["auxiliary_indices"]]:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
@@ -95,10 +96,21 @@ def select_and_postprocess(env: dict, dataset_id: str, configuration: str, train
     best = json.loads((model.parent / "inference_information.json").read_text())["best_model_or_ensemble"]
     assert best["selected_model_or_models"] == [
         {"configuration": configuration, "trainer": trainer, "plans_identifier": "nnUNetPlans"}]
-    cli("nnUNetv2_apply_postprocessing", "-i", str(predictions), "-o", str(output), "-pp_pkl_file",
-        best["postprocessing_file"], "-np", "1", "-plans_json", str(model / "plans.json"), "-dataset_json",
+    apply_postprocessing(env, best["postprocessing_file"], model, predictions, output)
+
+
+def apply_postprocessing(env: dict, postprocessing_file: str, model: Path, segmentations: Path, output: Path) -> None:
+    """nnUNetv2_apply_postprocessing on every segmentation in ``segmentations``: each comes out with voxels kept or
+    set to background (nnU-Net's postprocessing only removes components), none missing."""
+    cli("nnUNetv2_apply_postprocessing", "-i", str(segmentations), "-o", str(output), "-pp_pkl_file",
+        postprocessing_file, "-np", "1", "-plans_json", str(model / "plans.json"), "-dataset_json",
         str(model / "dataset.json"), env=env)
-    assert sorted(p.name for p in output.glob("*.nii.gz")) == sorted(p.name for p in predictions.glob("*.nii.gz"))
+    given = sorted(segmentations.glob("*.nii.gz"))
+    assert given and [p.name for p in given] == sorted(p.name for p in output.glob("*.nii.gz"))
+    for segmentation in given:
+        before, after = (sitk.GetArrayFromImage(sitk.ReadImage(str(folder / segmentation.name)))
+                         for folder in (segmentations, output))
+        assert ((after == before) | (after == 0)).all()
 
 
 def export_install_and_predict_with_the_api(env: dict, trainer: str, predictions: Path, tmp_path: Path, *,
@@ -113,20 +125,21 @@ def export_install_and_predict_with_the_api(env: dict, trainer: str, predictions
     fresh = {**env, "nnUNet_results": str(tmp_path / "fresh_results")}
     cli("nnUNetv2_install_pretrained_model_from_zip", str(archive), env=fresh)
     raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{dataset_id}_*"))
-    # the thread count nnUNetv2_predict -device cpu sets (one per core): with another count the float sums of an
-    # untrained network's near-tied logits can round differently and flip a voxel's argmax
+    # the same computation as nnUNetv2_predict -device cpu gave ``predictions``: its thread count (one per core) and,
+    # where it saved probabilities, the argmax of the softmax, not of the logits; otherwise an untrained network's
+    # near-tied logits can round differently and flip a voxel (one of 32768 did, once)
     api = ("import multiprocessing, sys, torch\n"
            "from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor\n"
            "torch.set_num_threads(multiprocessing.cpu_count())\n"
            "predictor = nnUNetPredictor(device=torch.device('cpu'), perform_everything_on_device=False)\n"
            "predictor.initialize_from_trained_model_folder(sys.argv[1], use_folds=(0,))\n"
-           "predictor.predict_from_files(sys.argv[2], sys.argv[3], num_processes_preprocessing=1,\n"
-           "                             num_processes_segmentation_export=1,\n"
-           "                             folder_with_segs_from_prev_stage=(sys.argv[4:] or [None])[0])\n")
+           "predictor.predict_from_files(sys.argv[2], sys.argv[3], save_probabilities=sys.argv[4] == 'True',\n"
+           "                             num_processes_preprocessing=1, num_processes_segmentation_export=1,\n"
+           "                             folder_with_segs_from_prev_stage=(sys.argv[5:] or [None])[0])\n")
     installed, output = fold_folder(fresh, trainer, dataset_id, configuration).parent, tmp_path / f"api_{trainer}"
     result = subprocess.run([sys.executable, "-c", api, str(installed), str(raw / "imagesTs"), str(output),
-                             *([str(previous_stage)] if previous_stage else [])], env=fresh, capture_output=True,
-                            text=True)
+                             str(any(predictions.glob("*.npz"))), *([str(previous_stage)] if previous_stage else [])],
+                            env=fresh, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     expected = sorted(predictions.glob("*.nii.gz"))
     assert expected and [p.name for p in expected] == sorted(p.name for p in output.glob("*.nii.gz"))
@@ -276,7 +289,7 @@ def test_mrl_seg_trains_and_predicts_with_nnunet_commands(trainer_environment, t
     nnU-Net's W&B logger on (offline)."""
     trainer, configuration = MRL_SEG, MRL_SEG_CONFIGURATION
     env = {**trainer_environment, **WANDB_OFFLINE}
-    cli("nnUNetv2_train", DATASET_ID, configuration, "0", "-tr", trainer, "-device", "cpu", "--npz", env=env)
+    cli("nnUNetv2_train", DATASET_ID, configuration, "0", "-tr", trainer, "-device", "cpu", env=env)
     fold = fold_folder(env, trainer, configuration=configuration)
     final = torch.load(fold / "checkpoint_final.pth", weights_only=False)
     assert any(key.startswith("reinforcement.actor_critic.returns.omega") for key in final["network_weights"])
@@ -316,13 +329,16 @@ def test_model_selection_ensembles_stock_and_every_rl_trainer(trainer_environmen
     members = [predicted_test_cases(env, trainer) for trainer in (OURS, PIXEL_RL)]  # as find_best's instructions say
     members.append(predicted_test_cases(env, MRL_SEG, MRL_SEG_CONFIGURATION))  # a 2d model in the 3d ensemble
     cli("nnUNetv2_ensemble", "-i", *map(str, members), "-o", str(tmp_path / "ensemble"), "-np", "1", env=env)
-    assert len(list((tmp_path / "ensemble").glob("*.nii.gz"))) == len(list(members[0].glob("*.nii.gz")))
+    cases = sorted(members[0].glob("*.nii.gz"))
+    assert cases and [p.name for p in cases] == sorted(p.name for p in (tmp_path / "ensemble").glob("*.nii.gz"))
+    for case in cases:  # the argmax of the three members' mean probabilities, summed in nnU-Net's order
+        probabilities = sum(np.load(member / case.name.replace(".nii.gz", ".npz"))["probabilities"].astype(np.float32)
+                            for member in members) / len(members)
+        assert (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ensemble" / case.name))) ==
+                probabilities.argmax(0)).all()
     for trainer in MODEL_SELECTION:
-        model, validation = fold_folder(env, trainer).parent, fold_folder(env, trainer) / "validation"
-        cli("nnUNetv2_apply_postprocessing", "-i", str(validation), "-o", str(tmp_path / trainer), "-pp_pkl_file",
-            best["postprocessing_file"], "-np", "1", "-plans_json", str(model / "plans.json"), "-dataset_json",
-            str(model / "dataset.json"), env=env)
-        assert len(list((tmp_path / trainer).glob("*.nii.gz"))) == len(list(validation.glob("*.nii.gz")))
+        apply_postprocessing(env, best["postprocessing_file"], fold_folder(env, trainer).parent,
+                             fold_folder(env, trainer) / "validation", tmp_path / trainer)
 
 
 def msd_subset(msd: Path, cases: int, folder: Path) -> Path:

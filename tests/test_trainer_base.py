@@ -14,6 +14,7 @@ from nnunet_rl.errors import NnunetRLError
 from nnunet_rl.plans.rl_block import DatasetFacts, channel_split, label_fractions, read_rl_block
 from nnunet_rl.telemetry import RLLocalLogger, magnitude, scale_groups
 from nnunet_rl.trainers.base import CHECKPOINT_KEY, AtomicCheckpointTrainer, RLTrainerBase
+from nnunet_rl.trainers.rl_u2net import channel_indices
 from nnunet_rl.trainer_from_plans import trainer_from_plans
 
 
@@ -184,6 +185,10 @@ def test_the_dataset_section_is_typed_and_refuses_unknown_or_missing_keys():
     for section in ({**split, "label_fraction": {"LV": 0.04}}, {"primary_channels": ["CT"]}):
         with pytest.raises(NnunetRLError, match="rerun `nnunet-rl plan`"):
             DatasetFacts.from_block({"dataset": section})
+    # stock plans (no block) and blocks planned before the indices existed: channel 0 and the rest
+    names_only = {"dataset": {"primary_channels": ["CT"], "auxiliary_channels": ["MRI", "PET"]}}
+    assert channel_indices({}, 3) == channel_indices(names_only, 3) == ([0], [1, 2])
+    assert channel_indices({"dataset": split}, 2) == ([0], [1])
 
 
 def test_label_fractions_are_mean_voxel_fractions(tmp_path):

@@ -46,9 +46,9 @@ PPO_STATISTICS = ("value_loss", "policy_loss", "entropy", "approx_kl", "clip_fra
 
 def channel_indices(block: dict, num_input_channels: int) -> tuple[list[int], list[int]]:
     """Primary and auxiliary input channels from the rl block; channel 0 and the rest when the plans have none."""
-    if not block:
+    facts = DatasetFacts.from_block(block) if block else None
+    if facts is None or facts.primary_indices is None:
         return [0], list(range(1, num_input_channels))
-    facts = DatasetFacts.from_block(block)
     return facts.primary_indices, facts.auxiliary_indices
 
 
