@@ -1,4 +1,4 @@
-"""Does MRL-Seg's masking improve on its own pre-trained Segmentation-Net, at the plans' defaults (issue 15)?
+"""Does MRL-Seg's masking improve on its own pre-trained Segmentation-Net, at the plans' defaults?
 
 Set-up, fixed before the first run (docs/mrl_seg.md, "Evidence"): ``make-dataset --kind imbalanced --dim 2`` (20
 training cases of 64², organ plus lesions of 0.1-2 %, and the generator's held-out cases in imagesTs), planned by
@@ -28,13 +28,13 @@ epoch; since run 2, on the held-out images (whole 64² images, one window, no mi
 per step: N_F/N_B of the retained voxels (eq. 3's optimum is √β = 0.5 at the default β; the unmasked images have
 about 0.3) and the fractions of the foreground and of the background masked.
 
-Thresholds, run 1 (as issue 15 words it):
+Thresholds, run 1 (the component's learning criterion as specified):
 
 - learner: Dice(steps) − Dice(pretrained) > 0 in every seed;
 - control: Dice(steps) − Dice(pretrained) ≤ 0 in every seed.
 
 Run 1's comparison also credits the RL with the 250 iterations of nnU-Net's loss the Segmentation-Net gets in the RL
-phase (a review pointed this out while run 1 ran, when one of its results, learner seed 0, had been printed); run 2
+phase (seen while run 1 ran, when one of its results, learner seed 0, had been printed); run 2
 adds thresholds against the matched arm:
 
 - learner: Dice(steps) − Dice(stock) > 0 in every seed;

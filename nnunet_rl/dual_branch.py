@@ -193,8 +193,8 @@ class DualBranchUNet(nn.Module):
         self.sites = {self.module_key(direction, stage): AlignmentSite(direction, stage)
                       for stage in self.aligned_stages for direction in fusion_directions}
         self.xalign = nn.ModuleDict({
-            key: RLXAlign(features[site.stage], dim, window_size, k_sel, temperature, fusion_weight, use_cma,
-                          min_greedy_probability)
+            key: RLXAlign(features[site.stage], dim, window_size=window_size, k_sel=k_sel, temperature=temperature,
+                          fusion_weight=fusion_weight, use_cma=use_cma, min_greedy_probability=min_greedy_probability)
             for key, site in self.sites.items()})
         for module in self.xalign.values():  # θ is trained by PPO only, never by the segmentation loss (nor DDP)
             module.pose.theta.requires_grad_(False)

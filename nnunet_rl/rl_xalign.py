@@ -243,7 +243,7 @@ class RLXAlign(nn.Module):
                  fusion_weight: float = 0.3, use_cma: bool = True, min_greedy_probability: float = 0.0):
         super().__init__()
         self.channels, self.fusion_weight = channels, fusion_weight
-        self.pose = PoseAlign(dim, k_sel, temperature, min_greedy_probability)
+        self.pose = PoseAlign(dim, k_sel=k_sel, temperature=temperature, min_greedy_probability=min_greedy_probability)
         self.cma = CrossModalAttention(channels, dim, window_size) if use_cma else None
 
     def forward(self, primary: torch.Tensor, auxiliary: torch.Tensor, actions: torch.Tensor,

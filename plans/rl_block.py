@@ -115,7 +115,7 @@ class PixelRLSettings:
     head_channels: int = 16                  # width of the policy and value heads; ours
     omega_kernel_size: int = 3               # ω of eq. 8, a 3^d neighbourhood N(i); ours
     proposal_threshold: float = 0.0          # ours: f(0) adds the voxels whose background probability is below this
-                                             # to the argmax's foreground (0: f(0) is the argmax, as the issue asks)
+                                             # to the argmax's foreground (0: f(0) is the backbone's argmax)
     initial_episode_keep_probability: float = 0.6  # ours: an untrained policy keeps a label through a whole sampled
                                                    # episode with this probability (0.95 per step at t_max = 10)
     seed: int = 0                            # action sampling

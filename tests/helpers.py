@@ -1,9 +1,13 @@
 """What the tests share besides fixtures (conftest.py holds those): nnU-Net folders, two-process gloo runs, started
-trainers, state snapshots."""
+trainers, state snapshots, small network topologies."""
 import os
 from pathlib import Path
 
+import torch
+from dynamic_network_architectures.architectures.unet import ResidualEncoderUNet
+
 from nnunet_rl.nnunet_folders import NNUNET_FOLDER_VARIABLES as NNUNET_FOLDERS
+from nnunet_rl.rl_xalign import activity_correlation, activity_map
 from nnunet_rl.trainer_from_plans import trainer_from_plans
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +45,6 @@ def _gloo_rank(rank: int, port: int, work, folder: str) -> None:
 def on_two_gloo_ranks(work, folder: Path) -> list[dict]:
     """Run ``work(rank, folder)`` (a module-level function) in two CPU processes joined by a gloo process group;
     each rank saves its results to ``folder/rank<r>.pt``, which are returned in rank order."""
-    import torch
     import torch.multiprocessing as mp
     mp.spawn(_gloo_rank, args=(free_port(), work, str(folder)), nprocs=2)
     return [torch.load(folder / f"rank{rank}.pt") for rank in (0, 1)]
@@ -124,3 +127,26 @@ def wandb_history(run_file: Path) -> dict[str, list[float]]:
             for item in record.history.item if record.WhichOneof("record_type") == "history" else []:
                 history.setdefault(item.key or "/".join(item.nested_key), []).append(json.loads(item.value_json))
     return history
+
+
+def unet_kwargs(dim: int) -> dict:
+    conv = torch.nn.Conv3d if dim == 3 else torch.nn.Conv2d
+    norm = torch.nn.InstanceNorm3d if dim == 3 else torch.nn.InstanceNorm2d
+    return dict(input_channels=2, n_stages=3, features_per_stage=[8, 16, 32], conv_op=conv, kernel_sizes=3,
+                strides=[1, 2, 2], num_classes=3, conv_bias=True, norm_op=norm,
+                norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
+                nonlin_kwargs={"inplace": True}, deep_supervision=True)
+
+
+def branch_kwargs(architecture, dim: int) -> dict:
+    """A small planned topology in the plans' arch_kwargs form (classes instead of dotted names: nothing to import)."""
+    kwargs = {**unet_kwargs(dim), "n_conv_per_stage_decoder": 1}
+    for key in ("input_channels", "num_classes", "deep_supervision"):
+        kwargs.pop(key)
+    kwargs["n_blocks_per_stage" if architecture is ResidualEncoderUNet else "n_conv_per_stage"] = 1
+    return kwargs
+
+
+def feature_similarity(primary: torch.Tensor, aligned: torch.Tensor) -> torch.Tensor:
+    """S_similarity of two feature maps: the correlation of their activity maps."""
+    return activity_correlation(activity_map(primary), activity_map(aligned))

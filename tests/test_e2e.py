@@ -3,11 +3,7 @@ resumed with --c) -> nnUNetv2_predict -> nnunet-rl compare; and the demo on real
 import json
 import math
 import os
-import re
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +11,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from helpers import NNUNET_FOLDERS, SHARED, wandb_history
+from helpers import SHARED, wandb_history
+from nnunet_commands import (BIN, apply_postprocessing, cli, export_install_and_predict_with_the_api, fold_folder,
+                             select_and_postprocess, train_until_second_epoch_then_kill, user_environment)
 
 pytestmark = pytest.mark.e2e
 
-BIN = Path(sys.executable).parent
 DATASET_ID = "961"
 CONFIGURATION = "3d_fullres"
 STOCK = "nnUNetTrainer_3epochs_2iters"
@@ -33,26 +30,9 @@ HIPPOCAMPUS = SHARED / "data" / "Task04_Hippocampus"
 WANDB_OFFLINE = {"nnUNet_wandb_enabled": "1", "nnUNet_wandb_mode": "offline", "WANDB_SILENT": "true"}
 
 
-def user_environment(base: Path) -> dict:
-    """A user's shell: nnU-Net's folders under ``base`` exported, CPU settings; discovery comes from the installed
-    hook or the export `nnunet-rl env` prints."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet")}
-    env.update({name: str(base / name) for name in NNUNET_FOLDERS})
-    env.update(nnUNet_compile="f", nnUNet_n_proc_DA="1", nnUNet_def_n_proc="2")
-    exports = subprocess.run([BIN / "nnunet-rl", "env"], env=env, capture_output=True, text=True, check=True).stdout
-    env["nnUNet_extTrainer"] = exports.split('nnUNet_extTrainer="')[1].split('"')[0]
-    return env
-
-
-def cli(*command, env) -> str:
-    result = subprocess.run([str(BIN / command[0]), *command[1:]], env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
-
-
-def fold_folder(env: dict, trainer: str, dataset_id: str = DATASET_ID, configuration: str = CONFIGURATION) -> Path:
-    dataset = next(Path(env["nnUNet_results"]).glob(f"Dataset{dataset_id}_*"))
-    return dataset / f"{trainer}__nnUNetPlans__{configuration}" / "fold_0"
+def e2e_fold(env: dict, trainer: str, configuration: str = CONFIGURATION) -> Path:
+    """Fold 0 of ``trainer`` on this module's dataset."""
+    return fold_folder(env, trainer, DATASET_ID, configuration)
 
 
 @pytest.fixture(scope="module")
@@ -85,69 +65,6 @@ def predicted_test_cases(env: dict, trainer: str, configuration: str = CONFIGURA
     return output
 
 
-def select_and_postprocess(env: dict, dataset_id: str, configuration: str, trainer: str, predictions: Path,
-                           output: Path) -> None:
-    """nnUNetv2_find_best_configuration on one model's fold-0 cross-validation (it selects that model and determines
-    its postprocessing), then nnUNetv2_apply_postprocessing on ``predictions`` with what it determined, as its
-    instructions say."""
-    cli("nnUNetv2_find_best_configuration", dataset_id, "-c", configuration, "-tr", trainer, "-f", "0", "-np", "1",
-        env=env)
-    model = fold_folder(env, trainer, dataset_id, configuration).parent
-    best = json.loads((model.parent / "inference_information.json").read_text())["best_model_or_ensemble"]
-    assert best["selected_model_or_models"] == [
-        {"configuration": configuration, "trainer": trainer, "plans_identifier": "nnUNetPlans"}]
-    apply_postprocessing(env, best["postprocessing_file"], model, predictions, output)
-
-
-def apply_postprocessing(env: dict, postprocessing_file: str, model: Path, segmentations: Path, output: Path) -> None:
-    """nnUNetv2_apply_postprocessing on every segmentation in ``segmentations``: each comes out with voxels kept or
-    set to background (nnU-Net's postprocessing only removes components), none missing."""
-    cli("nnUNetv2_apply_postprocessing", "-i", str(segmentations), "-o", str(output), "-pp_pkl_file",
-        postprocessing_file, "-np", "1", "-plans_json", str(model / "plans.json"), "-dataset_json",
-        str(model / "dataset.json"), env=env)
-    given = sorted(segmentations.glob("*.nii.gz"))
-    assert given and [p.name for p in given] == sorted(p.name for p in output.glob("*.nii.gz"))
-    for segmentation in given:
-        before, after = (sitk.GetArrayFromImage(sitk.ReadImage(str(folder / segmentation.name)))
-                         for folder in (segmentations, output))
-        assert ((after == before) | (after == 0)).all()
-
-
-def export_install_and_predict_with_the_api(env: dict, trainer: str, predictions: Path, tmp_path: Path, *,
-                                           dataset_id: str = DATASET_ID, configuration: str = CONFIGURATION,
-                                           previous_stage: Path | None = None) -> None:
-    """Exported as nnU-Net's zip, installed into a fresh results folder, predicting there through nnU-Net's Python
-    API (a cascade stage from ``previous_stage``'s segmentations): the same model gives the same segmentations as
-    ``predictions`` (nnUNetv2_predict in the training folder)."""
-    archive = tmp_path / f"{trainer}.zip"
-    cli("nnUNetv2_export_model_to_zip", "-d", dataset_id, "-o", str(archive), "-c", configuration, "-tr", trainer,
-        "-f", "0", env=env)
-    fresh = {**env, "nnUNet_results": str(tmp_path / "fresh_results")}
-    cli("nnUNetv2_install_pretrained_model_from_zip", str(archive), env=fresh)
-    raw = next(Path(env["nnUNet_raw"]).glob(f"Dataset{dataset_id}_*"))
-    # the same computation as nnUNetv2_predict -device cpu gave ``predictions``: its thread count (one per core) and,
-    # where it saved probabilities, the argmax of the softmax, not of the logits; otherwise an untrained network's
-    # near-tied logits can round differently and flip a voxel (one of 32768 did, once)
-    api = ("import multiprocessing, sys, torch\n"
-           "from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor\n"
-           "torch.set_num_threads(multiprocessing.cpu_count())\n"
-           "predictor = nnUNetPredictor(device=torch.device('cpu'), perform_everything_on_device=False)\n"
-           "predictor.initialize_from_trained_model_folder(sys.argv[1], use_folds=(0,))\n"
-           "predictor.predict_from_files(sys.argv[2], sys.argv[3], save_probabilities=sys.argv[4] == 'True',\n"
-           "                             num_processes_preprocessing=1, num_processes_segmentation_export=1,\n"
-           "                             folder_with_segs_from_prev_stage=(sys.argv[5:] or [None])[0])\n")
-    installed, output = fold_folder(fresh, trainer, dataset_id, configuration).parent, tmp_path / f"api_{trainer}"
-    result = subprocess.run([sys.executable, "-c", api, str(installed), str(raw / "imagesTs"), str(output),
-                             str(any(predictions.glob("*.npz"))), *([str(previous_stage)] if previous_stage else [])],
-                            env=fresh, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
-    expected = sorted(predictions.glob("*.nii.gz"))
-    assert expected and [p.name for p in expected] == sorted(p.name for p in output.glob("*.nii.gz"))
-    for predicted in expected:
-        assert (sitk.GetArrayFromImage(sitk.ReadImage(str(output / predicted.name))) ==
-                sitk.GetArrayFromImage(sitk.ReadImage(str(predicted)))).all()
-
-
 def assert_telemetry_reached_wandb(fold: Path, prefix: str) -> None:
     """Each RL telemetry key under ``prefix`` with a value: the finite values nnU-Net's logger holds (the final
     checkpoint) are what the run's offline W&B history received, epoch by epoch (NaN where a component had nothing
@@ -162,43 +79,19 @@ def assert_telemetry_reached_wandb(fold: Path, prefix: str) -> None:
         assert received == pytest.approx(values), key
 
 
-def train_until_second_epoch_then_kill(env: dict, trainer: str, dataset_id: str = DATASET_ID,
-                                       configuration: str = CONFIGURATION) -> None:
-    """Start nnUNetv2_train on fold 0, wait until epoch 1 has started (epoch 0's checkpoint is written), kill -9 it."""
-    process = subprocess.Popen([str(BIN / "nnUNetv2_train"), dataset_id, configuration, "0", "-tr", trainer,
-                                "-device", "cpu", "--npz"], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 600
-    try:
-        while time.time() < deadline and process.poll() is None:
-            logs = list(fold_folder(env, trainer, dataset_id, configuration).glob("training_log_*.txt")) \
-                if _results_exist(env, dataset_id) else []
-            if logs and re.search(r": Epoch 1\s", logs[0].read_text()):
-                break
-            time.sleep(0.2)
-        assert process.poll() is None, "training ended before it could be interrupted"
-    finally:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-def _results_exist(env: dict, dataset_id: str) -> bool:
-    return any(Path(env["nnUNet_results"]).glob(f"Dataset{dataset_id}_*"))
-
-
 def test_pam_trains_resumes_predicts_and_compares(trainer_environment, tmp_path):
     env = trainer_environment
 
-    train_until_second_epoch_then_kill(env, OURS)
-    interrupted = torch.load(fold_folder(env, OURS) / "checkpoint_latest.pth", weights_only=False)
+    train_until_second_epoch_then_kill(env, OURS, DATASET_ID, CONFIGURATION)
+    interrupted = torch.load(e2e_fold(env, OURS) / "checkpoint_latest.pth", weights_only=False)
     assert interrupted["current_epoch"] >= 1 and "nnunet_rl" in interrupted
-    assert not (fold_folder(env, OURS) / "checkpoint_final.pth").exists()
+    assert not (e2e_fold(env, OURS) / "checkpoint_final.pth").exists()
 
     cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", OURS, "-device", "cpu", "--npz", "--c", env=env)
-    final = torch.load(fold_folder(env, OURS) / "checkpoint_final.pth", weights_only=False)
+    final = torch.load(e2e_fold(env, OURS) / "checkpoint_final.pth", weights_only=False)
     assert final["current_epoch"] == 3 and final["trainer_name"] == OURS
     assert len(final["logging"]["train_losses"]) == 3
-    resumed_logs = list(fold_folder(env, OURS).glob("training_log_*.txt"))
+    resumed_logs = list(e2e_fold(env, OURS).glob("training_log_*.txt"))
     assert len(resumed_logs) == 2  # one per process: the interrupted run and the resumed one
 
     cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", STOCK, "-device", "cpu", "--npz", env=env)
@@ -215,7 +108,8 @@ def test_pam_trains_resumes_predicts_and_compares(trainer_environment, tmp_path)
     for name in ("report.md", "metrics.csv", "summary.json", "boxplot_Dice.png"):
         assert (report / name).is_file(), name
 
-    export_install_and_predict_with_the_api(env, OURS, predictions, tmp_path)
+    export_install_and_predict_with_the_api(env, OURS, predictions, tmp_path, dataset_id=DATASET_ID,
+                                            configuration=CONFIGURATION)
 
 
 def test_rl_u2net_trains_resumes_predicts_and_runs_the_ablation(trainer_environment, tmp_path):
@@ -224,19 +118,20 @@ def test_rl_u2net_trains_resumes_predicts_and_runs_the_ablation(trainer_environm
     other four train a step and resume in tests/test_rl_u2net.py)."""
     trainer = RL_U2NET
     env = trainer_environment
-    train_until_second_epoch_then_kill(env, trainer)
-    interrupted = torch.load(fold_folder(env, trainer) / "checkpoint_latest.pth", weights_only=False)
+    train_until_second_epoch_then_kill(env, trainer, DATASET_ID, CONFIGURATION)
+    interrupted = torch.load(e2e_fold(env, trainer) / "checkpoint_latest.pth", weights_only=False)
     assert set(interrupted["nnunet_rl"]["agents"]) == set(interrupted["nnunet_rl"]["buffers"])
     cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", "--npz", "--c", env=env)
-    policy = json.loads((fold_folder(env, trainer) / "rl_policy.json").read_text())
+    policy = json.loads((e2e_fold(env, trainer) / "rl_policy.json").read_text())
     assert all(len(m["rotations"]) == 24 for m in policy["modules"].values())
     predict(env, trainer, tmp_path / "predictions")
-    export_install_and_predict_with_the_api(env, trainer, tmp_path / "predictions", tmp_path)
+    export_install_and_predict_with_the_api(env, trainer, tmp_path / "predictions", tmp_path, dataset_id=DATASET_ID,
+                                            configuration=CONFIGURATION)
 
     out = cli("nnunet-rl", "ablation", DATASET_ID, "-c", CONFIGURATION, "-f", "0", "--schedule", "quick",
               "--variants", "noPPO", "-device", "cpu", env={**env, **WANDB_OFFLINE})
-    assert f"reusing {fold_folder(env, trainer)}" in out
-    assert_telemetry_reached_wandb(fold_folder(env, "nnUNetTrainerRLU2Net_noPPO_3epochs_2iters"), "rl_u2net/")
+    assert f"reusing {e2e_fold(env, trainer)}" in out
+    assert_telemetry_reached_wandb(e2e_fold(env, "nnUNetTrainerRLU2Net_noPPO_3epochs_2iters"), "rl_u2net/")
     table = next(Path(env["nnUNet_results"]).glob(f"Dataset{DATASET_ID}_*/ablation__*/table2.md")).read_text()
     rows = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")]
     assert rows[1:] == ["nnU-Net (stock)", "RL-U2Net", "w/o PPO (identity rotation)"]  # rows[0]: the header
@@ -249,17 +144,18 @@ def test_rl_deep_supervision_trains_and_predicts_with_nnunet_commands(trainer_en
     trainer = RL_DEEP_SUPERVISION
     env = {**trainer_environment, **WANDB_OFFLINE}
     cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", "--npz", env=env)
-    learned = json.loads((fold_folder(env, trainer) / "rl_deep_supervision.json").read_text())
+    learned = json.loads((e2e_fold(env, trainer) / "rl_deep_supervision.json").read_text())
     assert sum(learned["alpha"]) == pytest.approx(1.0) and learned["alpha"][-1] == 0
-    assert_telemetry_reached_wandb(fold_folder(env, trainer), "rl_deep_supervision/")
-    logging = torch.load(fold_folder(env, trainer) / "checkpoint_final.pth", weights_only=False)["logging"]
+    assert_telemetry_reached_wandb(e2e_fold(env, trainer), "rl_deep_supervision/")
+    logging = torch.load(e2e_fold(env, trainer) / "checkpoint_final.pth", weights_only=False)["logging"]
     for i, alpha in enumerate(learned["alpha"]):  # one value per epoch, the last the learned weight
         assert len(logging[f"rl_deep_supervision/alpha_{i}"]) == 3
         assert logging[f"rl_deep_supervision/alpha_{i}"][-1] == pytest.approx(alpha)
-    split = json.loads((fold_folder(env, trainer) / "rl_reward_cases.json").read_text())
+    split = json.loads((e2e_fold(env, trainer) / "rl_reward_cases.json").read_text())
     assert split["reward"] and not set(split["reward"]) & set(split["validation"])
     predict(env, trainer, tmp_path / "predictions")
-    export_install_and_predict_with_the_api(env, trainer, tmp_path / "predictions", tmp_path)
+    export_install_and_predict_with_the_api(env, trainer, tmp_path / "predictions", tmp_path, dataset_id=DATASET_ID,
+                                            configuration=CONFIGURATION)
 
 
 def test_pixel_rl_trains_and_predicts_with_nnunet_commands(trainer_environment, tmp_path):
@@ -269,17 +165,18 @@ def test_pixel_rl_trains_and_predicts_with_nnunet_commands(trainer_environment, 
     trainer = PIXEL_RL
     env = {**trainer_environment, **WANDB_OFFLINE}
     cli("nnUNetv2_train", DATASET_ID, CONFIGURATION, "0", "-tr", trainer, "-device", "cpu", "--npz", env=env)
-    final = torch.load(fold_folder(env, trainer) / "checkpoint_final.pth", weights_only=False)
+    final = torch.load(e2e_fold(env, trainer) / "checkpoint_final.pth", weights_only=False)
     assert any(key.startswith("actor_critic.returns.omega") for key in final["network_weights"])
     assert "action_generator" in final["nnunet_rl"]
     rewards = final["logging"]["pixel_rl/reward"]
     assert math.isnan(rewards[0]) and all(math.isfinite(r) for r in rewards[1:])
     assert final["logging"]["pixel_rl/skipped_updates"][1:] == [0, 0]
-    assert_telemetry_reached_wandb(fold_folder(env, trainer), "pixel_rl/")
-    steps = json.loads((fold_folder(env, trainer) / "pixel_rl_steps.json").read_text())["dice_per_step"]
+    assert_telemetry_reached_wandb(e2e_fold(env, trainer), "pixel_rl/")
+    steps = json.loads((e2e_fold(env, trainer) / "pixel_rl_steps.json").read_text())["dice_per_step"]
     assert sorted(steps) == ["1", "2"] and all(len(dice) == 11 for dice in steps.values())  # f(0) … f(10)
-    assert (fold_folder(env, trainer) / "pixel_rl_steps.png").is_file()
-    export_install_and_predict_with_the_api(env, trainer, predicted_test_cases(env, trainer), tmp_path)
+    assert (e2e_fold(env, trainer) / "pixel_rl_steps.png").is_file()
+    export_install_and_predict_with_the_api(env, trainer, predicted_test_cases(env, trainer), tmp_path,
+                                            dataset_id=DATASET_ID, configuration=CONFIGURATION)
 
 
 def test_mrl_seg_trains_and_predicts_with_nnunet_commands(trainer_environment, tmp_path):
@@ -290,7 +187,7 @@ def test_mrl_seg_trains_and_predicts_with_nnunet_commands(trainer_environment, t
     trainer, configuration = MRL_SEG, MRL_SEG_CONFIGURATION
     env = {**trainer_environment, **WANDB_OFFLINE}
     cli("nnUNetv2_train", DATASET_ID, configuration, "0", "-tr", trainer, "-device", "cpu", env=env)
-    fold = fold_folder(env, trainer, configuration=configuration)
+    fold = e2e_fold(env, trainer, configuration)
     final = torch.load(fold / "checkpoint_final.pth", weights_only=False)
     assert any(key.startswith("reinforcement.actor_critic.returns.omega") for key in final["network_weights"])
     assert "action_generator" in final["nnunet_rl"]
@@ -303,7 +200,8 @@ def test_mrl_seg_trains_and_predicts_with_nnunet_commands(trainer_environment, t
         assert (fold / figure).is_file(), figure
     assert_telemetry_reached_wandb(fold, "mrl_seg/")
     predictions = predicted_test_cases(env, trainer, configuration)
-    export_install_and_predict_with_the_api(env, trainer, predictions, tmp_path, configuration=configuration)
+    export_install_and_predict_with_the_api(env, trainer, predictions, tmp_path, dataset_id=DATASET_ID,
+                                            configuration=configuration)
     select_and_postprocess(env, DATASET_ID, configuration, trainer, predictions, tmp_path / "postprocessed")
 
 
@@ -316,11 +214,11 @@ def test_model_selection_ensembles_stock_and_every_rl_trainer(trainer_environmen
     env = trainer_environment
     for trainer, configuration in (*((trainer, CONFIGURATION) for trainer in MODEL_SELECTION),
                                    (MRL_SEG, MRL_SEG_CONFIGURATION)):
-        if not (fold_folder(env, trainer, configuration=configuration) / "checkpoint_final.pth").is_file():
+        if not (e2e_fold(env, trainer, configuration) / "checkpoint_final.pth").is_file():
             cli("nnUNetv2_train", DATASET_ID, configuration, "0", "-tr", trainer, "-device", "cpu", "--npz", env=env)
     cli("nnUNetv2_find_best_configuration", DATASET_ID, "-c", CONFIGURATION, "-tr", *MODEL_SELECTION, "-f", "0",
         "-np", "1", env=env)
-    dataset_results = fold_folder(env, STOCK).parents[1]
+    dataset_results = e2e_fold(env, STOCK).parents[1]
     information = json.loads((dataset_results / "inference_information.json").read_text())
     pairs = [name for name in information["all_results"] if name.startswith("ensemble___")]
     assert len(pairs) == len(MODEL_SELECTION) * (len(MODEL_SELECTION) - 1) // 2
@@ -337,8 +235,8 @@ def test_model_selection_ensembles_stock_and_every_rl_trainer(trainer_environmen
         assert (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "ensemble" / case.name))) ==
                 probabilities.argmax(0)).all()
     for trainer in MODEL_SELECTION:
-        apply_postprocessing(env, best["postprocessing_file"], fold_folder(env, trainer).parent,
-                             fold_folder(env, trainer) / "validation", tmp_path / trainer)
+        apply_postprocessing(env, best["postprocessing_file"], e2e_fold(env, trainer).parent,
+                             e2e_fold(env, trainer) / "validation", tmp_path / trainer)
 
 
 def msd_subset(msd: Path, cases: int, folder: Path) -> Path:

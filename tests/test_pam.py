@@ -8,19 +8,10 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet, Resi
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 
-from helpers import ddp_steps
+from helpers import ddp_steps, unet_kwargs
 from nnunet_rl.pam import GatedDecoderStage, PixelAttentionGate, add_pixel_attention
 from nnunet_rl.trainers import nnUNetTrainerPAM
 from nnunet_rl.trainer_from_plans import trainer_from_plans
-
-
-def unet_kwargs(dim: int) -> dict:
-    conv = torch.nn.Conv3d if dim == 3 else torch.nn.Conv2d
-    norm = torch.nn.InstanceNorm3d if dim == 3 else torch.nn.InstanceNorm2d
-    return dict(input_channels=2, n_stages=3, features_per_stage=[8, 16, 32], conv_op=conv, kernel_sizes=3,
-                strides=[1, 2, 2], num_classes=3, conv_bias=True, norm_op=norm,
-                norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=torch.nn.LeakyReLU,
-                nonlin_kwargs={"inplace": True}, deep_supervision=True)
 
 
 def instance_norm_gate(channels: int, dim: int) -> PixelAttentionGate:

@@ -7,8 +7,7 @@ import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 
-from test_pam import unet_kwargs
-from test_rl_xalign import feature_similarity
+from helpers import branch_kwargs, feature_similarity
 
 from nnunet_rl.dual_branch import DualBranchOutput, DualBranchUNet, select_channels, default_aligned_stages
 from nnunet_rl.errors import NnunetRLError
@@ -21,15 +20,6 @@ from nnunet_rl.trainers.rl_u2net import COMPONENT, POLICY_FILE
 from nnunet_rl.trainers.schedules import ShortSchedule
 from nnunet_rl.u2net_losses import AGWD, alignment_loss
 from nnunet_rl.trainer_from_plans import trainer_from_plans
-
-
-def branch_kwargs(architecture, dim: int) -> dict:
-    """A small planned topology in the plans' arch_kwargs form (classes instead of dotted names: nothing to import)."""
-    kwargs = {**unet_kwargs(dim), "n_conv_per_stage_decoder": 1}
-    for key in ("input_channels", "num_classes", "deep_supervision"):
-        kwargs.pop(key)
-    kwargs["n_blocks_per_stage" if architecture is ResidualEncoderUNet else "n_conv_per_stage"] = 1
-    return kwargs
 
 
 def branches(architecture, dim: int, channels: int):

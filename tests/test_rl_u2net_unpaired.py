@@ -15,8 +15,8 @@ import torch
 from batchgenerators.utilities.file_and_folder_operations import load_json
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 
-from test_e2e import cli, user_environment
-from test_rl_u2net import branch_kwargs
+from nnunet_commands import cli, user_environment
+from helpers import branch_kwargs
 
 from nnunet_rl.augmenters import WITH_WORKERS, data_loader, stop_workers
 from nnunet_rl.datasets.mmwhs import LABEL_MAP

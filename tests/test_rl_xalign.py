@@ -6,14 +6,10 @@ import math
 import pytest
 import torch
 
-from nnunet_rl.rl_xalign import (CrossModalAttention, PoseAlign, RLXAlign, activity_correlation, activity_map,
-                                 rotate_by_resampling, rotate_feature_map)
+from helpers import feature_similarity
+
+from nnunet_rl.rl_xalign import (CrossModalAttention, PoseAlign, RLXAlign, rotate_by_resampling, rotate_feature_map)
 from nnunet_rl.rotations import cube_rotations, quarter_turn, rotate_array
-
-
-def feature_similarity(primary: torch.Tensor, aligned: torch.Tensor) -> torch.Tensor:
-    """S_similarity of two feature maps: the correlation of their activity maps."""
-    return activity_correlation(activity_map(primary), activity_map(aligned))
 
 
 def project(conv: torch.nn.Linear, tokens: torch.Tensor) -> torch.Tensor:

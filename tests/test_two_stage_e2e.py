@@ -17,8 +17,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from test_e2e import (cli, export_install_and_predict_with_the_api, select_and_postprocess,
-                      train_until_second_epoch_then_kill, user_environment)
+from nnunet_commands import (cli, export_install_and_predict_with_the_api, select_and_postprocess,
+                             train_until_second_epoch_then_kill, user_environment)
 
 pytestmark = pytest.mark.e2e
 

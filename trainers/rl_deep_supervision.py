@@ -86,7 +86,7 @@ class RLDeepSupervisionTrainer(HeldOutRewardCases, RLTrainerBase):
         num_outputs = len(self.loss.weight_factors)
         self.zero_output_weight = self.loss.weight_factors[-1] if num_outputs > 1 else None  # 0, or 1e-6 under DDP
         self.das_weights = DeepSupervisionWeights.stock(num_outputs)
-        self.controllers = DASControllers(num_controlled(num_outputs), hp.lr, hp.init_std, hp.seed)
+        self.controllers = DASControllers(num_controlled(num_outputs), lr=hp.lr, init_std=hp.init_std, seed=hp.seed)
         self.baseline = MovingBaseline(hp.baseline_gamma)
         self.candidates = hp.candidates
         self.rl_start_epoch = math.floor(hp.warmup_fraction * self.num_epochs)

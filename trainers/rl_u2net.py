@@ -104,9 +104,10 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
 
     def _build_loss(self) -> nn.Module:
         hp = self.rl_hyperparameters(COMPONENT)
-        agwd = AGWD(hp.agwd_gamma, hp.agwd_delta) if hp.agwd else None
-        return DualBranchLoss(super()._build_loss(), agwd, hp.alignment_weight, hp.infonce_weight,
-                              hp.cosine_weight, hp.infonce_temperature)
+        agwd = AGWD(gamma=hp.agwd_gamma, delta=hp.agwd_delta) if hp.agwd else None
+        return DualBranchLoss(super()._build_loss(), agwd, alignment_weight=hp.alignment_weight,
+                              infonce_weight=hp.infonce_weight, cosine_weight=hp.cosine_weight,
+                              infonce_temperature=hp.infonce_temperature)
 
     def set_deep_supervision_enabled(self, enabled: bool) -> None:
         self.bare_network.set_deep_supervision(enabled)
@@ -117,10 +118,10 @@ class nnUNetTrainerRLU2Net(RLTrainerBase):
         modules = self.bare_network.xalign
         self.pose_generator = torch.Generator().manual_seed(hp.seed)  # rotations and mirroring flips
         self.rl_epochs = math.ceil(hp.rl_fraction * self.num_epochs)
-        self.agents = {key: PPOAgent(module.pose, hp.policy_lr, hp.value_lr, hp.clip, hp.gamma,
-                                     hp.ppo_epochs, hp.minibatch, seed=hp.seed)
+        self.agents = {key: PPOAgent(module.pose, policy_lr=hp.policy_lr, value_lr=hp.value_lr, clip=hp.clip,
+                                     gamma=hp.gamma, ppo_epochs=hp.ppo_epochs, minibatch=hp.minibatch, seed=hp.seed)
                        for key, module in modules.items()} if self.rl_epochs > 0 else {}
-        self.buffers = {key: RolloutBuffer(hp.rollout_samples, hp.k_sel) for key in self.agents}
+        self.buffers = {key: RolloutBuffer(capacity=hp.rollout_samples, k_sel=hp.k_sel) for key in self.agents}
         self.rollout_iterations = rollout_iterations(self.num_iterations_per_epoch, hp.rollout_samples)
         self.training_mirror_axes: tuple[int, ...] | None = None  # set with the training transforms
         self.register_telemetry("rl_u2net/agwd_w_dice", "rl_u2net/agwd_w_ce", "rl_u2net/alignment_loss")
